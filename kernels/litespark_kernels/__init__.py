@@ -1,0 +1,19 @@
+"""Litespark's kernels: each op has a PyTorch reference (``<op>_reference``) and a dispatcher (``<op>``) that runs
+the Triton kernel on CUDA tensors and the reference elsewhere, warning once when it falls back.
+
+Imported as ``litespark_kernels`` (the source folder is ``kernels/``; a top-level package named ``kernels`` would
+shadow Hugging Face's ``kernels`` package).
+"""
+
+from .activations import gelu_tanh_bias, geglu, swiglu
+from .attention import attention, attention_reference, attention_sdpa
+from .fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+from .layer_norm import layer_norm, layer_norm_reference
+from .rms_norm import add_rms_norm, rms_norm, rms_norm_reference
+from .rope import apply_rope, apply_rope_reference
+
+__all__ = [
+    "add_rms_norm", "apply_rope", "apply_rope_reference", "attention", "attention_reference", "attention_sdpa",
+    "fused_linear_cross_entropy", "fused_linear_cross_entropy_reference", "gelu_tanh_bias", "geglu",
+    "layer_norm", "layer_norm_reference", "rms_norm", "rms_norm_reference", "swiglu",
+]

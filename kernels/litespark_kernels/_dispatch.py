@@ -1,0 +1,68 @@
+"""Choosing between a Triton kernel and its PyTorch reference.
+
+Every op in this package has a plain PyTorch reference (the specification, the CPU path and the test oracle) and,
+where written, a Triton kernel. ``use_triton`` decides per call; whenever it refuses, it says why once per
+(op, reason) through ``warnings.warn``.
+
+Environment switches:
+- ``LITESPARK_DISABLE_TRITON=1``: always use the references.
+- ``LITESPARK_FORCE_TRITON=1``: run the Triton kernels even on CPU tensors (only meaningful with
+  ``TRITON_INTERPRET=1``, Triton's CPU interpreter; used by the tests).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+try:  # Triton is a Linux-only dependency; everything works without it through the references.
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the platform
+    HAS_TRITON = False
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def warn_once(op: str, reason: str) -> None:
+    """Warn once per (op, reason) that the PyTorch reference runs instead of the Triton kernel."""
+    key = (op, reason)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(f"litespark: {op} uses the PyTorch reference: {reason}", stacklevel=3)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def force_triton() -> bool:
+    return os.environ.get("LITESPARK_FORCE_TRITON", "0") == "1"
+
+
+def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:
+    """True when ``op`` should run its Triton kernel on these tensors; otherwise warns once and returns False."""
+    if os.environ.get("LITESPARK_DISABLE_TRITON", "0") == "1":
+        warn_once(op, "disabled by LITESPARK_DISABLE_TRITON=1")
+        return False
+    if not HAS_TRITON:
+        warn_once(op, "triton is not installed")
+        return False
+    present = [t for t in tensors if t is not None]
+    if force_triton() and interpreting():
+        return True
+    if not all(t.is_cuda for t in present):
+        warn_once(op, "inputs are not on a CUDA device")
+        return False
+    return True
+
+
+def unsupported(op: str, reason: str) -> bool:
+    """Record that a kernel cannot take these inputs (warns once) and return False, for use in dispatchers."""
+    warn_once(op, reason)
+    return False

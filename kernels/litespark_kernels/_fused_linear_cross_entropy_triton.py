@@ -1,0 +1,301 @@
+"""Chunked fused linear + cross-entropy (Triton + cuBLAS): the [tokens, vocab] logits never exist at once.
+
+Same function as ``fused_linear_cross_entropy_reference`` (transformers' ``ForCausalLMLoss`` on
+``hidden @ weight.T (+ bias)``), computed as follows.
+
+1. Flatten ``hidden`` to [N, H], shift the labels (unless ``shift_labels`` is given) and keep only the rows whose
+   label is not ``ignore_index`` (one host sync: ``nonzero``). In SFT most rows are often ignored and cost nothing.
+2. For each chunk of at most ``rows`` kept rows (the chunk's logits take at most ``LITESPARK_FLCE_CHUNK_MB``
+   MiB, default 256):
+   - ``logits = h_chunk @ W^T (+ b)`` with cuBLAS, in the compute dtype (bf16 in mixed precision: this is the
+     rounding the reference makes too, as ``F.linear`` returns bf16 logits that it then upcasts);
+   - one Triton program per row reads the row twice (max / log-sum-exp in fp32, then the gradient), stores the
+     row's loss ``lse - logit[target]`` in fp32 and overwrites the logits IN PLACE with
+     ``d loss / d logits = (softmax - onehot) * scale`` (``scale`` = 1 / number of kept rows, or
+     1 / ``num_items_in_batch``; read from device memory, so a tensor ``num_items_in_batch`` needs no sync);
+   - ``grad_hidden[rows] = dlogits @ W`` and ``grad_W += dlogits^T @ h_chunk`` (cuBLAS; fp32 accumulator,
+     written by cuBLAS's epilogue when torch supports ``addmm(..., out_dtype=float32)`` for bf16/fp16 inputs),
+     ``grad_b += dlogits.sum(0)`` in fp32.
+3. The loss is a scalar, so the gradients are final after the forward; backward only multiplies them by
+   ``grad_output`` (skipped when it is 1).
+
+Memory beyond the inputs: one chunk of logits, one chunk of gathered hidden rows and of their gradient, the full
+``grad_hidden`` (as the reference) and ``grad_W`` (fp32 while accumulating; for bf16/fp16 weights it is cast to the
+weight dtype at the end of the forward, so for a moment both exist: 1.5x a fp32 weight-sized buffer at most).
+
+Semantics kept from the reference: mean over zero kept rows gives NaN (0/0) with zero gradients; sum / 0 likewise.
+Under autocast the matmuls run in the autocast dtype (as ``F.linear`` would), gradients come back in the inputs'
+dtypes. Labels outside [0, vocab) other than ``ignore_index`` are not checked (the reference raises).
+With a frozen weight (LoRA: ``weight.requires_grad`` False) no weight gradient is computed; without grad mode no
+gradient at all.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .fused_linear_cross_entropy import shifted_labels
+
+_DEFAULT_CHUNK_MB = 256
+
+
+@triton.jit
+def _ce_rows_kernel(
+    logits_ptr,  # [rows, V] logits of one chunk; overwritten with d loss / d logits when WRITE_GRAD
+    stride_row,
+    target_ptr,  # [rows] int64
+    loss_ptr,  # [rows] fp32: lse - logit[target], 0 for ignored rows
+    scale_ptr,  # [1] fp32: gradient scale (1 / n_items)
+    V,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    target = tl.load(target_ptr + row)
+    valid = target != ignore_index
+    offs = tl.arange(0, BLOCK_V)
+
+    # Pass 1: running max and sum of exp over the row, in fp32 (first block peeled: no -inf - -inf).
+    x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+    m = tl.max(x, axis=0)
+    s = tl.sum(tl.exp(x - m), axis=0)
+    for start in range(BLOCK_V, V, BLOCK_V):
+        cols = start + offs
+        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+
+    safe_target = tl.where(valid, target, 0)
+    x_target = tl.load(base + safe_target).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(valid, lse - x_target, 0.0))
+
+    if WRITE_GRAD:
+        # Pass 2: (softmax - onehot) * scale, written over the logits (zero for an ignored row).
+        scale = tl.load(scale_ptr)
+        scale = tl.where(valid, scale, 0.0)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            mask = cols < V
+            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+            p = tl.exp(x - lse)
+            g = (p - tl.where(cols == target, 1.0, 0.0)) * scale
+            tl.store(base + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_ce_rows(logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor, scale: torch.Tensor,
+                    ignore_index: int, write_grad: bool, block_v: int | None = None) -> None:
+    rows, vocab = logits.shape
+    if rows == 0:
+        return
+    if block_v is None:
+        block_v = min(4096, triton.next_power_of_2(vocab))
+    num_warps = 8 if block_v >= 2048 else 4
+    _ce_rows_kernel[(rows,)](
+        logits, logits.stride(0), target, loss, scale, vocab, ignore_index,
+        BLOCK_V=block_v, WRITE_GRAD=write_grad, num_warps=num_warps,
+    )
+
+
+# Whether this torch/cuBLAS can add a bf16/fp16 product into a fp32 matrix in one call (checked once, on a tiny case).
+_ADDMM_FP32_OK: dict[str, bool] = {}
+
+
+def _addmm_fp32_supported(device: torch.device) -> bool:
+    key = str(device)
+    if key not in _ADDMM_FP32_OK:
+        ok = False
+        if device.type == "cuda":
+            try:
+                gen = torch.Generator(device=device).manual_seed(0)
+                a = torch.randn(48, 40, device=device, generator=gen).to(torch.bfloat16)
+                b = torch.randn(40, 56, device=device, generator=gen).to(torch.bfloat16)
+                c = torch.randn(48, 56, device=device, generator=gen)
+                want = c + a.float() @ b.float()
+                torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+                ok = bool(torch.allclose(c, want, rtol=1e-3, atol=1e-2))
+            except Exception:  # older torch: no out_dtype, or a fp32 `input` refused
+                ok = False
+        _ADDMM_FP32_OK[key] = ok
+    return _ADDMM_FP32_OK[key]
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fused_fp32: bool) -> None:
+    """acc += a @ b, where acc may be fp32 while a, b are bf16/fp16."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif fused_fp32:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.add_(torch.mm(a, b))
+
+
+def _chunk_rows(n: int, vocab: int, elem_size: int, chunk_bytes: int | None) -> int:
+    if chunk_bytes is None:
+        chunk_bytes = int(float(os.environ.get("LITESPARK_FLCE_CHUNK_MB", _DEFAULT_CHUNK_MB)) * 2**20)
+    max_rows = max(1, chunk_bytes // max(1, vocab * elem_size))
+    if max_rows >= 128:
+        max_rows = max_rows // 64 * 64  # GEMM-friendly
+    n_chunks = max(1, math.ceil(n / max_rows))
+    return max(1, math.ceil(n / n_chunks))
+
+
+def _flce_compute(hidden2d, weight, bias, target, ignore_index, num_items_in_batch, need_gh, need_gw, need_gb,
+                  *, chunk_bytes=None, chunk_rows=None, accum_dtype=None, block_v=None):
+    """Loss and (optionally) gradients. hidden2d [N, H] and weight [V, H] (and bias [V]) in the compute dtype.
+
+    Returns (loss fp32 scalar, grad_hidden [N, H] compute dtype or None, grad_weight (accum dtype) or None,
+    grad_bias fp32 or None).
+    """
+    device = hidden2d.device
+    n, _ = hidden2d.shape
+    vocab = weight.shape[0]
+    cdt = hidden2d.dtype
+    need_grad = need_gh or need_gw or need_gb
+
+    valid = target != ignore_index
+    idx = valid.nonzero().squeeze(1)
+    n_valid = idx.numel()  # host sync
+    gather = n_valid != n
+
+    # Loss normaliser and the gradient scale (device tensor: no sync for a tensor num_items_in_batch).
+    if num_items_in_batch is None:
+        denom = n_valid
+        scale = torch.full((1,), 1.0 / n_valid if n_valid else 0.0, dtype=torch.float32, device=device)
+    elif torch.is_tensor(num_items_in_batch):
+        denom = num_items_in_batch.to(device)
+        scale = (1.0 / denom.to(torch.float32)).reshape(1)
+    else:
+        denom = num_items_in_batch
+        scale = torch.full((1,), (1.0 / denom) if denom else float("inf"), dtype=torch.float32, device=device)
+
+    grad_hidden = grad_weight = grad_bias = None
+    fused_fp32 = False
+    if need_gh:
+        grad_hidden = (torch.zeros if gather else torch.empty)((n, hidden2d.shape[1]), dtype=cdt, device=device)
+    if need_gw:
+        acc_dtype = accum_dtype or (torch.float32 if cdt in (torch.bfloat16, torch.float16) else cdt)
+        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=device)
+        fused_fp32 = acc_dtype != cdt and _addmm_fp32_supported(device)
+    if need_gb:
+        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device)
+
+    losses = torch.empty(n_valid, dtype=torch.float32, device=device)
+    if n_valid:
+        rows = chunk_rows or _chunk_rows(n_valid, vocab, hidden2d.element_size(), chunk_bytes)
+        rows = min(rows, n_valid)
+        logits_buf = torch.empty((rows, vocab), dtype=cdt, device=device)
+        w_t = weight.t()
+        for start in range(0, n_valid - 1, rows):
+            end = min(start + rows, n_valid)
+            m = end - start
+            if gather:
+                sel = idx[start:end]
+                h = hidden2d.index_select(0, sel)
+                t = target.index_select(0, sel)
+            else:
+                h = hidden2d[start:end]
+                t = target[start:end]
+            logits = logits_buf[:m]
+            if bias is not None:
+                torch.addmm(bias, h, w_t, out=logits)
+            else:
+                torch.mm(h, w_t, out=logits)
+            _launch_ce_rows(logits, t, losses[start:end], scale, ignore_index, need_grad, block_v)
+            if need_gh:
+                if gather:
+                    grad_hidden.index_copy_(0, sel, logits @ weight)
+                else:
+                    torch.mm(logits, weight, out=grad_hidden[start:end])
+            if need_gw:
+                _accumulate_mm(grad_weight, logits.t(), h, fused_fp32)
+            if need_gb:
+                grad_bias.add_(logits.sum(0, dtype=torch.float32))
+    loss = losses.sum() / denom
+    return loss, grad_hidden, grad_weight, grad_bias
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, ignore_index, num_items_in_batch, compute_dtype, options):
+        need_gh, need_gw, need_gb = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        h2d = hidden.reshape(-1, hidden.shape[-1]).to(compute_dtype)
+        w = weight.to(compute_dtype)
+        b = bias.to(compute_dtype) if bias is not None else None
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            loss, gh, gw, gb = _flce_compute(h2d, w, b, target, ignore_index, num_items_in_batch,
+                                             need_gh, need_gw, need_gb, **options)
+        if gh is not None:
+            gh = gh.view(hidden.shape).to(hidden.dtype)
+        if gw is not None and gw.dtype != weight.dtype:
+            gw = gw.to(weight.dtype)
+        if gb is not None and gb.dtype != bias.dtype:
+            gb = gb.to(bias.dtype)
+        ctx.grads = (gh, gw, gb)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        gh, gw, gb = ctx.grads
+        ctx.grads = None
+        if not bool(torch.all(grad_output == 1)):  # the usual case (loss.backward()) needs no multiply
+            g = grad_output.reshape(())
+            gh = gh * g.to(gh.dtype) if gh is not None else None
+            gw = gw * g.to(gw.dtype) if gw is not None else None
+            gb = gb * g.to(gb.dtype) if gb is not None else None
+        return gh, gw, gb, None, None, None, None, None
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden.dtype
+
+
+def fused_linear_cross_entropy_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    _options: dict | None = None,
+) -> torch.Tensor:
+    """Chunked fused linear + cross-entropy; same loss and gradients as ``fused_linear_cross_entropy_reference``.
+
+    ``_options`` (tuning and tests): ``chunk_bytes`` / ``chunk_rows`` (chunk size), ``accum_dtype`` (dtype of the
+    weight-gradient accumulator; default fp32 for bf16/fp16), ``block_v`` (Triton block over the vocabulary).
+    """
+    if shift_labels is None:
+        if labels is None:
+            raise ValueError("give labels or shift_labels")
+        shift_labels = shifted_labels(labels, ignore_index)
+    target = shift_labels.reshape(-1).to(device=hidden.device, dtype=torch.int64)
+    if target.numel() * hidden.shape[-1] != hidden.numel():
+        raise ValueError(f"labels {tuple(shift_labels.shape)} do not match hidden {tuple(hidden.shape)}")
+    if hidden.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"hidden size {hidden.shape[-1]} != weight's {weight.shape[-1]}")
+    options = dict(_options or {})
+    compute_dtype = _compute_dtype(hidden)
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    if needs_grad:
+        return _FusedLinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, num_items_in_batch,
+                                              compute_dtype, options)
+    h2d = hidden.reshape(-1, hidden.shape[-1]).to(compute_dtype)
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        loss, _, _, _ = _flce_compute(
+            h2d, weight.to(compute_dtype), bias.to(compute_dtype) if bias is not None else None, target,
+            ignore_index, num_items_in_batch, False, False, False, **options)
+    return loss

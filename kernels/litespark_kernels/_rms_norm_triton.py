@@ -1,0 +1,409 @@
+"""Triton RMSNorm and fused residual-add + RMSNorm, forward and backward.
+
+Semantics are transformers' LlamaRMSNorm, rounding order included:
+
+    h    = x.float();  rstd = rsqrt(mean(h^2) + eps)
+    y    = weight * (h * rstd).to(x.dtype)          # one fp32 product, rounded once to promote(weight, x)
+
+``add_rms_norm`` first forms s = (x + residual) rounded to promote(x, residual), exactly like ``x + residual``,
+and normalises s; it returns (y, s).
+
+Backward, with hn = h * rstd and g = dy * weight (all in fp32; the cast to x.dtype is treated as the identity,
+as autograd does):
+
+    dx      = rstd * (g - hn * mean(g * hn))          (+ ds, the gradient of s, for the fused add)
+    dweight = sum over rows of dy * hn.to(x.dtype)
+
+Layout: rows of the last dimension (any leading shape is flattened; the last dimension must be contiguous, rows
+may be strided). Rows of up to ``MAX_FUSED_BLOCK`` (16384) padded columns are held in registers (one read of x
+per pass); wider rows take a looped path that reads x twice. The backward is persistent: a grid of about
+``programs_per_sm`` programs per SM, each walking a contiguous chunk of rows and accumulating its share of
+dweight in fp32 registers; the [programs, hidden] partial sums are added up by one ``sum(0)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Widest row (in padded columns) that one program holds in registers; wider rows use the looped kernels.
+MAX_FUSED_BLOCK = 16384
+# Column chunk of the looped kernels.
+LOOP_BLOCK = 4096
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # Triton's CPU interpreter: any small number
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels: rows held in registers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rms_fwd_kernel(
+    X, R, S, Y, W, RSTD,
+    stride_x, stride_r, stride_s, stride_y,
+    n_rows, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    col_mask = cols < n_cols
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows64 * stride_r + cols[None, :], mask=mask, other=0.0)
+        s = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
+        tl.store(S + rows64 * stride_s + cols[None, :], s, mask=mask)
+        h = s.to(tl.float32)
+        in_dtype = S.dtype.element_ty
+    else:
+        h = x.to(tl.float32)
+        in_dtype = X.dtype.element_ty
+    rstd = tl.rsqrt(tl.sum(h * h, axis=1) / n_cols + eps)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    hn = (h * rstd[:, None]).to(in_dtype).to(tl.float32)
+    y = w[None, :] * hn
+    tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_bwd_kernel(
+    DY, DS, X, W, RSTD, DX, DW_PART,
+    stride_dy, stride_ds, stride_x, stride_dx,
+    n_rows, n_cols, rows_per_program,
+    HAS_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for r0 in range(row_start, row_end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        hn = x.to(tl.float32) * rstd[:, None]
+        dw_acc += dy * hn.to(X.dtype.element_ty).to(tl.float32)
+        g = dy * w[None, :]
+        c = tl.sum(g * hn, axis=1) / n_cols
+        dx = (g - hn * c[:, None]) * rstd[:, None]
+        if HAS_DS:
+            dx += tl.load(DS + rows64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW_PART + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels: wide rows, looped over column chunks (one program per row; dweight by a column-blocked kernel)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rms_fwd_looped_kernel(
+    X, R, S, Y, W, RSTD,
+    stride_x, stride_r, stride_s, stride_y,
+    n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for c0 in range(0, n_cols, BLOCK_N):
+        mask = c0 + cols < n_cols
+        x = tl.load(X + row * stride_x + c0 + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(R + row * stride_r + c0 + cols, mask=mask, other=0.0)
+            s = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
+            tl.store(S + row * stride_s + c0 + cols, s, mask=mask)
+            h = s.to(tl.float32)
+        else:
+            h = x.to(tl.float32)
+        acc += h * h
+    rstd = tl.rsqrt(tl.sum(acc, axis=0) / n_cols + eps)
+    tl.store(RSTD + row, rstd)
+    for c0 in range(0, n_cols, BLOCK_N):
+        mask = c0 + cols < n_cols
+        if HAS_RESIDUAL:
+            h = tl.load(S + row * stride_s + c0 + cols, mask=mask, other=0.0)
+        else:
+            h = tl.load(X + row * stride_x + c0 + cols, mask=mask, other=0.0)
+        in_dtype = h.dtype
+        w = tl.load(W + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+        hn = (h.to(tl.float32) * rstd).to(in_dtype).to(tl.float32)
+        tl.store(Y + row * stride_y + c0 + cols, (w * hn).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_bwd_dx_looped_kernel(
+    DY, DS, X, W, RSTD, DX,
+    stride_dy, stride_ds, stride_x, stride_dx,
+    n_cols,
+    HAS_DS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    rstd = tl.load(RSTD + row)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for c0 in range(0, n_cols, BLOCK_N):
+        mask = c0 + cols < n_cols
+        x = tl.load(X + row * stride_x + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+        acc += dy * w * x * rstd
+    c = tl.sum(acc, axis=0) / n_cols
+    for c0 in range(0, n_cols, BLOCK_N):
+        mask = c0 + cols < n_cols
+        x = tl.load(X + row * stride_x + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+        dx = (dy * w - x * rstd * c) * rstd
+        if HAS_DS:
+            dx += tl.load(DS + row * stride_ds + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + row * stride_dx + c0 + cols, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_bwd_dw_looped_kernel(
+    DY, X, RSTD, DW_PART,
+    stride_dy, stride_x,
+    n_rows, n_cols, rows_per_program,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m = tl.program_id(1)
+    col_mask = cols < n_cols
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    row_start = pid_m * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for r0 in range(row_start, row_end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        acc += dy * (x.to(tl.float32) * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
+    tl.store(DW_PART + pid_m * n_cols + cols, tl.sum(acc, axis=0), mask=col_mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., N] -> a 2D [M, N] view (copy only when unavoidable) whose last dimension is contiguous."""
+    t2 = t.reshape(-1, t.shape[-1])
+    if t2.shape[1] > 1 and t2.stride(1) != 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def _fwd_config(n_cols: int, block_m: int | None, num_warps: int | None) -> tuple[int, int, int]:
+    block_n = triton.next_power_of_2(n_cols)
+    if block_m is None:
+        block_m = max(1, min(16, 2048 // block_n))
+    tile = block_m * block_n
+    if num_warps is None:
+        num_warps = 4 if tile <= 2048 else 8 if tile <= 4096 else 16 if tile <= 8192 else 32
+    return block_m, block_n, num_warps
+
+
+def _bwd_config(n_cols: int, block_m: int | None, num_warps: int | None) -> tuple[int, int, int]:
+    block_n = triton.next_power_of_2(n_cols)
+    if block_m is None:
+        block_m = max(1, min(16, 1024 // block_n))
+    tile = block_m * block_n
+    if num_warps is None:
+        num_warps = 4 if tile <= 1024 else 8 if tile <= 4096 else 16 if tile <= 8192 else 32
+    return block_m, block_n, num_warps
+
+
+def rms_norm_forward(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    block_m: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Launch the forward on 2D row views. Returns (y, s or None, rstd[M] fp32)."""
+    n_rows, n_cols = x.shape
+    in_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    out_dtype = torch.promote_types(weight.dtype, in_dtype)
+    y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
+    rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
+    s = None if residual is None else torch.empty((n_rows, n_cols), dtype=in_dtype, device=x.device)
+    if n_rows == 0:
+        return y, s, rstd
+    has_res = residual is not None
+    r_arg, s_arg = (residual, s) if has_res else (x, y)
+    stride_r, stride_s = (residual.stride(0), s.stride(0)) if has_res else (0, 0)
+    if triton.next_power_of_2(n_cols) <= MAX_FUSED_BLOCK:
+        bm, bn, nw = _fwd_config(n_cols, block_m, num_warps)
+        _rms_fwd_kernel[(triton.cdiv(n_rows, bm),)](
+            x, r_arg, s_arg, y, weight, rstd,
+            x.stride(0), stride_r, stride_s, y.stride(0),
+            n_rows, n_cols, eps,
+            HAS_RESIDUAL=has_res, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
+        )
+    else:
+        bn = min(LOOP_BLOCK, triton.next_power_of_2(n_cols))
+        _rms_fwd_looped_kernel[(n_rows,)](
+            x, r_arg, s_arg, y, weight, rstd,
+            x.stride(0), stride_r, stride_s, y.stride(0),
+            n_cols, eps,
+            HAS_RESIDUAL=has_res, BLOCK_N=bn, num_warps=8,
+        )
+    return y, s, rstd
+
+
+def rms_norm_backward(
+    dy: torch.Tensor,
+    ds: torch.Tensor | None,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    *,
+    dx_dtype: torch.dtype | None = None,
+    block_m: int | None = None,
+    num_warps: int | None = None,
+    programs_per_sm: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward on 2D row views (x is the normalised input: s for the fused add).
+
+    Returns (dx [M, N] in ``dx_dtype`` (default x.dtype), dweight in weight.dtype); ``ds`` is added to dx.
+    """
+    n_rows, n_cols = x.shape
+    dx = torch.empty((n_rows, n_cols), dtype=dx_dtype or x.dtype, device=x.device)
+    if n_rows == 0:
+        return dx, torch.zeros_like(weight)
+    has_ds = ds is not None
+    ds_arg, stride_ds = (ds, ds.stride(0)) if has_ds else (dy, 0)
+    sms = _sm_count(x.device)
+    if triton.next_power_of_2(n_cols) <= MAX_FUSED_BLOCK:
+        bm, bn, nw = _bwd_config(n_cols, block_m, num_warps)
+        per_sm = programs_per_sm or max(1, 32 // nw)
+        grid = min(triton.cdiv(n_rows, bm), sms * per_sm)
+        rows_per_program = triton.cdiv(triton.cdiv(n_rows, grid), bm) * bm
+        grid = triton.cdiv(n_rows, rows_per_program)
+        dw_part = torch.empty((grid, n_cols), dtype=torch.float32, device=x.device)
+        _rms_bwd_kernel[(grid,)](
+            dy, ds_arg, x, weight, rstd, dx, dw_part,
+            dy.stride(0), stride_ds, x.stride(0), dx.stride(0),
+            n_rows, n_cols, rows_per_program,
+            HAS_DS=has_ds, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
+        )
+    else:
+        bn = min(LOOP_BLOCK, triton.next_power_of_2(n_cols))
+        _rms_bwd_dx_looped_kernel[(n_rows,)](
+            dy, ds_arg, x, weight, rstd, dx,
+            dy.stride(0), stride_ds, x.stride(0), dx.stride(0),
+            n_cols,
+            HAS_DS=has_ds, BLOCK_N=bn, num_warps=8,
+        )
+        bm, bn = 8, min(512, triton.next_power_of_2(n_cols))
+        col_blocks = triton.cdiv(n_cols, bn)
+        row_groups = max(1, min(triton.cdiv(n_rows, bm), (sms * 8) // col_blocks))
+        rows_per_program = triton.cdiv(triton.cdiv(n_rows, row_groups), bm) * bm
+        row_groups = triton.cdiv(n_rows, rows_per_program)
+        dw_part = torch.empty((row_groups, n_cols), dtype=torch.float32, device=x.device)
+        _rms_bwd_dw_looped_kernel[(col_blocks, row_groups)](
+            dy, x, rstd, dw_part,
+            dy.stride(0), x.stride(0),
+            n_rows, n_cols, rows_per_program,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+        )
+    return dx, dw_part.sum(0).to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd functions and entry points
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight of shape {tuple(weight.shape)} does not match hidden size {x.shape[-1]}")
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        _check(x, weight)
+        weight = weight.contiguous()
+        x2 = _as_rows(x)
+        y, _, rstd = rms_norm_forward(x2, None, weight, eps)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], x.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x2, weight, rstd = ctx.saved_tensors
+        dx, dw = rms_norm_backward(_as_rows(dy), None, x2, weight, rstd)
+        return dx.view(ctx.x_shape), (dw if ctx.needs_input_grad[1] else None), None
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+        _check(x, weight)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
+        weight = weight.contiguous()
+        y, s, rstd = rms_norm_forward(_as_rows(x), _as_rows(residual), weight, eps)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.shape = x.shape
+        ctx.dtypes = (x.dtype, residual.dtype)
+        return y.view(x.shape), s.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor | None, ds: torch.Tensor | None):
+        s, weight, rstd = ctx.saved_tensors
+        dw = None
+        if dy is None:  # only s was used downstream
+            dsum = ds if ds is not None else torch.zeros(ctx.shape, dtype=s.dtype, device=s.device)
+            dsum = dsum.reshape(ctx.shape)
+            if ctx.needs_input_grad[2]:
+                dw = torch.zeros_like(weight)
+        else:
+            dsum2, dw = rms_norm_backward(
+                _as_rows(dy), None if ds is None else _as_rows(ds), s, weight, rstd
+            )
+            dsum = dsum2.view(ctx.shape)
+            if not ctx.needs_input_grad[2]:
+                dw = None
+        x_dtype, r_dtype = ctx.dtypes
+        dx = dsum.to(x_dtype) if ctx.needs_input_grad[0] else None
+        dr = dsum.to(r_dtype) if ctx.needs_input_grad[1] else None
+        return dx, dr, dw, None
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dimension (transformers' LlamaRMSNorm semantics), Triton forward and backward."""
+    return RMSNormFunction.apply(x, weight, float(eps))
+
+
+def add_rms_norm_triton(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual) in one pass over the rows, Triton forward and backward."""
+    return AddRMSNormFunction.apply(x, residual, weight, float(eps))

@@ -1,0 +1,51 @@
+"""MLP activations, fused so that the intermediate activations are not written and re-read.
+
+- ``swiglu(gate, up) = silu(gate) * up`` (Shazeer 2020; Llama, Mistral, Qwen2, Qwen3 MLPs)
+- ``geglu(gate, up) = gelu_tanh(gate) * up`` (gated GELU, tanh approximation)
+- ``gelu_tanh_bias(x, bias) = gelu_tanh(x + bias)`` (non-gated MLPs with bias: StarCoder2's ``c_fc`` -> ``act``)
+
+gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as torch's ``gelu(approximate="tanh")``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import use_triton
+
+
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def geglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def gelu_tanh_bias_reference(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.gelu(x if bias is None else x + bias, approximate="tanh")
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if use_triton("swiglu", gate, up):
+        from ._activations_triton import swiglu_triton
+
+        return swiglu_triton(gate, up)
+    return swiglu_reference(gate, up)
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if use_triton("geglu", gate, up):
+        from ._activations_triton import geglu_triton
+
+        return geglu_triton(gate, up)
+    return geglu_reference(gate, up)
+
+
+def gelu_tanh_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if use_triton("gelu_tanh_bias", x, bias):
+        from ._activations_triton import gelu_tanh_bias_triton
+
+        return gelu_tanh_bias_triton(x, bias)
+    return gelu_tanh_bias_reference(x, bias)

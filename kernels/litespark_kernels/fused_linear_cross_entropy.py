@@ -1,0 +1,69 @@
+"""Linear layer + cross-entropy without materialising the full [tokens, vocab] logits.
+
+Specification (``fused_linear_cross_entropy_reference``): transformers' ``ForCausalLMLoss`` applied to
+``hidden @ weight.T (+ bias)``:
+    logits are upcast to fp32; unless ``shift_labels`` is given, labels are shifted left by one (the last position
+    gets ``ignore_index``); cross-entropy ignores ``ignore_index``; the mean is over non-ignored tokens, or, when
+    ``num_items_in_batch`` is given (gradient accumulation), the sum divided by ``num_items_in_batch``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import use_triton
+
+
+def shifted_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Labels of the next token at every position (transformers' causal-LM shift)."""
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:].contiguous()
+
+
+def fused_linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    if shift_labels is None:
+        if labels is None:
+            raise ValueError("give labels or shift_labels")
+        shift_labels = shifted_labels(labels, ignore_index)
+    logits = F.linear(hidden, weight, bias).float()
+    logits = logits.reshape(-1, logits.shape[-1])
+    target = shift_labels.reshape(-1).to(logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="mean")
+    loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """Same loss and gradients as the reference; chunked Triton path on CUDA, reference elsewhere."""
+    if use_triton("fused_linear_cross_entropy", hidden, weight):
+        from ._fused_linear_cross_entropy_triton import fused_linear_cross_entropy_triton
+
+        return fused_linear_cross_entropy_triton(
+            hidden, weight, labels, bias=bias, shift_labels=shift_labels, ignore_index=ignore_index,
+            num_items_in_batch=num_items_in_batch,
+        )
+    return fused_linear_cross_entropy_reference(
+        hidden, weight, labels, bias=bias, shift_labels=shift_labels, ignore_index=ignore_index,
+        num_items_in_batch=num_items_in_batch,
+    )

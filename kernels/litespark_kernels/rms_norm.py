@@ -1,0 +1,46 @@
+"""RMSNorm (Zhang & Sennrich 2019): y = w * x / sqrt(mean(x^2) + eps), statistics in fp32.
+
+Matches transformers' LlamaRMSNorm: normalise in fp32, cast back to the input dtype, then multiply by the weight.
+``add_rms_norm`` fuses the residual add that precedes a norm in pre-norm decoders: s = x + residual; (rms_norm(s), s).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import use_triton
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    input_dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(input_dtype)
+
+
+def add_rms_norm_reference(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    s = x + residual
+    return rms_norm_reference(s, weight, eps), s
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dimension; Triton kernel on CUDA, reference elsewhere."""
+    if use_triton("rms_norm", x, weight):
+        from ._rms_norm_triton import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add fused with RMSNorm: returns (rms_norm(x + residual), x + residual)."""
+    if use_triton("add_rms_norm", x, residual, weight):
+        from ._rms_norm_triton import add_rms_norm_triton
+
+        return add_rms_norm_triton(x, residual, weight, eps)
+    return add_rms_norm_reference(x, residual, weight, eps)

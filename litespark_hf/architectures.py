@@ -1,0 +1,82 @@
+"""The architecture table: ``config.model_type`` -> which Hugging Face classes Litespark swaps, and for what.
+
+One row per supported family. Each row names the modeling module and, per class, the Litespark mixin that replaces
+it (`litespark_hf.modules`). Swap kinds are grouped by the `LitesparkConfig` switch that turns them on or off.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from . import modules as M
+
+# Swap kinds -> (the LitesparkConfig switch that enables them, the mixin)
+SWAP_KINDS: dict[str, tuple[str, type]] = {
+    "rms_norm": ("norms", M.LitesparkRMSNorm),
+    "layer_norm": ("norms", M.LitesparkLayerNorm),
+    "gated_mlp": ("mlp", M.LitesparkGatedMLP),
+    "gelu_mlp": ("mlp", M.LitesparkGeluMLP),
+    "attention": ("rope", M.LitesparkAttention),
+    "causal_lm": ("fused_cross_entropy", M.LitesparkCausalLM),
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A supported family: its modeling module and ``{class name: swap kind}``."""
+
+    model_type: str
+    modeling_module: str
+    swaps: dict[str, str]
+    notes: str = ""
+
+    def resolve(self) -> dict[type, str]:
+        """``{class: swap kind}``, importing the modeling module (classes named ``nn.*`` come from torch)."""
+        module = importlib.import_module(self.modeling_module)
+        resolved = {}
+        for name, kind in self.swaps.items():
+            cls = getattr(nn, name.removeprefix("nn.")) if name.startswith("nn.") else getattr(module, name)
+            resolved[cls] = kind
+        return resolved
+
+
+def _gated_family(model_type: str, prefix: str, notes: str = "") -> Architecture:
+    return Architecture(
+        model_type=model_type,
+        modeling_module=f"transformers.models.{model_type}.modeling_{model_type}",
+        swaps={
+            f"{prefix}RMSNorm": "rms_norm",
+            f"{prefix}MLP": "gated_mlp",
+            f"{prefix}Attention": "attention",
+            f"{prefix}ForCausalLM": "causal_lm",
+        },
+        notes=notes,
+    )
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": _gated_family("llama", "Llama", "RMSNorm, gated SiLU MLP, RoPE (Llama-3 scaling folded into cos/sin)"),
+    "mistral": _gated_family("mistral", "Mistral", "as Llama, plus sliding-window attention"),
+    "qwen2": _gated_family("qwen2", "Qwen2", "as Llama, q/k/v bias, optional sliding window per layer"),
+    "qwen3": _gated_family("qwen3", "Qwen3", "as Llama, plus per-head q/k RMSNorm"),
+    "starcoder2": Architecture(
+        model_type="starcoder2",
+        modeling_module="transformers.models.starcoder2.modeling_starcoder2",
+        swaps={
+            "nn.LayerNorm": "layer_norm",
+            "Starcoder2MLP": "gelu_mlp",
+            "Starcoder2Attention": "attention",
+            "Starcoder2ForCausalLM": "causal_lm",
+        },
+        notes="LayerNorm with bias, non-gated GELU-tanh MLP with bias, sliding window, attention/residual dropout",
+    ),
+}
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(ARCHITECTURES))
+
+
+def get_architecture(model_type: str) -> Architecture | None:
+    return ARCHITECTURES.get(model_type)

@@ -1,0 +1,179 @@
+"""Litespark versions of Hugging Face modules, applied by swapping an instance's class in place.
+
+Each mixin here is combined with the Hugging Face class it replaces (``Litespark<Name>(Mixin, <Name>)``) and the
+instance's ``__class__`` is pointed at that subclass: parameters, buffers, hooks, PEFT/LoRA wrappers and state-dict
+keys stay exactly as they were (nothing is copied), and `restore` points ``__class__`` back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import activations as hf_activations
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+import litespark_kernels as lk
+from litespark_kernels._dispatch import warn_once
+
+GELUTanh = hf_activations.GELUTanh
+SiLUActivation = getattr(hf_activations, "SiLUActivation", nn.SiLU)  # not in every transformers 5.x
+
+_SWAPPED: dict[tuple[type, type], type] = {}
+
+
+def swapped_class(mixin: type, original: type) -> type:
+    """The (cached) class ``Litespark<original>`` = mixin + original."""
+    key = (mixin, original)
+    if key not in _SWAPPED:
+        cls = type(f"Litespark{original.__name__}", (mixin, original), {"__litespark_original__": original})
+        cls.__module__ = __name__
+        _SWAPPED[key] = cls
+    return _SWAPPED[key]
+
+
+def original_class(module: nn.Module) -> type | None:
+    """The stock class of a swapped module, or None if the module was not swapped."""
+    return type(module).__dict__.get("__litespark_original__")
+
+
+class LitesparkRMSNorm:
+    """transformers' RMSNorm (``weight``, ``variance_epsilon``) through `litespark_kernels.rms_norm`."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return lk.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+class LitesparkLayerNorm:
+    """``nn.LayerNorm`` over the last dimension through `litespark_kernels.layer_norm`."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if len(self.normalized_shape) != 1:
+            return F.layer_norm(hidden_states, self.normalized_shape, self.weight, self.bias, self.eps)
+        return lk.layer_norm(hidden_states, self.weight, self.bias, self.eps)
+
+
+def fused_gated_activation(act: nn.Module):
+    """The fused kernel for a gated MLP's activation module (SiLU -> SwiGLU, GELU-tanh -> GeGLU), or None."""
+    if isinstance(act, (nn.SiLU, SiLUActivation)):
+        return lk.swiglu
+    if isinstance(act, GELUTanh):
+        return lk.geglu
+    return None
+
+
+class LitesparkGatedMLP:
+    """``down(act(gate(x)) * up(x))`` with the activation and the product fused (SwiGLU / GeGLU).
+
+    The projections are called as modules, so LoRA adapters on them keep training.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = fused_gated_activation(self.act_fn)
+        if act is None:
+            warn_once("gated_mlp", f"activation {type(self.act_fn).__name__} has no fused kernel")
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
+
+
+class LitesparkGeluMLP:
+    """StarCoder2's MLP: ``dropout(c_proj(gelu_tanh(c_fc(x))))`` with c_fc's bias fused into the activation."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        c_fc = self.c_fc
+        if type(c_fc) is nn.Linear and isinstance(self.act, GELUTanh):
+            h = lk.gelu_tanh_bias(F.linear(hidden_states, c_fc.weight), c_fc.bias)
+        else:  # LoRA-wrapped c_fc or another activation: stock order, nothing fused
+            h = self.act(c_fc(hidden_states))
+        h = self.c_proj(h)
+        return F.dropout(h, p=self.residual_dropout, training=self.training)
+
+
+def _eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+class LitesparkAttention:
+    """The decoder attention of Llama / Mistral / Qwen2 / Qwen3 / StarCoder2 with the RoPE kernel.
+
+    Same steps as transformers' forward: projections (called as modules, LoRA-safe), optional per-head q/k norms
+    (Qwen3), rotary embedding (`litespark_kernels.apply_rope`), KV cache update, the configured attention backend
+    (``litespark`` after `apply`), output projection, optional residual dropout (StarCoder2).
+    """
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape)
+        key_states = self.k_proj(hidden_states).view(hidden_shape)
+        if hasattr(self, "q_norm"):
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states = query_states.transpose(1, 2)
+        key_states = key_states.transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = lk.apply_rope(query_states, key_states, cos, sin)
+
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_attention)
+        sliding_window = (
+            self.sliding_window if hasattr(self, "sliding_window") else getattr(self.config, "sliding_window", None)
+        )
+        extra = {"sliding_window": sliding_window} if sliding_window is not None else {}
+        attn_output, attn_weights = attention_interface(
+            self, query_states, key_states, value_states, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **extra, **kwargs,
+        )
+        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        if hasattr(self, "residual_dropout"):
+            attn_output = F.dropout(attn_output, p=self.residual_dropout, training=self.training)
+        return attn_output, attn_weights
+
+
+class LitesparkCausalLM:
+    """Causal-LM head whose training loss is the fused linear cross-entropy (no [tokens, vocab] logits).
+
+    Used only in training with labels and a plain ``nn.Linear`` LM head; evaluation, generation and any other call
+    run the stock forward (which returns logits). Honours ``shift_labels``, ``ignore_index=-100`` and
+    ``num_items_in_batch`` exactly like transformers' ``ForCausalLMLoss``.
+    """
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        shift_labels = kwargs.get("shift_labels")
+        fused = (
+            self.training and (labels is not None or shift_labels is not None)
+            and type(self.lm_head) is nn.Linear and not _is_zero3(self.lm_head.weight)
+        )
+        if not fused:
+            return super().forward(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                logits_to_keep=logits_to_keep, **kwargs,
+            )
+        shift_labels = kwargs.pop("shift_labels", None)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        kwargs.pop("ignore_index", None)
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+        )
+        loss = lk.fused_linear_cross_entropy(
+            outputs.last_hidden_state, self.lm_head.weight, labels, bias=self.lm_head.bias,
+            shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
+        )
+        return CausalLMOutputWithPast(
+            loss=loss, logits=None, past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+        )
+
+
+def _is_zero3(weight: torch.Tensor) -> bool:
+    """DeepSpeed ZeRO-3 partitions parameters outside their module's forward: the fused loss can't read them."""
+    return hasattr(weight, "ds_id")

@@ -1,0 +1,119 @@
+"""`apply` and `restore`: turn a Hugging Face model into its Litespark version in place, and back.
+
+`apply(model)` (1) selects the ``litespark`` attention backend and (2) swaps the classes of the modules listed for the
+model's architecture in `litespark_hf.architectures` (norms, MLP, attention/RoPE, loss), in place: weights are shared,
+never copied, applying twice changes nothing, PEFT-wrapped models are handled through their base model.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch.nn as nn
+
+from .architectures import SUPPORTED_MODEL_TYPES, SWAP_KINDS, get_architecture
+from .attention import ATTENTION_NAME, register
+from .config import LitesparkConfig
+from .modules import original_class, swapped_class
+
+logger = logging.getLogger(__name__)
+
+_STATE_ATTR = "_litespark_state"
+
+
+class UnsupportedArchitectureError(ValueError):
+    """Raised by `apply` for a model type outside the architecture table (unless ``allow_partial=True``)."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside PEFT / DDP-style wrappers."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "config"):
+            model = model.module
+        else:
+            break
+    return model
+
+
+def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, **overrides) -> nn.Module:
+    """Rewrite ``model`` (a transformers causal LM, optionally PEFT-wrapped) with Litespark layers, in place.
+
+    Args:
+        model: the model; returned as given (the same object).
+        config: a `LitesparkConfig`, a dict or JSON string of its fields, or None for the defaults.
+        **overrides: `LitesparkConfig` fields, e.g. ``apply(model, fused_cross_entropy=False)``.
+
+    Raises:
+        UnsupportedArchitectureError: the model type is not in the table and ``allow_partial`` is False.
+    """
+    cfg = LitesparkConfig.from_any(config)
+    if overrides:
+        cfg = LitesparkConfig.from_any({**cfg.to_dict(), **overrides})
+    base = unwrap_model(model)
+    hf_config = getattr(base, "config", None)
+    model_type = getattr(hf_config, "model_type", None)
+    arch = get_architecture(model_type) if model_type else None
+    if arch is None:
+        message = (
+            f"litespark supports the model types {', '.join(SUPPORTED_MODEL_TYPES)}; got {model_type!r} "
+            f"({type(base).__name__})."
+        )
+        if not cfg.allow_partial:
+            raise UnsupportedArchitectureError(
+                message + " Pass allow_partial=True (LitesparkConfig) to use the litespark attention backend alone."
+            )
+        warnings.warn(message + " allow_partial=True: only the attention backend is switched.", stacklevel=2)
+
+    register()
+    state = base.__dict__.get(_STATE_ATTR) or {"attn_implementation": hf_config._attn_implementation}
+    if cfg.attention and hf_config._attn_implementation != ATTENTION_NAME:
+        base.set_attn_implementation(ATTENTION_NAME)
+
+    counts: dict[str, int] = {}
+    if arch is not None:
+        wanted = {cls: kind for cls, kind in arch.resolve().items() if getattr(cfg, SWAP_KINDS[kind][0])}
+        for module in base.modules():
+            if original_class(module) is not None:
+                continue  # already swapped
+            kind = wanted.get(type(module))
+            if kind is None:
+                continue
+            if kind == "causal_lm" and "forward" in module.__dict__:
+                # TRL's SFT/DPO trainers patch forward with their own chunked LM head; keep theirs.
+                logger.info("litespark: %s.forward is patched (TRL fused LM head); keeping it", type(module).__name__)
+                continue
+            module.__class__ = swapped_class(SWAP_KINDS[kind][1], type(module))
+            counts[kind] = counts.get(kind, 0) + 1
+    state["config"] = cfg.to_dict()
+    state["swapped"] = {**state.get("swapped", {}), **counts}
+    base.__dict__[_STATE_ATTR] = state
+    logger.info("litespark applied to %s: %s", type(base).__name__, counts)
+    return model
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo `apply`: stock classes and the attention implementation the model had before."""
+    base = unwrap_model(model)
+    for module in base.modules():
+        original = original_class(module)
+        if original is not None:
+            module.__class__ = original
+    state = base.__dict__.pop(_STATE_ATTR, None)
+    if state is not None and base.config._attn_implementation != state["attn_implementation"]:
+        base.set_attn_implementation(state["attn_implementation"])
+    return model
+
+
+def is_applied(model: nn.Module) -> bool:
+    return _STATE_ATTR in unwrap_model(model).__dict__
+
+
+def swapped_counts(model: nn.Module) -> dict[str, int]:
+    """How many modules of each swap kind `apply` replaced (empty if not applied)."""
+    state = unwrap_model(model).__dict__.get(_STATE_ATTR)
+    return dict(state["swapped"]) if state else {}

@@ -1,0 +1,90 @@
+"""One flag for the transformers Trainer and TRL's SFT and DPO trainers: ``use_litespark=True``.
+
+Drop-in subclasses: change ``from trl import SFTConfig, SFTTrainer`` to ``from litespark_hf import SFTConfig,
+SFTTrainer`` and pass ``use_litespark=True`` (``--use_litespark`` on a TrlParser/HfArgumentParser command line).
+
+Where the rewrite happens: at the start of ``train()`` (and on every ``model_init`` result), exactly where
+transformers applies ``use_liger_kernel``: after the model is built (and PEFT-wrapped by TRL), before gradient
+checkpointing is enabled and before ``accelerator.prepare``, so FSDP and DeepSpeed wrap the rewritten model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import transformers
+import trl
+
+from .config import LitesparkConfig
+from .patching import apply
+
+
+@dataclass
+class LitesparkArguments:
+    """The flag added to every argument class of this module."""
+
+    use_litespark: bool = field(
+        default=False,
+        metadata={
+            "help": "Train with Litespark layers: the `litespark` attention backend, fused norms, RoPE, MLP "
+            "activations and (outside TRL's own fused LM head) the fused linear cross-entropy."
+        },
+    )
+    litespark_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "LitesparkConfig options as a JSON object (or a dict in a YAML config), e.g. "
+            '\'{"fused_cross_entropy": false}\'. Unknown keys are an error.'
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        # Fail at argument parsing, not at train(), on a bad litespark_config.
+        LitesparkConfig.from_any(self.litespark_config)
+
+
+class LitesparkTrainerMixin:
+    """Applies `litespark_hf.apply` when ``args.use_litespark`` is set; mixed into the trainers below."""
+
+    def _apply_litespark(self, model):
+        if model is not None and getattr(self.args, "use_litespark", False):
+            apply(model, LitesparkConfig.from_any(self.args.litespark_config))
+        return model
+
+    def call_model_init(self, trial=None):
+        return self._apply_litespark(super().call_model_init(trial))
+
+    def train(self, *args, **kwargs):
+        self._apply_litespark(self.model)
+        ref_model = getattr(self, "ref_model", None)  # DPO with a separate reference model
+        if ref_model is not None:
+            self._apply_litespark(ref_model)
+        return super().train(*args, **kwargs)
+
+
+@dataclass
+class TrainingArguments(LitesparkArguments, transformers.TrainingArguments):
+    """transformers.TrainingArguments + ``use_litespark`` / ``litespark_config``."""
+
+
+@dataclass
+class SFTConfig(LitesparkArguments, trl.SFTConfig):
+    """trl.SFTConfig + ``use_litespark`` / ``litespark_config``."""
+
+
+@dataclass
+class DPOConfig(LitesparkArguments, trl.DPOConfig):
+    """trl.DPOConfig + ``use_litespark`` / ``litespark_config``."""
+
+
+class Trainer(LitesparkTrainerMixin, transformers.Trainer):
+    """transformers.Trainer that honours ``use_litespark``."""
+
+
+class SFTTrainer(LitesparkTrainerMixin, trl.SFTTrainer):
+    """trl.SFTTrainer that honours ``use_litespark``."""
+
+
+class DPOTrainer(LitesparkTrainerMixin, trl.DPOTrainer):
+    """trl.DPOTrainer that honours ``use_litespark``."""

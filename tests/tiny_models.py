@@ -1,0 +1,41 @@
+"""Tiny random configs of the five supported families, shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+VOCAB = 128
+
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+)
+
+FAMILY_CONFIGS = {
+    "llama": dict(rms_norm_eps=1e-6, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "mistral": dict(sliding_window=8),
+    "qwen2": dict(use_sliding_window=True, sliding_window=8, max_window_layers=1),
+    "qwen3": dict(head_dim=16, use_sliding_window=False),
+    "starcoder2": dict(sliding_window=8, use_bias=True, attention_dropout=0.0, residual_dropout=0.0,
+                       embedding_dropout=0.0, norm_epsilon=1e-5),
+}
+FAMILIES = tuple(FAMILY_CONFIGS)
+
+
+def tiny_config(family: str, **overrides):
+    kwargs = {**COMMON, **FAMILY_CONFIGS[family], **overrides}
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def tiny_model(family: str, seed: int = 0, attn_implementation: str = "eager", dtype=torch.float32, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), attn_implementation=attn_implementation)
+    return model.to(dtype)
+
+
+def random_batch(batch: int = 2, seq: int = 24, seed: int = 1, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
+    return ids.to(device)
