@@ -39,3 +39,14 @@ def random_batch(batch: int = 2, seq: int = 24, seed: int = 1, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
     return ids.to(device)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny vocabulary ("t0" ... "t127"), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(VOCAB)}, unk_token="t3"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", bos_token="t1", eos_token="t2",
+                                   unk_token="t3")
