@@ -136,12 +136,28 @@ class LitesparkAttention:
         return attn_output, attn_weights
 
 
-class LitesparkCausalLM:
-    """Causal-LM head whose training loss is the fused linear cross-entropy (no [tokens, vocab] logits).
+class LitesparkLMHead:
+    """``nn.Linear`` LM head that, given labels, returns the fused linear cross-entropy loss instead of logits.
 
-    Used only in training with labels and a plain ``nn.Linear`` LM head; evaluation, generation and any other call
-    run the stock forward (which returns logits). Honours ``shift_labels``, ``ignore_index=-100`` and
-    ``num_items_in_batch`` exactly like transformers' ``ForCausalLMLoss``.
+    The loss is computed inside the head's own ``forward`` so that sharding wrappers which gather a module's
+    parameters around its forward (DeepSpeed ZeRO-3, FSDP) see the weight used; without labels it is a plain linear.
+    """
+
+    def forward(self, input, labels=None, shift_labels=None, num_items_in_batch=None):
+        if labels is None and shift_labels is None:
+            return F.linear(input, self.weight, self.bias)
+        return lk.fused_linear_cross_entropy(
+            input, self.weight, labels, bias=self.bias, shift_labels=shift_labels,
+            num_items_in_batch=num_items_in_batch,
+        )
+
+
+class LitesparkCausalLM:
+    """Causal-LM model whose training loss is the fused linear cross-entropy (no [tokens, vocab] logits).
+
+    Used only in training with labels and a Litespark LM head; evaluation, generation and any other call run the
+    stock forward (which returns logits). Honours ``shift_labels``, ``ignore_index=-100`` and ``num_items_in_batch``
+    exactly like transformers' ``ForCausalLMLoss``.
     """
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
@@ -149,7 +165,7 @@ class LitesparkCausalLM:
         shift_labels = kwargs.get("shift_labels")
         fused = (
             self.training and (labels is not None or shift_labels is not None)
-            and type(self.lm_head) is nn.Linear and not _is_zero3(self.lm_head.weight)
+            and isinstance(self.lm_head, LitesparkLMHead)
         )
         if not fused:
             return super().forward(
@@ -164,16 +180,10 @@ class LitesparkCausalLM:
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
         )
-        loss = lk.fused_linear_cross_entropy(
-            outputs.last_hidden_state, self.lm_head.weight, labels, bias=self.lm_head.bias,
-            shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
+        loss = self.lm_head(
+            outputs.last_hidden_state, labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch
         )
         return CausalLMOutputWithPast(
             loss=loss, logits=None, past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states, attentions=outputs.attentions,
         )
-
-
-def _is_zero3(weight: torch.Tensor) -> bool:
-    """DeepSpeed ZeRO-3 partitions parameters outside their module's forward: the fused loss can't read them."""
-    return hasattr(weight, "ds_id")

@@ -15,7 +15,7 @@ import torch.nn as nn
 from .architectures import SUPPORTED_MODEL_TYPES, SWAP_KINDS, get_architecture
 from .attention import ATTENTION_NAME, register
 from .config import LitesparkConfig
-from .modules import original_class, swapped_class
+from .modules import LitesparkLMHead, original_class, swapped_class
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
                 continue
             module.__class__ = swapped_class(SWAP_KINDS[kind][1], type(module))
             counts[kind] = counts.get(kind, 0) + 1
+            if kind == "causal_lm" and type(module.lm_head) is nn.Linear:
+                module.lm_head.__class__ = swapped_class(LitesparkLMHead, nn.Linear)
     state["config"] = cfg.to_dict()
     state["swapped"] = {**state.get("swapped", {}), **counts}
     base.__dict__[_STATE_ATTR] = state
