@@ -153,3 +153,15 @@ def test_chunk_rows():
     assert _chunk_rows(1000, 1000, 4, 10**9) == 1000
     rows = _chunk_rows(1000, 1000, 4, 4000 * 130)  # at most 130 rows a chunk, balanced chunks
     assert rows <= 130 and -(-1000 // rows) == -(-1000 // 130)
+
+
+def test_dispatcher_default_options(monkeypatch):
+    # The public dispatcher, forced onto the Triton path (interpreter), with the default chunking (one chunk here).
+    from litespark_kernels import fused_linear_cross_entropy
+
+    monkeypatch.setenv("LITESPARK_FORCE_TRITON", "1")
+    h, w, b, labels = _inputs((2, 70), 36, 190, bias=True, seed=11)
+    labels[0, 50:] = -100
+    want = _run(fused_linear_cross_entropy_reference, h, w, b, labels=labels)
+    got = _run(fused_linear_cross_entropy, h, w, b, labels=labels)
+    _check(got, want, 2e-5)
