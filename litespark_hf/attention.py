@@ -47,7 +47,9 @@ def litespark_mask(
             batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
             attention_mask=attention_mask, allow_is_causal_skip=False, **kwargs,
         )
-    if attention_mask is None or bool(attention_mask.all()):
+    if attention_mask is None:
+        return None
+    if not torch.compiler.is_compiling() and bool(attention_mask.all()):  # no padding: no mask (host sync, eager only)
         return None
     return attention_mask
 
@@ -61,6 +63,8 @@ class _SegmentMemo:
         self._value = None
 
     def get(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        if torch.compiler.is_compiling():  # no host sync under torch.compile: always pass the segment ids
+            return segment_ids_from_position_ids(position_ids)
         if self._ref is not None and self._ref() is position_ids and self._version == position_ids._version:
             return self._value
         segments = segment_ids_from_position_ids(position_ids)

@@ -62,6 +62,23 @@ def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:
     return True
 
 
+def run_triton(module: str, name: str, *args, **kwargs):
+    """Call ``litespark_kernels.<module>.<name>`` eagerly.
+
+    Under ``torch.compile`` the call is a graph break: Dynamo does not trace into the Triton launches (Inductor
+    cannot re-compile these kernels), the surrounding code is still compiled.
+    """
+    import importlib
+
+    fn = getattr(importlib.import_module(f"litespark_kernels.{module}"), name)
+    return _eager_call(fn, *args, **kwargs)
+
+
+@torch.compiler.disable
+def _eager_call(fn, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
 def unsupported(op: str, reason: str) -> bool:
     """Record that a kernel cannot take these inputs (warns once) and return False, for use in dispatchers."""
     warn_once(op, reason)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import use_triton
+from ._dispatch import run_triton, use_triton
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -29,23 +29,17 @@ def gelu_tanh_bias_reference(x: torch.Tensor, bias: torch.Tensor | None) -> torc
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if use_triton("swiglu", gate, up):
-        from ._activations_triton import swiglu_triton
-
-        return swiglu_triton(gate, up)
+        return run_triton("_activations_triton", "swiglu_triton", gate, up)
     return swiglu_reference(gate, up)
 
 
 def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if use_triton("geglu", gate, up):
-        from ._activations_triton import geglu_triton
-
-        return geglu_triton(gate, up)
+        return run_triton("_activations_triton", "geglu_triton", gate, up)
     return geglu_reference(gate, up)
 
 
 def gelu_tanh_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if use_triton("gelu_tanh_bias", x, bias):
-        from ._activations_triton import gelu_tanh_bias_triton
-
-        return gelu_tanh_bias_triton(x, bias)
+        return run_triton("_activations_triton", "gelu_tanh_bias_triton", x, bias)
     return gelu_tanh_bias_reference(x, bias)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import unsupported, use_triton
+from ._dispatch import run_triton, unsupported, use_triton
 
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
 
@@ -143,9 +143,7 @@ def attention(
         sliding_window=sliding_window, dropout_p=dropout_p,
     )
     if use_triton("attention", q, k, v) and _triton_supports(q, k, dropout_p):
-        from ._attention_triton import attention_triton
-
-        return attention_triton(q, k, v, **kwargs)
+        return run_triton("_attention_triton", "attention_triton", q, k, v, **kwargs)
     return attention_sdpa(q, k, v, **kwargs)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import use_triton
+from ._dispatch import run_triton, use_triton
 
 
 def shifted_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -57,9 +57,7 @@ def fused_linear_cross_entropy(
 ) -> torch.Tensor:
     """Same loss and gradients as the reference; chunked Triton path on CUDA, reference elsewhere."""
     if use_triton("fused_linear_cross_entropy", hidden, weight):
-        from ._fused_linear_cross_entropy_triton import fused_linear_cross_entropy_triton
-
-        return fused_linear_cross_entropy_triton(
+        return run_triton("_fused_linear_cross_entropy_triton", "fused_linear_cross_entropy_triton", 
             hidden, weight, labels, bias=bias, shift_labels=shift_labels, ignore_index=ignore_index,
             num_items_in_batch=num_items_in_batch,
         )

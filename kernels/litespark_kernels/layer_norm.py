@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import use_triton
+from ._dispatch import run_triton, use_triton
 
 
 def layer_norm_reference(
@@ -22,7 +22,5 @@ def layer_norm(
 ) -> torch.Tensor:
     """LayerNorm over the last dimension; Triton kernel on CUDA, reference elsewhere."""
     if weight is not None and use_triton("layer_norm", x, weight, bias):
-        from ._layer_norm_triton import layer_norm_triton
-
-        return layer_norm_triton(x, weight, bias, eps)
+        return run_triton("_layer_norm_triton", "layer_norm_triton", x, weight, bias, eps)
     return layer_norm_reference(x, weight, bias, eps)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import use_triton
+from ._dispatch import run_triton, use_triton
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -29,9 +29,7 @@ def add_rms_norm_reference(
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dimension; Triton kernel on CUDA, reference elsewhere."""
     if use_triton("rms_norm", x, weight):
-        from ._rms_norm_triton import rms_norm_triton
-
-        return rms_norm_triton(x, weight, eps)
+        return run_triton("_rms_norm_triton", "rms_norm_triton", x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
 
@@ -40,7 +38,5 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add fused with RMSNorm: returns (rms_norm(x + residual), x + residual)."""
     if use_triton("add_rms_norm", x, residual, weight):
-        from ._rms_norm_triton import add_rms_norm_triton
-
-        return add_rms_norm_triton(x, residual, weight, eps)
+        return run_triton("_rms_norm_triton", "add_rms_norm_triton", x, residual, weight, eps)
     return add_rms_norm_reference(x, residual, weight, eps)

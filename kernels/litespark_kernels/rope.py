@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import use_triton
+from ._dispatch import run_triton, use_triton
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -31,7 +31,5 @@ def apply_rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k by the position embedding; Triton kernel on CUDA, reference elsewhere."""
     if unsqueeze_dim == 1 and use_triton("rope", q, k, cos, sin):
-        from ._rope_triton import apply_rope_triton
-
-        return apply_rope_triton(q, k, cos, sin)
+        return run_triton("_rope_triton", "apply_rope_triton", q, k, cos, sin)
     return apply_rope_reference(q, k, cos, sin, unsqueeze_dim)
