@@ -17,6 +17,8 @@ chunks (one program per row) with dweight/dbias from a column-blocked kernel.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -25,10 +27,15 @@ MAX_FUSED_BLOCK = 16384
 LOOP_BLOCK = 4096
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count_cached(device_type: str, index: int | None) -> int:
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(index).multi_processor_count
+    return 4  # Triton's CPU interpreter: any small number
+
+
 def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    return _sm_count_cached(device.type, device.index)
 
 
 @triton.jit
@@ -64,32 +71,48 @@ def _ln_bwd_kernel(
     n_rows, n_cols, rows_per_program,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """Persistent over a chunk of rows, next tile loaded before the current one is computed."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
+    offs_m = tl.arange(0, BLOCK_M)
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    rows = row_start + offs_m
+    row_mask = rows < row_end
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0)
+    dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0)
+    mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
     for r0 in range(row_start, row_end, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
+        rows = r0 + offs_m
         row_mask = rows < row_end
         mask = row_mask[:, None] & col_mask[None, :]
         rows64 = rows.to(tl.int64)[:, None]
-        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
-        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        dw_acc += dy * xhat
+        n_rows_ = rows + BLOCK_M
+        n_row_mask = n_rows_ < row_end
+        n_mask = n_row_mask[:, None] & col_mask[None, :]
+        n_rows64 = n_rows_.to(tl.int64)[:, None]
+        x_next = tl.load(X + n_rows64 * stride_x + cols[None, :], mask=n_mask, other=0.0)
+        dy_next = tl.load(DY + n_rows64 * stride_dy + cols[None, :], mask=n_mask, other=0.0)
+        mean_next = tl.load(MEAN + n_rows_, mask=n_row_mask, other=0.0)
+        rstd_next = tl.load(RSTD + n_rows_, mask=n_row_mask, other=0.0)
+        dyf = dy.to(tl.float32)
+        xhat = tl.where(mask, (x.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
+        dw_acc += dyf * xhat
         if HAS_BIAS:
-            db_acc += dy
-        g = dy * w[None, :]
+            db_acc += dyf
+        g = dyf * w[None, :]
         c1 = tl.sum(g * xhat, axis=1) / n_cols
         c2 = tl.sum(g, axis=1) / n_cols
         dx = (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
         tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        x, dy, mean, rstd = x_next, dy_next, mean_next, rstd_next
     tl.store(DW_PART + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
     if HAS_BIAS:
         tl.store(DB_PART + pid * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_mask)
@@ -204,18 +227,23 @@ def _fwd_config(n_cols: int, block_m: int | None, num_warps: int | None) -> tupl
         block_m = max(1, min(16, 2048 // block_n))
     tile = block_m * block_n
     if num_warps is None:
-        num_warps = 4 if tile <= 2048 else 8 if tile <= 4096 else 16 if tile <= 8192 else 32
+        num_warps = 4 if tile <= 4096 else 8 if tile <= 8192 else 16
     return block_m, block_n, num_warps
 
 
-def _bwd_config(n_cols: int, block_m: int | None, num_warps: int | None) -> tuple[int, int, int]:
+def _bwd_config(
+    n_cols: int, block_m: int | None, num_warps: int | None, programs_per_sm: int | None
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, programs per SM) of the persistent backward."""
     block_n = triton.next_power_of_2(n_cols)
     if block_m is None:
         block_m = max(1, min(16, 1024 // block_n))
     tile = block_m * block_n
-    if num_warps is None:
-        num_warps = 4 if tile <= 1024 else 8 if tile <= 4096 else 16 if tile <= 8192 else 32
-    return block_m, block_n, num_warps
+    # (num_warps, programs per SM) by tile size. 2048 and 4096 were the best configurations timed on an H100
+    # (benchmarks/NOTES.md, "Norms, RoPE, activations"); the others follow the same ~16 elements per thread.
+    nw, per_sm = (4, 16) if tile <= 1024 else (8, 4) if tile <= 2048 else (8, 2) if tile <= 4096 else \
+        (16, 2) if tile <= 8192 else (32, 1)
+    return block_m, block_n, num_warps or nw, programs_per_sm or per_sm
 
 
 def layer_norm_forward(
@@ -275,8 +303,7 @@ def layer_norm_backward(
         return dx, zeros, (zeros.clone() if has_bias else None)
     sms = _sm_count(x.device)
     if triton.next_power_of_2(n_cols) <= MAX_FUSED_BLOCK:
-        bm, bn, nw = _bwd_config(n_cols, block_m, num_warps)
-        per_sm = programs_per_sm or max(1, 32 // nw)
+        bm, bn, nw, per_sm = _bwd_config(n_cols, block_m, num_warps, programs_per_sm)
         grid = min(triton.cdiv(n_rows, bm), sms * per_sm)
         rows_per_program = triton.cdiv(triton.cdiv(n_rows, grid), bm) * bm
         grid = triton.cdiv(n_rows, rows_per_program)

@@ -23,6 +23,8 @@ dweight in fp32 registers; the [programs, hidden] partial sums are added up by o
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -33,10 +35,15 @@ MAX_FUSED_BLOCK = 16384
 LOOP_BLOCK = 4096
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+@functools.lru_cache(maxsize=None)
+def _sm_count_cached(device_type: str, index: int | None) -> int:
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(index).multi_processor_count
     return 4  # Triton's CPU interpreter: any small number
+
+
+def _sm_count(device: torch.device) -> int:
+    return _sm_count_cached(device.type, device.index)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,29 +89,56 @@ def _rms_bwd_kernel(
     n_rows, n_cols, rows_per_program,
     HAS_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """Persistent: this program walks rows [pid * rows_per_program, ...) one BLOCK_M tile at a time, loading the
+    next tile before computing the current one, and writes its dweight partial sum to DW_PART[pid]."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
+    offs_m = tl.arange(0, BLOCK_M)
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    # first tile
+    rows = row_start + offs_m
+    row_mask = rows < row_end
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0)
+    dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+    if HAS_DS:
+        ds = tl.load(DS + rows64 * stride_ds + cols[None, :], mask=mask, other=0.0)
+    else:
+        ds = dy
     for r0 in range(row_start, row_end, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
+        rows = r0 + offs_m
         row_mask = rows < row_end
         mask = row_mask[:, None] & col_mask[None, :]
         rows64 = rows.to(tl.int64)[:, None]
-        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0)
-        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        # prefetch the next tile (fully masked past the end: no memory traffic)
+        n_rows_ = rows + BLOCK_M
+        n_row_mask = n_rows_ < row_end
+        n_mask = n_row_mask[:, None] & col_mask[None, :]
+        n_rows64 = n_rows_.to(tl.int64)[:, None]
+        x_next = tl.load(X + n_rows64 * stride_x + cols[None, :], mask=n_mask, other=0.0)
+        dy_next = tl.load(DY + n_rows64 * stride_dy + cols[None, :], mask=n_mask, other=0.0)
+        rstd_next = tl.load(RSTD + n_rows_, mask=n_row_mask, other=0.0)
+        if HAS_DS:
+            ds_next = tl.load(DS + n_rows64 * stride_ds + cols[None, :], mask=n_mask, other=0.0)
+        else:
+            ds_next = dy_next
+        # current tile
+        dyf = dy.to(tl.float32)
         hn = x.to(tl.float32) * rstd[:, None]
-        dw_acc += dy * hn.to(X.dtype.element_ty).to(tl.float32)
-        g = dy * w[None, :]
+        dw_acc += dyf * hn.to(X.dtype.element_ty).to(tl.float32)
+        g = dyf * w[None, :]
         c = tl.sum(g * hn, axis=1) / n_cols
         dx = (g - hn * c[:, None]) * rstd[:, None]
         if HAS_DS:
-            dx += tl.load(DS + rows64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dx += ds.to(tl.float32)
         tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        x, dy, rstd, ds = x_next, dy_next, rstd_next, ds_next
     tl.store(DW_PART + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
 
 
@@ -221,18 +255,23 @@ def _fwd_config(n_cols: int, block_m: int | None, num_warps: int | None) -> tupl
         block_m = max(1, min(16, 2048 // block_n))
     tile = block_m * block_n
     if num_warps is None:
-        num_warps = 4 if tile <= 2048 else 8 if tile <= 4096 else 16 if tile <= 8192 else 32
+        num_warps = 4 if tile <= 4096 else 8 if tile <= 8192 else 16
     return block_m, block_n, num_warps
 
 
-def _bwd_config(n_cols: int, block_m: int | None, num_warps: int | None) -> tuple[int, int, int]:
+def _bwd_config(
+    n_cols: int, block_m: int | None, num_warps: int | None, programs_per_sm: int | None
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, programs per SM) of the persistent backward."""
     block_n = triton.next_power_of_2(n_cols)
     if block_m is None:
         block_m = max(1, min(16, 1024 // block_n))
     tile = block_m * block_n
-    if num_warps is None:
-        num_warps = 4 if tile <= 1024 else 8 if tile <= 4096 else 16 if tile <= 8192 else 32
-    return block_m, block_n, num_warps
+    # (num_warps, programs per SM) by tile size. 2048 and 4096 were the best configurations timed on an H100
+    # (benchmarks/NOTES.md, "Norms, RoPE, activations"); the others follow the same ~16 elements per thread.
+    nw, per_sm = (4, 16) if tile <= 1024 else (8, 4) if tile <= 2048 else (8, 2) if tile <= 4096 else \
+        (16, 2) if tile <= 8192 else (32, 1)
+    return block_m, block_n, num_warps or nw, programs_per_sm or per_sm
 
 
 def rms_norm_forward(
@@ -299,8 +338,7 @@ def rms_norm_backward(
     ds_arg, stride_ds = (ds, ds.stride(0)) if has_ds else (dy, 0)
     sms = _sm_count(x.device)
     if triton.next_power_of_2(n_cols) <= MAX_FUSED_BLOCK:
-        bm, bn, nw = _bwd_config(n_cols, block_m, num_warps)
-        per_sm = programs_per_sm or max(1, 32 // nw)
+        bm, bn, nw, per_sm = _bwd_config(n_cols, block_m, num_warps, programs_per_sm)
         grid = min(triton.cdiv(n_rows, bm), sms * per_sm)
         rows_per_program = triton.cdiv(triton.cdiv(n_rows, grid), bm) * bm
         grid = triton.cdiv(n_rows, rows_per_program)

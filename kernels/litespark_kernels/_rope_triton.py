@@ -7,11 +7,12 @@ For x = [x1, x2] (the two halves of a head), cos = [c1, c2], sin = [s1, s2]:
 
 computed in fp32 and rounded once. q [B, Hq, S, D] and k [B, Hkv, S, D] may have any strides (typically the
 transposed views of the projections' [B, S, H, D] outputs); cos/sin are [B or 1, S, D] (any strides). No input
-is copied. One program rotates every head of q and k for ``BLOCK_S`` tokens, so cos/sin are read once per token.
+is copied. One program rotates a [BLOCK_S tokens, all heads, D] tile of q and of k, so cos/sin are read once per
+token.
 
-Outputs keep the input's memory layout when the input is dense (``torch.empty_like``: a transposed [B, S, H, D]
-buffer stays one, which is what the attention kernels read and what the projections wrote), and are [B, S, H, D]
-buffers seen as [B, H, S, D] otherwise. cos/sin get no gradient (the models compute them from buffers).
+Outputs keep the input's memory layout when the input is dense (a transposed [B, S, H, D] buffer stays one, which
+is what the projections wrote and what the attention kernels read), and are [B, S, H, D] buffers seen as
+[B, H, S, D] otherwise. cos/sin get no gradient (the models compute them from buffers).
 """
 
 from __future__ import annotations
@@ -26,24 +27,26 @@ def _rotate_heads(
     IN, OUT, b, s, n_heads, half,
     sib, sih, sis, sid,
     sob, soh, sos, sod,
-    c1, c2, s1, s2,
+    s_mask, c1, c2, s1, s2,
     BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    h = tl.arange(0, BLOCK_H)
-    d = tl.arange(0, BLOCK_D)
-    mask = (h < n_heads)[:, None] & (d < half)[None, :]
-    base_in = IN + b * sib + s * sis + h[:, None] * sih
-    base_out = OUT + b * sob + s * sos + h[:, None] * soh
-    x1 = tl.load(base_in + d[None, :] * sid, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(base_in + (d[None, :] + half) * sid, mask=mask, other=0.0).to(tl.float32)
+    """Rotate a [BLOCK_S, BLOCK_H, BLOCK_D] tile (tokens x heads x half head-dim); c*/s* are [BLOCK_S, 1, BLOCK_D]."""
+    h = tl.arange(0, BLOCK_H)[None, :, None]
+    d = tl.arange(0, BLOCK_D)[None, None, :]
+    mask = s_mask[:, None, None] & (h < n_heads) & (d < half)
+    s3 = s[:, None, None]
+    base_in = IN + b * sib + s3 * sis + h * sih
+    base_out = OUT + b * sob + s3 * sos + h * soh
+    x1 = tl.load(base_in + d * sid, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base_in + (d + half) * sid, mask=mask, other=0.0).to(tl.float32)
     if BACKWARD:
-        o1 = x1 * c1[None, :] + x2 * s2[None, :]
-        o2 = x2 * c2[None, :] - x1 * s1[None, :]
+        o1 = x1 * c1 + x2 * s2
+        o2 = x2 * c2 - x1 * s1
     else:
-        o1 = x1 * c1[None, :] - x2 * s1[None, :]
-        o2 = x2 * c2[None, :] + x1 * s2[None, :]
-    tl.store(base_out + d[None, :] * sod, o1.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(base_out + (d[None, :] + half) * sod, o2.to(OUT.dtype.element_ty), mask=mask)
+        o1 = x1 * c1 - x2 * s1
+        o2 = x2 * c2 + x1 * s2
+    tl.store(base_out + d * sod, o1.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(base_out + (d + half) * sod, o2.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -59,30 +62,30 @@ def _rope_kernel(
     BACKWARD: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_mask = s < seq_len
+    s = s.to(tl.int64)
     d = tl.arange(0, BLOCK_D)
-    dmask = d < half
-    for i in tl.static_range(BLOCK_S):
-        s = pid * BLOCK_S + i
-        if s < seq_len:
-            s64 = s.to(tl.int64)
-            cbase = COS + b * scb + s64 * scs
-            sbase = SIN + b * ssb + s64 * sss
-            c1 = tl.load(cbase + d * scd, mask=dmask, other=0.0).to(tl.float32)
-            c2 = tl.load(cbase + (d + half) * scd, mask=dmask, other=0.0).to(tl.float32)
-            s1 = tl.load(sbase + d * ssd, mask=dmask, other=0.0).to(tl.float32)
-            s2 = tl.load(sbase + (d + half) * ssd, mask=dmask, other=0.0).to(tl.float32)
-            _rotate_heads(Q, QO, b, s64, n_q_heads, half, sqb, sqh, sqs, sqd, sqob, sqoh, sqos, sqod,
-                          c1, c2, s1, s2, BACKWARD, BLOCK_HQ, BLOCK_D)
-            _rotate_heads(K, KO, b, s64, n_kv_heads, half, skb, skh, sks, skd, skob, skoh, skos, skod,
-                          c1, c2, s1, s2, BACKWARD, BLOCK_HKV, BLOCK_D)
+    cs_mask = s_mask[:, None] & (d < half)[None, :]
+    cbase = COS + b * scb + s[:, None] * scs
+    sbase = SIN + b * ssb + s[:, None] * sss
+    c1 = tl.load(cbase + d[None, :] * scd, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
+    c2 = tl.load(cbase + (d[None, :] + half) * scd, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
+    s1 = tl.load(sbase + d[None, :] * ssd, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
+    s2 = tl.load(sbase + (d[None, :] + half) * ssd, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
+    _rotate_heads(Q, QO, b, s, n_q_heads, half, sqb, sqh, sqs, sqd, sqob, sqoh, sqos, sqod,
+                  s_mask, c1, c2, s1, s2, BACKWARD, BLOCK_HQ, BLOCK_D)
+    _rotate_heads(K, KO, b, s, n_kv_heads, half, skb, skh, sks, skd, skob, skoh, skos, skod,
+                  s_mask, c1, c2, s1, s2, BACKWARD, BLOCK_HKV, BLOCK_D)
 
 
 def _out_like(t: torch.Tensor) -> torch.Tensor:
     """Same memory layout as ``t`` when t is dense, else a [B, S, H, D] buffer viewed as [B, H, S, D]."""
-    if t.is_non_overlapping_and_dense():
-        return torch.empty_like(t)
+    order = sorted(range(t.dim()), key=lambda i: -t.stride(i))  # outermost dimension first
+    if t.permute(order).is_contiguous():
+        buf = torch.empty([t.shape[i] for i in order], dtype=t.dtype, device=t.device)
+        return buf.permute([order.index(i) for i in range(t.dim())])
     b, h, s, d = t.shape
     return torch.empty((b, s, h, d), dtype=t.dtype, device=t.device).transpose(1, 2)
 
@@ -118,10 +121,11 @@ def rope_launch(
     half = D // 2
     block_hq, block_hkv = triton.next_power_of_2(Hq), triton.next_power_of_2(Hkv)
     block_d = triton.next_power_of_2(half)
-    if block_s is None:
-        block_s = 1
+    if block_s is None:  # about 4096 elements of q per half-tile (fewer programs in the CPU interpreter)
+        target = 4096 if q.is_cuda else 16384
+        block_s = max(1, min(triton.next_power_of_2(S), target // (block_hq * block_d)))
     if num_warps is None:
-        tile = block_hq * block_d
+        tile = block_s * block_hq * block_d
         num_warps = 2 if tile <= 256 else 4 if tile <= 2048 else 8
     grid = (triton.cdiv(S, block_s), B)
     _rope_kernel[grid](
