@@ -34,6 +34,59 @@ class LitesparkConfig:
         },
     )
 
+    # Sparsity-Accelerated Training (litespark_hf.sat; Ma et al. 2024, arXiv 2406.01392). Off by default.
+    sat_omission_rate_mlp: float = field(
+        default=0.0,
+        metadata={"help": "SAT: fraction of each MLP's intermediate channels left out of forward and backward at the "
+                  "start of training (0 = dense). The schedule lowers it to 0."},
+    )
+    sat_omission_rate_heads: float = field(
+        default=0.0,
+        metadata={"help": "SAT: fraction of each attention layer's KV groups (a KV head and its query heads) left "
+                  "out at the start of training (0 = dense)."},
+    )
+    sat_schedule: str = field(
+        default="ladder",
+        metadata={"help": "SAT omission-rate schedule: 'ladder' (LORS: the rate drops in sat_ladder_steps equal "
+                  "rungs and is 0 for the last sat_dense_fraction of training) or 'constant' (same rate throughout)."},
+    )
+    sat_ladder_steps: int = field(
+        default=4, metadata={"help": "SAT ladder: number of rungs (rates r, r(n-1)/n, ..., r/n) before the dense end."}
+    )
+    sat_dense_fraction: float = field(
+        default=0.25, metadata={"help": "SAT ladder: fraction of the training steps, at the end, that run dense."}
+    )
+    sat_metric: str = field(
+        default="activation_magnitude",
+        metadata={"help": "SAT importance metric: 'activation_magnitude' (MLP channel: mean |act(gate)*up| over "
+                  "tokens; KV group: mean L2 norm of its heads' outputs) or 'random' (uniform, an ablation)."},
+    )
+    sat_selection: str = field(
+        default="topk",
+        metadata={"help": "SAT selection of the kept channels/groups: 'topk' by importance, or 'sample' "
+                  "(without replacement, probability proportional to importance)."},
+    )
+    sat_exempt_layers: str = field(
+        default="0,-1",
+        metadata={"help": "SAT: comma-separated decoder-layer indices that always run dense (negative counts from "
+                  "the end; '' = none)."},
+    )
+    sat_refresh_interval: int = field(
+        default=20,
+        metadata={"help": "SAT: every this many optimizer steps (and at the first) one step runs dense to refresh "
+                  "the importance of all channels/heads; 0 = only the first."},
+    )
+    sat_ema: float = field(
+        default=0.9, metadata={"help": "SAT: decay of the running importance (score = ema*old + (1-ema)*new)."}
+    )
+    sat_freeze_omitted: bool = field(
+        default=True,
+        metadata={"help": "SAT: omitted weights and their optimizer state (e.g. Adam moments) are left bit-for-bit "
+                  "unchanged by the optimizer step; False lets the optimizer see their zero gradients (AdamW then "
+                  "still moves them by momentum and weight decay)."},
+    )
+    sat_seed: int = field(default=0, metadata={"help": "SAT: seed of the 'sample' selection / 'random' metric."})
+
     @classmethod
     def from_any(cls, value: "LitesparkConfig | dict | str | None") -> "LitesparkConfig":
         """Build from a config, a dict, a JSON string, or None (defaults). Unknown keys raise a ValueError."""

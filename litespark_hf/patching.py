@@ -91,6 +91,10 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
             counts[kind] = counts.get(kind, 0) + 1
             if kind == "causal_lm" and type(module.lm_head) is nn.Linear:
                 module.lm_head.__class__ = swapped_class(LitesparkLMHead, nn.Linear)
+    if cfg.sat_omission_rate_mlp > 0 or cfg.sat_omission_rate_heads > 0:
+        from .sat import enable_sat  # Sparsity-Accelerated Training on top of the Litespark layers
+
+        enable_sat(model, cfg)
     state["config"] = cfg.to_dict()
     state["swapped"] = {**state.get("swapped", {}), **counts}
     base.__dict__[_STATE_ATTR] = state
@@ -99,7 +103,10 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Undo `apply`: stock classes and the attention implementation the model had before."""
+    """Undo `apply` (and SAT): stock classes and the attention implementation the model had before."""
+    from .sat import disable_sat
+
+    disable_sat(model)
     base = unwrap_model(model)
     for module in base.modules():
         original = original_class(module)

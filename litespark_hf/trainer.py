@@ -6,6 +6,7 @@ SFTTrainer`` and pass ``use_litespark=True`` (``--use_litespark`` on a TrlParser
 Where the rewrite happens: at the start of ``train()`` (and on every ``model_init`` result), exactly where
 transformers applies ``use_liger_kernel``: after the model is built (and PEFT-wrapped by TRL), before gradient
 checkpointing is enabled and before ``accelerator.prepare``, so FSDP and DeepSpeed wrap the rewritten model.
+When ``litespark_config`` sets a SAT omission rate, SAT is enabled on the model and a `SATCallback` is added.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import trl
 
 from .config import LitesparkConfig
 from .patching import apply
+from .sat import SATCallback
+from .sat import is_enabled as sat_is_enabled
 
 
 @dataclass
@@ -47,9 +50,19 @@ class LitesparkArguments:
 class LitesparkTrainerMixin:
     """Applies `litespark_hf.apply` when ``args.use_litespark`` is set; mixed into the trainers below."""
 
-    def _apply_litespark(self, model):
-        if model is not None and getattr(self.args, "use_litespark", False):
-            apply(model, LitesparkConfig.from_any(self.args.litespark_config))
+    def _apply_litespark(self, model, sat: bool = True):
+        if model is None or not getattr(self.args, "use_litespark", False):
+            return model
+        cfg = LitesparkConfig.from_any(self.args.litespark_config)
+        if not sat:  # a frozen reference model never runs sparse
+            cfg = LitesparkConfig.from_any({**cfg.to_dict(), "sat_omission_rate_mlp": 0.0,
+                                            "sat_omission_rate_heads": 0.0})
+        apply(model, cfg)
+        if sat and sat_is_enabled(model) and not any(
+            isinstance(cb, SATCallback) for cb in self.callback_handler.callbacks
+        ):
+            # First in line, so that reporting callbacks (TensorBoard, W&B) see the sat/* keys it adds to the logs.
+            self.callback_handler.callbacks.insert(0, SATCallback(cfg))
         return model
 
     def call_model_init(self, trial=None):
@@ -59,7 +72,7 @@ class LitesparkTrainerMixin:
         self._apply_litespark(self.model)
         ref_model = getattr(self, "ref_model", None)  # DPO with a separate reference model
         if ref_model is not None:
-            self._apply_litespark(ref_model)
+            self._apply_litespark(ref_model, sat=False)
         return super().train(*args, **kwargs)
 
 

@@ -1,0 +1,365 @@
+"""SAT controller: enabling SAT on a model, choosing the kept channels/heads each optimizer step, freezing the
+omitted weights in the optimizer step, and counting the FLOPs actually executed."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from litespark_kernels.sparse_attention_heads import head_rows
+
+from ..config import LitesparkConfig
+from ..patching import unwrap_model
+from .modules import LayerState, SATAttention, SATGatedMLP, SATGeluMLP, base_class, is_sat_module, sat_class
+from .schedule import scheduled_rate
+
+_STATE_ATTR = "_litespark_sat"
+METRICS = ("activation_magnitude", "random")
+SELECTIONS = ("topk", "sample")
+
+
+def _decoder_layers(base: nn.Module) -> list[nn.Module]:
+    """Decoder layers in order: modules that have both ``self_attn`` and ``mlp``."""
+    return [m for m in base.modules() if isinstance(getattr(m, "self_attn", None), nn.Module)
+            and isinstance(getattr(m, "mlp", None), nn.Module)]
+
+
+def _parse_exempt(spec, n_layers: int) -> set[int]:
+    if spec is None or spec == "":
+        return set()
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = set()
+    for item in items:
+        item = str(item).strip()
+        if item:
+            i = int(item)
+            out.add(i % n_layers if -n_layers <= i < n_layers else i)
+    return out
+
+
+class SATController:
+    """Holds the SAT configuration and the per-module states of one model."""
+
+    def __init__(self, cfg: LitesparkConfig, mlps: list[nn.Module], attns: list[nn.Module], n_layers: int):
+        if cfg.sat_metric not in METRICS:
+            raise ValueError(f"unknown sat_metric {cfg.sat_metric!r}; known: {METRICS}")
+        if cfg.sat_selection not in SELECTIONS:
+            raise ValueError(f"unknown sat_selection {cfg.sat_selection!r}; known: {SELECTIONS}")
+        for r in (cfg.sat_omission_rate_mlp, cfg.sat_omission_rate_heads):
+            if not 0.0 <= r < 1.0:
+                raise ValueError(f"SAT omission rates must be in [0, 1), got {r}")
+        self.cfg = cfg
+        self.mlps, self.attns, self.n_layers = mlps, attns, n_layers
+        self.step: int | None = None
+        self.rates = (0.0, 0.0)
+        self.refresh = False
+        self.last_refresh: int | None = None
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self.seq_len: int | None = None
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        return self.mlps + self.attns
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            g = torch.Generator(device=device)
+            g.manual_seed(self.cfg.sat_seed)
+            self._generators[device] = g
+        return self._generators[device]
+
+    def set_step(self, step: int, max_steps: int | None = None) -> tuple[float, float]:
+        """Start optimizer step ``step``: fold the last step's statistics, compute the rates, pick the kept units.
+
+        Call once per optimizer step, before its first forward (all micro-batches of a step use one selection).
+        Returns the (MLP, heads) omission rates of the schedule at this step.
+        """
+        cfg = self.cfg
+        for m in self.modules:
+            m._sat_state.fold(cfg.sat_ema)
+        kw = dict(schedule=cfg.sat_schedule, ladder_steps=cfg.sat_ladder_steps, dense_fraction=cfg.sat_dense_fraction)
+        r_mlp = scheduled_rate(cfg.sat_omission_rate_mlp, step, max_steps, **kw)
+        r_heads = scheduled_rate(cfg.sat_omission_rate_heads, step, max_steps, **kw)
+        self.step, self.rates = step, (r_mlp, r_heads)
+        sparse = r_mlp > 0 or r_heads > 0
+        needs_stats = sparse and cfg.sat_metric == "activation_magnitude"
+        self.refresh = needs_stats and (
+            self.last_refresh is None
+            or (cfg.sat_refresh_interval > 0 and step - self.last_refresh >= cfg.sat_refresh_interval)
+        )
+        if self.refresh:
+            self.last_refresh = step
+        for m in self.mlps:
+            self._select(m._sat_state, r_mlp, m)
+        for m in self.attns:
+            self._select(m._sat_state, r_heads, m)
+        return self.rates
+
+    def _select(self, st: LayerState, rate: float, module: nn.Module) -> None:
+        st.index, st.rows = None, None
+        keep = st.units - int(round(rate * st.units))
+        keep = max(1, keep)
+        active = (not st.exempt) and rate > 0 and keep < st.units
+        if not active:
+            st.collect = False
+            return
+        if self.refresh:  # dense step that measures every unit
+            st.collect = True
+            return
+        weight = next(module.parameters())
+        device = weight.device
+        if self.cfg.sat_metric == "random":
+            st.collect = False
+            keys = torch.rand(st.units, generator=self._generator(device), device=device)
+        else:
+            st.collect = True
+            score = st.score.to(device) if st.score is not None else torch.ones(st.units, device=device)
+            if self.cfg.sat_selection == "sample":  # Gumbel top-k = sampling without replacement ~ importance
+                u = torch.rand(st.units, generator=self._generator(device), device=device).clamp_(1e-20, 1.0)
+                keys = score.clamp_min(1e-30).log() - torch.log(-torch.log(u))
+            else:
+                keys = score
+        index = torch.topk(keys, keep, sorted=False).indices.sort().values
+        st.index = index
+        if st.kind == "attention":
+            st.rows = head_rows(index, st.n_rep, st.head_dim)
+
+    # ------------------------------------------------------------------ FLOPs
+    def flops_per_token(self, model: nn.Module, seq_len: int | None = None) -> tuple[float, float]:
+        """(executed, dense) training FLOPs per token: 6 per parameter (forward + backward) plus the attention
+        scores' 12 * d_attn * T per layer, with the omitted parameters and heads of this step left out."""
+        seq_len = self.seq_len if seq_len is None else seq_len
+        seq_len = seq_len or 0
+        n_params = sum(p.numel() for p in unwrap_model(model).parameters())
+        dense = 6.0 * n_params
+        executed = dense
+        for m in self.mlps:
+            st = m._sat_state
+            frac = 1.0 - st.kept() / st.units
+            executed -= 6.0 * frac * _mlp_channel_params(m) * st.units
+        for m in self.attns:
+            st = m._sat_state
+            frac = 1.0 - st.kept() / st.units
+            proj = sum(p.numel() for name in ("q_proj", "k_proj", "v_proj", "o_proj")
+                       for p in getattr(m, name).parameters())
+            if getattr(m.o_proj, "bias", None) is not None:
+                proj -= m.o_proj.bias.numel()  # o_proj's bias is always added in full
+            d_attn = m.q_proj.weight.shape[0]
+            dense += 12.0 * d_attn * seq_len
+            executed += 12.0 * d_attn * seq_len * (1.0 - frac) - 6.0 * frac * proj
+        return executed, dense
+
+
+def _mlp_channel_params(mlp: nn.Module) -> int:
+    """Parameters per intermediate channel (rows of gate/up/fc incl. bias, columns of down/proj)."""
+    if hasattr(mlp, "gate_proj"):
+        total = mlp.gate_proj.weight.shape[1] + mlp.up_proj.weight.shape[1] + mlp.down_proj.weight.shape[0]
+        return total
+    total = mlp.c_fc.weight.shape[1] + mlp.c_proj.weight.shape[0]
+    return total + (1 if mlp.c_fc.bias is not None else 0)
+
+
+def enable_sat(model: nn.Module, config: LitesparkConfig | dict | str | None = None, **overrides) -> nn.Module:
+    """Enable SAT on a transformers causal LM (optionally PEFT-wrapped or already `litespark_hf.apply`-ed), in place.
+
+    Swaps each decoder layer's MLP and attention class for its SAT version (in front of the current class, so the
+    dense path is unchanged and `litespark_hf.restore` undoes it), and attaches a controller. Nothing is skipped until
+    a step is started with `sat_step` (the `SATCallback` does it each optimizer step). Calling it again replaces the
+    configuration and keeps the classes. Order with `apply`: call `apply` first (then the dense path is Litespark's).
+    """
+    cfg = LitesparkConfig.from_any(config)
+    if overrides:
+        cfg = LitesparkConfig.from_any({**cfg.to_dict(), **overrides})
+    base = unwrap_model(model)
+    layers = _decoder_layers(base)
+    if not layers:
+        raise ValueError(f"SAT found no decoder layers (modules with self_attn and mlp) in {type(base).__name__}")
+    exempt = _parse_exempt(cfg.sat_exempt_layers, len(layers))
+    mlps, attns = [], []
+    for i, layer in enumerate(layers):
+        mlp, attn = layer.mlp, layer.self_attn
+        if hasattr(mlp, "gate_proj") and hasattr(mlp, "down_proj"):
+            mixin, units = SATGatedMLP, mlp.gate_proj.weight.shape[0]
+        elif hasattr(mlp, "c_fc") and hasattr(mlp, "c_proj"):
+            mixin, units = SATGeluMLP, mlp.c_fc.weight.shape[0]
+        else:
+            mixin = None
+        if mixin is not None:
+            if not is_sat_module(mlp):
+                mlp.__class__ = sat_class(mixin, type(mlp))
+            old = mlp.__dict__.get("_sat_state")
+            st = LayerState("mlp", units, i)
+            if old is not None and old.units == units:
+                st.score, st.seen = old.score, old.seen
+            st.exempt = i in exempt
+            mlp._sat_state = st
+            mlps.append(mlp)
+        if all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
+            head_dim = attn.head_dim
+            n_kv = attn.k_proj.weight.shape[0] // head_dim
+            n_rep = attn.q_proj.weight.shape[0] // head_dim // n_kv
+            if not is_sat_module(attn):
+                attn.__class__ = sat_class(SATAttention, type(attn))
+            old = attn.__dict__.get("_sat_state")
+            st = LayerState("attention", n_kv, i, n_rep=n_rep, head_dim=head_dim)
+            if old is not None and old.units == n_kv:
+                st.score, st.seen = old.score, old.seen
+            st.exempt = i in exempt
+            attn._sat_state = st
+            attns.append(attn)
+    base.__dict__[_STATE_ATTR] = SATController(cfg, mlps, attns, len(layers))
+    return model
+
+
+def disable_sat(model: nn.Module) -> nn.Module:
+    """Undo `enable_sat`: the modules get back the class they had before it (Litespark or stock)."""
+    base = unwrap_model(model)
+    for m in base.modules():
+        if is_sat_module(m):
+            m.__class__ = base_class(m)
+        m.__dict__.pop("_sat_state", None)
+    base.__dict__.pop(_STATE_ATTR, None)
+    return model
+
+
+def controller(model: nn.Module) -> SATController | None:
+    """The model's SAT controller, or None when SAT is not enabled."""
+    return unwrap_model(model).__dict__.get(_STATE_ATTR)
+
+
+def is_enabled(model: nn.Module) -> bool:
+    return controller(model) is not None
+
+
+def sat_step(model: nn.Module, step: int, max_steps: int | None = None) -> tuple[float, float]:
+    """Start optimizer step ``step`` of ``max_steps`` (custom loops; the `SATCallback` calls it for the Trainer)."""
+    ctrl = controller(model)
+    if ctrl is None:
+        return (0.0, 0.0)
+    return ctrl.set_step(step, max_steps)
+
+
+def omission_rates(model: nn.Module) -> dict[str, float]:
+    """Scheduled rates of the current step and the fractions actually omitted (exempt layers and dense-refresh
+    steps omit nothing)."""
+    ctrl = controller(model)
+    if ctrl is None:
+        return {"mlp": 0.0, "heads": 0.0, "mlp_omitted": 0.0, "heads_omitted": 0.0}
+
+    def omitted(mods):
+        total = sum(m._sat_state.units for m in mods)
+        return 0.0 if not total else 1.0 - sum(m._sat_state.kept() for m in mods) / total
+
+    return {"mlp": ctrl.rates[0], "heads": ctrl.rates[1], "mlp_omitted": omitted(ctrl.mlps),
+            "heads_omitted": omitted(ctrl.attns), "dense_refresh": float(ctrl.refresh)}
+
+
+def executed_flops_per_token(model: nn.Module, seq_len: int | None = None) -> tuple[float, float]:
+    """(executed, dense-equivalent) training FLOPs per token at the current selection.
+
+    Convention of the project's MFU: ``6 * N + 12 * L * d_attn * T`` for the dense model (N all parameters, tied
+    embeddings once; T = ``seq_len``, or 0 to leave the attention scores out); the executed count subtracts
+    6 FLOPs per omitted parameter and the omitted heads' share of the attention scores. Without SAT both are dense.
+    """
+    ctrl = controller(model)
+    if ctrl is None:
+        base = unwrap_model(model)
+        n = sum(p.numel() for p in base.parameters())
+        dense = 6.0 * n
+        if seq_len:
+            for layer in _decoder_layers(base):
+                q = getattr(layer.self_attn, "q_proj", None)
+                if q is not None:
+                    dense += 12.0 * q.weight.shape[0] * seq_len
+        return dense, dense
+    return ctrl.flops_per_token(model, seq_len)
+
+
+def executed_flops_fraction(model: nn.Module, seq_len: int | None = None) -> float:
+    """Executed / dense-equivalent training FLOPs per token at the current selection (1.0 without SAT)."""
+    executed, dense = executed_flops_per_token(model, seq_len)
+    return executed / dense if dense else 1.0
+
+
+# ---------------------------------------------------------------------- optimizer
+def _omitted_slices(ctrl: SATController):
+    """(param, dim, omitted index) for every weight the current selection leaves out."""
+    out = []
+    for m in ctrl.modules:
+        st = m._sat_state
+        if st.index is None:
+            continue
+        keep = torch.zeros(st.units, dtype=torch.bool, device=st.index.device)
+        keep[st.index] = True
+        if st.kind == "mlp":
+            om = (~keep).nonzero().squeeze(1)
+            if hasattr(m, "gate_proj"):
+                out += [(m.gate_proj.weight, 0, om), (m.up_proj.weight, 0, om), (m.down_proj.weight, 1, om)]
+            else:
+                out += [(m.c_fc.weight, 0, om), (m.c_proj.weight, 1, om)]
+                if m.c_fc.bias is not None:
+                    out.append((m.c_fc.bias, 0, om))
+        else:
+            om_groups = (~keep).nonzero().squeeze(1)
+            q_om, kv_om = head_rows(om_groups, st.n_rep, st.head_dim)
+            out += [(m.q_proj.weight, 0, q_om), (m.k_proj.weight, 0, kv_om), (m.v_proj.weight, 0, kv_om),
+                    (m.o_proj.weight, 1, q_om)]
+            for proj, om in ((m.q_proj, q_om), (m.k_proj, kv_om), (m.v_proj, kv_om)):
+                if proj.bias is not None:
+                    out.append((proj.bias, 0, om))
+    return out
+
+
+class OmittedFreezer:
+    """Snapshot of the omitted weights and their optimizer state, put back after the optimizer step."""
+
+    def __init__(self, model: nn.Module, optimizer):
+        self.saved = []
+        ctrl = controller(model)
+        if ctrl is None or optimizer is None:
+            return
+        opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+        state = getattr(opt, "state", {})
+        with torch.no_grad():
+            for p, dim, om in _omitted_slices(ctrl):
+                if om.numel() == 0:
+                    continue
+                om = om.to(p.device)
+                entries = [(p, p.index_select(dim, om))]
+                for value in state.get(p, {}).values():
+                    if torch.is_tensor(value) and value.shape == p.shape:
+                        entries.append((value, value.index_select(dim, om)))
+                self.saved.append((dim, om, entries))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for dim, om, entries in self.saved:
+                for tensor, values in entries:
+                    tensor.index_copy_(dim, om, values)
+        self.saved = []
+
+
+@contextlib.contextmanager
+def frozen_omitted(model: nn.Module, optimizer):
+    """``with frozen_omitted(model, opt): opt.step()``: omitted weights and their optimizer state stay unchanged.
+
+    With SAT the omitted weights' gradients are exactly zero; a stateful optimizer would still move them (AdamW:
+    momentum and decoupled weight decay) and decay their moments. Inside this context the step runs as usual and
+    the omitted rows/columns of each parameter and of its same-shaped optimizer state tensors (Adam's exp_avg,
+    exp_avg_sq) are put back afterwards. Scalar state (Adam's per-tensor step count) still advances.
+    """
+    freezer = OmittedFreezer(model, optimizer)
+    try:
+        yield
+    finally:
+        freezer.restore()
+
+
+def record_seq_len(model: nn.Module, seq_len: int) -> None:
+    ctrl = controller(model)
+    if ctrl is not None:
+        ctrl.seq_len = int(seq_len)
+
+

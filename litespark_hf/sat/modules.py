@@ -1,0 +1,208 @@
+"""SAT versions of the MLP and attention modules, applied by swapping an instance's class (as `litespark_hf.apply`).
+
+The mixin is put in front of the module's *current* class (stock or already Litespark-swapped), so its dense path is
+``super().forward`` (exactly what the model ran before), while ``__litespark_original__`` names the stock class, so
+`litespark_hf.restore` undoes both swaps at once. Weights are shared, nothing is copied, state-dict keys are unchanged.
+
+A module runs its SAT path only in training mode and only when the controller gave it a selection (or asked for
+importance statistics); evaluation, generation (KV cache) and LoRA/DeepSpeed-wrapped projections run the dense
+forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+import litespark_kernels as lk
+from litespark_kernels._dispatch import warn_once
+from litespark_kernels.sparse_attention_heads import head_output_norms, sparse_o, sparse_qkv
+from litespark_kernels.sparse_mlp import mean_abs_per_channel, sparse_gated_mlp, sparse_mlp
+
+from ..modules import GELUTanh, SiLUActivation, original_class
+
+_SAT_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def sat_class(mixin: type, current: type) -> type:
+    """``SAT<current>`` = mixin + current class; ``__litespark_original__`` is the stock class."""
+    key = (mixin, current)
+    if key not in _SAT_CLASSES:
+        stock = current.__dict__.get("__litespark_original__") or current
+        cls = type(f"SAT{current.__name__}", (mixin, current),
+                   {"__litespark_original__": stock, "__sat_base__": current})
+        cls.__module__ = __name__
+        _SAT_CLASSES[key] = cls
+    return _SAT_CLASSES[key]
+
+
+def is_sat_module(module: nn.Module) -> bool:
+    return "__sat_base__" in type(module).__dict__
+
+
+def _plain(*linears) -> bool:
+    return all(type(m) is nn.Linear and not hasattr(m.weight, "ds_id") for m in linears)
+
+
+def _gated_activation_name(act: nn.Module) -> str | None:
+    if isinstance(act, (nn.SiLU, SiLUActivation)):
+        return "silu"
+    if isinstance(act, GELUTanh):
+        return "gelu_tanh"
+    return None
+
+
+class LayerState:
+    """Per-module SAT state: the kept units this step and the running importance of every unit."""
+
+    def __init__(self, kind: str, units: int, layer_idx: int, n_rep: int = 1, head_dim: int = 0):
+        self.kind = kind  # "mlp" or "attention"
+        self.units = units  # channels (MLP) or KV groups (attention)
+        self.layer_idx = layer_idx
+        self.n_rep, self.head_dim = n_rep, head_dim
+        self.index: torch.Tensor | None = None  # kept units (sorted), None = all
+        self.rows: tuple[torch.Tensor, torch.Tensor] | None = None  # attention: (q_rows, kv_rows)
+        self.collect = False  # gather importance statistics in this step's forwards
+        self.score: torch.Tensor | None = None  # running importance, float32 [units]
+        self.seen: torch.Tensor | None = None  # bool [units]: score holds a measurement
+        self.acc: torch.Tensor | None = None  # this step's sum of measurements [units]
+        self.count: torch.Tensor | None = None  # this step's number of measurements [units]
+        self.exempt = False
+
+    def add(self, values: torch.Tensor, index: torch.Tensor | None) -> None:
+        """Record one forward's measurements of the computed units."""
+        if self.acc is None or self.acc.device != values.device:
+            self.acc = torch.zeros(self.units, dtype=torch.float32, device=values.device)
+            self.count = torch.zeros(self.units, dtype=torch.float32, device=values.device)
+        if index is None:
+            self.acc += values
+            self.count += 1
+        else:
+            self.acc.index_add_(0, index, values)
+            self.count.index_add_(0, index, torch.ones_like(values))
+
+    def fold(self, ema: float) -> None:
+        """Fold this step's measurements into the running importance (units not computed keep their old score)."""
+        if self.acc is None:
+            return
+        measured = self.count > 0
+        new = self.acc / self.count.clamp_min(1)
+        if self.score is None or self.score.device != new.device:
+            self.score = torch.zeros_like(new)
+            self.seen = torch.zeros_like(measured)
+        blended = torch.where(self.seen, ema * self.score + (1.0 - ema) * new, new)
+        self.score = torch.where(measured, blended, self.score)
+        self.seen = self.seen | measured
+        self.acc = self.count = None
+
+    def kept(self) -> int:
+        return self.units if self.index is None else int(self.index.numel())
+
+
+class SATGatedMLP:
+    """Gated MLP (Llama/Mistral/Qwen2/Qwen3) computing only the selected intermediate channels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        st: LayerState | None = self.__dict__.get("_sat_state")
+        if st is None or not self.training or (st.index is None and not st.collect):
+            return super().forward(x)
+        act = _gated_activation_name(self.act_fn)
+        biased = any(m.bias is not None for m in (self.gate_proj, self.up_proj, self.down_proj)
+                     if isinstance(m, nn.Linear))
+        if act is None or biased or not _plain(self.gate_proj, self.up_proj, self.down_proj):
+            warn_once("sat_mlp", "SAT needs plain nn.Linear gate/up/down without bias and a SiLU or GELU-tanh "
+                      "activation; this MLP runs dense")
+            return super().forward(x)
+        out, h = sparse_gated_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, st.index,
+                                  act, return_hidden=True)
+        if st.collect:
+            st.add(mean_abs_per_channel(h), st.index)
+        return out
+
+
+class SATGeluMLP:
+    """StarCoder2's MLP (c_fc -> GELU-tanh -> c_proj, with biases) over the selected channels only."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        st: LayerState | None = self.__dict__.get("_sat_state")
+        if st is None or not self.training or (st.index is None and not st.collect):
+            return super().forward(hidden_states)
+        if not isinstance(self.act, GELUTanh) or not _plain(self.c_fc, self.c_proj):
+            warn_once("sat_gelu_mlp", "SAT needs plain nn.Linear c_fc/c_proj and GELU-tanh; this MLP runs dense")
+            return super().forward(hidden_states)
+        out, h = sparse_mlp(hidden_states, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias,
+                            st.index, return_hidden=True)
+        if st.collect:
+            st.add(mean_abs_per_channel(h), st.index)
+        return F.dropout(out, p=self.residual_dropout, training=self.training)
+
+
+def _eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+def _has_past(cache, layer_idx) -> bool:
+    """A KV cache that already holds tokens (generation): SAT then runs dense. An empty cache, as transformers
+    builds for a training forward with ``use_cache=True``, is left unfilled by the SAT path (training reads no
+    cache; omitted heads have no keys/values to store)."""
+    if cache is None:
+        return False
+    try:
+        return cache.get_seq_length(layer_idx) > 0
+    except Exception:  # an unknown cache type: be safe
+        return True
+
+
+class SATAttention:
+    """Decoder attention over the selected KV groups only (q/k/v rows and o columns of those heads)."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        st: LayerState | None = self.__dict__.get("_sat_state")
+        if (st is None or not self.training or (st.index is None and not st.collect)
+                or _has_past(past_key_values, self.layer_idx)):
+            return super().forward(hidden_states, position_embeddings=position_embeddings,
+                                   attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+        if not _plain(self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+            warn_once("sat_attention", "SAT needs plain nn.Linear q/k/v/o projections; this attention runs dense")
+            return super().forward(hidden_states, position_embeddings=position_embeddings,
+                                   attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+        q_rows, kv_rows = st.rows if st.rows is not None else (None, None)
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q, k, v = sparse_qkv(hidden_states, self.q_proj, self.k_proj, self.v_proj, q_rows, kv_rows)
+        q, k = q.view(hidden_shape), k.view(hidden_shape)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = lk.apply_rope(q, k, cos, sin)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager)
+        sliding_window = (
+            self.sliding_window if hasattr(self, "sliding_window") else getattr(self.config, "sliding_window", None)
+        )
+        extra = {"sliding_window": sliding_window} if sliding_window is not None else {}
+        attn, attn_weights = attention_interface(
+            self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling, **extra, **kwargs,
+        )  # [batch, seq, kept heads, head_dim]
+        if st.collect:
+            per_head = head_output_norms(attn)
+            st.add(per_head.view(-1, st.n_rep).mean(1), st.index)
+        out = sparse_o(attn.reshape(*input_shape, -1).contiguous(), self.o_proj, q_rows)
+        if hasattr(self, "residual_dropout"):
+            out = F.dropout(out, p=self.residual_dropout, training=self.training)
+        return out, attn_weights
+
+
+def base_class(module: nn.Module) -> type:
+    """The class the module had before SAT (stock or Litespark-swapped)."""
+    return type(module).__dict__.get("__sat_base__", type(module))
+
+
+__all__ = ["LayerState", "SATAttention", "SATGatedMLP", "SATGeluMLP", "base_class", "is_sat_module", "sat_class",
+           "original_class"]
