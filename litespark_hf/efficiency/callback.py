@@ -135,6 +135,7 @@ class EfficiencyCallback(TrainerCallback):
 
     # -- state --------------------------------------------------------------------------------------------------
     def _reset(self):
+        self._sat = False
         self._hook = None
         self._acc: torch.Tensor | None = None
         self._acc_read = (0, 0)
@@ -229,13 +230,15 @@ class EfficiencyCallback(TrainerCallback):
         self._step_t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        frac = self._executed_fraction(kwargs.get("model"))
         tokens, sumsq = self._read_acc()  # reading the device counters waits for the step's GPU work
         if self._cuda and self._acc is None:
             torch.cuda.synchronize()
         now = time.perf_counter()
         t0 = self._step_t0 if self._step_t0 is not None else now
         self._steps.append({"step": state.global_step, "time": now - t0, "end": now,
-                            "tokens": tokens - self._acc_read[0], "sumsq": sumsq - self._acc_read[1]})
+                            "tokens": tokens - self._acc_read[0], "sumsq": sumsq - self._acc_read[1],
+                            "executed_fraction": frac})
         self._acc_read = (tokens, sumsq)
         self._step_t0 = None
 
@@ -287,6 +290,26 @@ class EfficiencyCallback(TrainerCallback):
                 pass
         return info
 
+    def _executed_fraction(self, model) -> float:
+        """Share of the dense FLOPs this step executed: < 1 only under Sparsity-Accelerated Training."""
+        if model is None:
+            return 1.0
+        from ..sat import executed_flops_fraction, is_enabled
+
+        if not is_enabled(model):
+            return 1.0
+        self._sat = True
+        return float(executed_flops_fraction(model))
+
+    def _executed_ratio(self, steps) -> float:
+        """FLOPs executed / dense FLOPs over ``steps`` (local to this process)."""
+        dense = executed = 0.0
+        for s in steps:
+            fl = self._flops_of(s["tokens"], s["sumsq"]) or 0.0
+            dense += fl
+            executed += fl * s.get("executed_fraction", 1.0)
+        return executed / dense if dense > 0 else 1.0
+
     def _flops_of(self, tokens: float, sumsq: float) -> float | None:
         info = self._model_info
         if "layers" not in info:
@@ -334,6 +357,11 @@ class EfficiencyCallback(TrainerCallback):
             "energy_kwh": e_kwh if have_e else None,
             "tokens_seen": self._tokens_total,
         }
+        if self._sat:  # Sparsity-Accelerated Training: MFU on the FLOPs actually executed, dense-equivalent beside it
+            ratio = self._reduce([self._executed_ratio(steps)], op="max")[0]
+            out["mfu_dense_equivalent"] = out["mfu"]
+            out["executed_flops_fraction"] = ratio
+            out["mfu"] = out["mfu"] * ratio if out["mfu"] is not None else None
         self._timeline.append(out)
         return out
 
@@ -436,6 +464,16 @@ class EfficiencyCallback(TrainerCallback):
             "peak_memory_gib": mem if self._cuda else None,
             "peak_memory_reserved_gib": reserved if self._cuda else None,
         })
+        if self._sat:
+            t = rep["training"]
+            ratio = self._reduce([self._executed_ratio(steps)], op="max")[0]
+            ratio_st = self._reduce([self._executed_ratio(steady)], op="max")[0]
+            t["mfu_dense_equivalent"], t["mfu_steady_dense_equivalent"] = t["mfu"], t["mfu_steady"]
+            t["mfu"] = t["mfu"] * ratio if t["mfu"] is not None else None
+            t["mfu_steady"] = t["mfu_steady"] * ratio_st if t["mfu_steady"] is not None else None
+            t["executed_flops_fraction"] = ratio
+            t["mfu_note"] = ("Sparsity-Accelerated Training: mfu counts the FLOPs actually executed; "
+                             "mfu_dense_equivalent counts the dense model's FLOPs for the same tokens")
         rep["energy"] = self._finalize_energy(tok)
         rep["gain"] = self._gain(rep)
         self.report = rep
