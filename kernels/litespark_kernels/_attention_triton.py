@@ -31,26 +31,28 @@ import triton.language as tl
 from ._dispatch import interpreting
 
 _LOG2E = math.log2(math.e)
-_BIG = 1 << 30  # "no key/query" sentinel of the segment ranges
 
-# Hand-picked launch configurations (BLOCK_M, BLOCK_N, num_warps, num_stages), keyed by kernel and padded head dim.
-# fwd and dq: BLOCK_M query rows per program, BLOCK_N keys per step; dkv: BLOCK_N keys per program, BLOCK_M query
-# rows per step. Measured on an H100 (benchmarks/bench_attention.py --sweep; see benchmarks/NOTES.md).
-CONFIGS: dict[tuple[str, int], tuple[int, int, int, int]] = {
-    ("fwd", 64): (128, 64, 4, 3),
-    ("fwd", 128): (128, 64, 8, 3),
-    ("dkv", 64): (64, 128, 8, 3),
-    ("dkv", 128): (64, 128, 8, 2),
-    ("dq", 64): (128, 64, 8, 3),
-    ("dq", 128): (128, 64, 8, 2),
+# Hand-picked launch configurations (BLOCK_M, BLOCK_N, num_warps, num_stages, SPLIT), keyed by kernel and padded head
+# dim (80 and 96 use the 128 entries). fwd and dq: BLOCK_M query rows per program, BLOCK_N keys per step; dkv: BLOCK_N
+# keys per program, BLOCK_M query rows per step. SPLIT: three specialised loops (masked / unmasked / masked) instead of
+# one loop that masks through a runtime branch (fewer registers). Chosen from timings on an H100 with triton 3.6
+# (benchmarks/bench_attention.py --sweep; benchmarks/NOTES.md, "Attention").
+CONFIGS: dict[tuple[str, int], tuple[int, int, int, int, bool]] = {
+    ("fwd", 64): (128, 64, 8, 3, False),
+    ("fwd", 128): (128, 128, 8, 3, False),
+    ("dkv", 64): (64, 128, 8, 3, True),
+    ("dkv", 128): (64, 64, 4, 2, False),
+    ("dq", 64): (128, 64, 8, 3, False),
+    ("dq", 128): (128, 64, 8, 3, True),
 }
-# In Triton's CPU interpreter: small blocks, so that tiny test shapes still cross several blocks.
-INTERPRETER_CONFIG = (16, 16, 4, 1)
+# In Triton's CPU interpreter: small blocks, so that tiny test shapes still cross several blocks, and larger ones
+# for long sequences (the interpreter's cost grows with the number of block steps).
+INTERPRETER_CONFIGS = {"short": (16, 16, 4, 1, True), "long": (64, 64, 4, 1, False)}
 
 
-def _config(kind: str, block_d: int) -> tuple[int, int, int, int]:
+def _config(kind: str, block_d: int, seqlen: int) -> tuple[int, int, int, int, bool]:
     if interpreting():
-        return INTERPRETER_CONFIG
+        return INTERPRETER_CONFIGS["short" if seqlen <= 256 else "long"]
     return CONFIGS[(kind, 64 if block_d <= 64 else 128)]
 
 
@@ -65,7 +67,7 @@ def _segment_range_kernel(
     BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """For each block of BLOCK rows: [first, last + 1) over the columns whose segment id lies in the block's
-    [min, max] of non-negative row ids; (_BIG, 0) when no column can match."""
+    [min, max] of non-negative row ids; (2**30, 0) when no column can match."""
     blk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -169,12 +171,12 @@ def _q_range_of_kv_block(
 @triton.jit
 def _visible(
     qi, kj, q_seg, kv_seg, Sq, Skv, window,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr,
+    POSITIONAL: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr,
 ):
     """Visibility of keys kj from query rows qi, both given as broadcastable 2D index tiles (rows x keys or keys x
-    rows), as are q_seg and kv_seg; the positional part is applied only when MASKED."""
+    rows), as are q_seg and kv_seg; the positional part (bounds, causality, window) only when POSITIONAL."""
     vis = kj < Skv
-    if MASKED:
+    if POSITIONAL:
         qpos = qi + (Skv - Sq)
         vis = vis & (qi < Sq)
         if CAUSAL:
@@ -186,6 +188,27 @@ def _visible(
     return vis
 
 
+@triton.jit
+def _load_rows(ptrs, rows, n_rows, offs_d, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile, zero past n_rows (when CHECK_ROWS) and past HEAD_DIM."""
+    if CHECK_ROWS:
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return x
+
+
+# MASK_MODE of the inner loops: 0 = no positional mask (blocks fully visible by position), 1 = positional mask on
+# every block, 2 = one loop over the whole range that masks only the blocks outside [ulo, uhi) (a runtime branch;
+# fewer registers than three specialised loops).
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,49 +217,37 @@ def _visible(
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
-    start, end, Sq, Skv, window, qk_scale,
+    start, end, ulo, uhi, Sq, Skv, window, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr,
+    MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr,
 ):
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
-        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
-        if MASKED:
-            if HEAD_DIM == BLOCK_D:
-                k = tl.load(k_ptrs, mask=offs_n[:, None] < Skv, other=0.0)
-            else:
-                k = tl.load(k_ptrs, mask=(offs_n[:, None] < Skv) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        else:
-            if HEAD_DIM == BLOCK_D:
-                k = tl.load(k_ptrs)
-            else:
-                k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        kv_seg = q_seg
-        if HAS_SEG:
-            kv_seg = tl.load(kvseg_base + offs_n, mask=offs_n < Skv, other=-1)
-        if MASKED or HAS_SEG:
-            vis = _visible(
-                offs_m[:, None], offs_n[None, :], q_seg[:, None], kv_seg[None, :], Sq, Skv, window,
-                MASKED, CAUSAL, WINDOW, HAS_SEG,
-            )
+        k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, Skv, offs_d,
+                       MASK_MODE != 0, HEAD_DIM, BLOCK_D)
+        s = tl.dot(q, tl.trans(k))  # unscaled scores; the scale is folded into the exp2 argument below
+        if HAS_SEG or MASK_MODE == 1:
+            kv_seg = q_seg
+            if HAS_SEG:
+                kv_seg = tl.load(kvseg_base + offs_n, mask=offs_n < Skv, other=-1)
+            vis = _visible(offs_m[:, None], offs_n[None, :], q_seg[:, None], kv_seg[None, :], Sq, Skv, window,
+                           MASK_MODE != 0, CAUSAL, WINDOW, HAS_SEG)
             s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        elif MASK_MODE == 2:
+            if (n0 < ulo) | (n0 >= uhi):
+                vis = _visible(offs_m[:, None], offs_n[None, :], q_seg, q_seg, Sq, Skv, window,
+                               True, CAUSAL, WINDOW, False)
+                s = tl.where(vis, s, float("-inf"))
+        # Running max m_i in scaled (log2) units. alpha from an exact difference: with m_i = m_new it is exactly 1,
+        # also for rows still at the -1e30 start value (a fused m_i * c - m_new * c would leave a rounding error of
+        # ~1e22 there, and exp2 of it overflows).
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
-        if MASKED:
-            if HEAD_DIM == BLOCK_D:
-                v = tl.load(v_ptrs, mask=offs_n[:, None] < Skv, other=0.0)
-            else:
-                v = tl.load(v_ptrs, mask=(offs_n[:, None] < Skv) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        else:
-            if HEAD_DIM == BLOCK_D:
-                v = tl.load(v_ptrs)
-            else:
-                v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, Skv, offs_d,
+                       MASK_MODE != 0, HEAD_DIM, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
     return acc, l_i, m_i
@@ -252,7 +263,7 @@ def _attn_fwd_kernel(
     stride_qsb, stride_ksb,
     Hq, G, Sq, Skv, window, qk_scale, n_m_blocks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, SPLIT: tl.constexpr,
 ):
     bh = tl.program_id(0)
     m_blk = n_m_blocks - 1 - tl.program_id(1)  # heaviest (last) query blocks first under causality
@@ -263,11 +274,8 @@ def _attn_fwd_kernel(
     m0 = m_blk * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-    if HEAD_DIM == BLOCK_D:
-        q = tl.load(q_ptrs, mask=offs_m[:, None] < Sq, other=0.0)
-    else:
-        q = tl.load(q_ptrs, mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    q = _load_rows(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                   offs_m, Sq, offs_d, True, HEAD_DIM, BLOCK_D)
     q_seg = offs_m
     if HAS_SEG:
         q_seg = tl.load(QSEG + b64 * stride_qsb + offs_m, mask=offs_m < Sq, other=-1)
@@ -282,30 +290,34 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
-        lo, tl.minimum(ulo, hi), Sq, Skv, window, qk_scale,
-        BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, HAS_SEG,
-    )
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
-        ulo, uhi, Sq, Skv, window, qk_scale,
-        BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, WINDOW, HAS_SEG,
-    )
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
-        uhi, hi, Sq, Skv, window, qk_scale,
-        BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, HAS_SEG,
-    )
+    if SPLIT:
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
+            lo, tl.minimum(ulo, hi), ulo, uhi, Sq, Skv, window, qk_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG,
+        )
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
+            ulo, uhi, ulo, uhi, Sq, Skv, window, qk_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 0, CAUSAL, WINDOW, HAS_SEG,
+        )
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
+            uhi, hi, ulo, uhi, Sq, Skv, window, qk_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG,
+        )
+    else:
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
+            lo, hi, ulo, uhi, Sq, Skv, window, qk_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 2, CAUSAL, WINDOW, HAS_SEG,
+        )
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
     tl.store(LSE + bh.to(tl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
     o_ptrs = O + b64 * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-    if HEAD_DIM == BLOCK_D:
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < Sq)
-    else:
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM))
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,49 +348,38 @@ def _bwd_delta_kernel(
 @triton.jit
 def _bwd_dkv_inner(
     dk, dv, k, v, kv_seg, offs_n, offs_d, q_base, do_base, lse_base, delta_base, qseg_base,
-    stride_qm, stride_dom, start, end, Sq, Skv, window, qk_scale,
+    stride_qm, stride_dom, start, end, ulo, uhi, Sq, Skv, window, qk_scale,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr,
+    MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr,
 ):
     for m0 in range(start, end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_d[None, :]
-        do_ptrs = do_base + offs_m[:, None] * stride_dom + offs_d[None, :]
-        if MASKED:
-            if HEAD_DIM == BLOCK_D:
-                q = tl.load(q_ptrs, mask=offs_m[:, None] < Sq, other=0.0)
-            else:
-                q = tl.load(q_ptrs, mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        q = _load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, Sq, offs_d,
+                       MASK_MODE != 0, HEAD_DIM, BLOCK_D)
+        if MASK_MODE != 0:
             lse = tl.load(lse_base + offs_m, mask=offs_m < Sq, other=float("inf"))
         else:
-            if HEAD_DIM == BLOCK_D:
-                q = tl.load(q_ptrs)
-            else:
-                q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
             lse = tl.load(lse_base + offs_m)
         # Transposed tiles [BLOCK_N, BLOCK_M]: keys along rows, so dK and dV accumulate without transposes.
-        s_t = tl.dot(k, tl.trans(q)) * qk_scale
-        p_t = tl.exp2(s_t - lse[None, :])
-        if MASKED or HAS_SEG:
+        s_t = tl.dot(k, tl.trans(q))
+        p_t = tl.exp2(s_t * qk_scale - lse[None, :])
+        if HAS_SEG or MASK_MODE == 1:
             q_seg = offs_m
             if HAS_SEG:
                 q_seg = tl.load(qseg_base + offs_m, mask=offs_m < Sq, other=-1)
-            vis_t = _visible(
-                offs_m[None, :], offs_n[:, None], q_seg[None, :], kv_seg[:, None], Sq, Skv, window,
-                MASKED, CAUSAL, WINDOW, HAS_SEG,
-            )
+            vis_t = _visible(offs_m[None, :], offs_n[:, None], q_seg[None, :], kv_seg[:, None], Sq, Skv, window,
+                             MASK_MODE != 0, CAUSAL, WINDOW, HAS_SEG)
             p_t = tl.where(vis_t, p_t, 0.0)
-        if MASKED:
-            if HEAD_DIM == BLOCK_D:
-                do = tl.load(do_ptrs, mask=offs_m[:, None] < Sq, other=0.0)
-            else:
-                do = tl.load(do_ptrs, mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        elif MASK_MODE == 2:
+            if (m0 < ulo) | (m0 >= uhi):
+                vis_t = _visible(offs_m[None, :], offs_n[:, None], offs_m, offs_m, Sq, Skv, window,
+                                 True, CAUSAL, WINDOW, False)
+                p_t = tl.where(vis_t, p_t, 0.0)
+        do = _load_rows(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], offs_m, Sq, offs_d,
+                        MASK_MODE != 0, HEAD_DIM, BLOCK_D)
+        if MASK_MODE != 0:
             delta = tl.load(delta_base + offs_m, mask=offs_m < Sq, other=0.0)
         else:
-            if HEAD_DIM == BLOCK_D:
-                do = tl.load(do_ptrs)
-            else:
-                do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
             delta = tl.load(delta_base + offs_m)
         dv = tl.dot(p_t.to(do.dtype), do, dv)
         dp_t = tl.dot(v, tl.trans(do))
@@ -399,7 +400,7 @@ def _attn_bwd_dkv_kernel(
     stride_qsb, stride_ksb,
     Hq, Hkv, G, Sq, Skv, window, qk_scale, sm_scale, n_n_blocks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, SPLIT: tl.constexpr,
 ):
     bhk = tl.program_id(0)
     n_blk = tl.program_id(1)  # under causality the first key blocks see the most queries: they start first
@@ -409,11 +410,10 @@ def _attn_bwd_dkv_kernel(
     n0 = n_blk * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k_ptrs = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
-    ld_mask = (offs_n[:, None] < Skv) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(k_ptrs, mask=ld_mask, other=0.0)
-    v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
+    k = _load_rows(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                   offs_n, Skv, offs_d, True, HEAD_DIM, BLOCK_D)
+    v = _load_rows(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                   offs_n, Skv, offs_d, True, HEAD_DIM, BLOCK_D)
     kv_seg = offs_n
     if HAS_SEG:
         kv_seg = tl.load(KVSEG + b64 * stride_ksb + offs_n, mask=offs_n < Skv, other=-1)
@@ -431,65 +431,63 @@ def _attn_bwd_dkv_kernel(
         do_base = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh
         lse_base = LSE + bh.to(tl.int64) * Sq
         delta_base = DELTA + bh.to(tl.int64) * Sq
-        dk, dv = _bwd_dkv_inner(
-            dk, dv, k, v, kv_seg, offs_n, offs_d, q_base, do_base, lse_base, delta_base, qseg_base,
-            stride_qm, stride_dom, lo, tl.minimum(ulo, hi), Sq, Skv, window, qk_scale,
-            BLOCK_M, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, HAS_SEG,
-        )
-        dk, dv = _bwd_dkv_inner(
-            dk, dv, k, v, kv_seg, offs_n, offs_d, q_base, do_base, lse_base, delta_base, qseg_base,
-            stride_qm, stride_dom, ulo, uhi, Sq, Skv, window, qk_scale,
-            BLOCK_M, HEAD_DIM, BLOCK_D, False, CAUSAL, WINDOW, HAS_SEG,
-        )
-        dk, dv = _bwd_dkv_inner(
-            dk, dv, k, v, kv_seg, offs_n, offs_d, q_base, do_base, lse_base, delta_base, qseg_base,
-            stride_qm, stride_dom, uhi, hi, Sq, Skv, window, qk_scale,
-            BLOCK_M, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, HAS_SEG,
-        )
+        if SPLIT:
+            dk, dv = _bwd_dkv_inner(
+                dk, dv, k, v, kv_seg, offs_n, offs_d, q_base, do_base, lse_base, delta_base, qseg_base,
+                stride_qm, stride_dom, lo, tl.minimum(ulo, hi), ulo, uhi, Sq, Skv, window, qk_scale,
+                BLOCK_M, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG,
+            )
+            dk, dv = _bwd_dkv_inner(
+                dk, dv, k, v, kv_seg, offs_n, offs_d, q_base, do_base, lse_base, delta_base, qseg_base,
+                stride_qm, stride_dom, ulo, uhi, ulo, uhi, Sq, Skv, window, qk_scale,
+                BLOCK_M, HEAD_DIM, BLOCK_D, 0, CAUSAL, WINDOW, HAS_SEG,
+            )
+            dk, dv = _bwd_dkv_inner(
+                dk, dv, k, v, kv_seg, offs_n, offs_d, q_base, do_base, lse_base, delta_base, qseg_base,
+                stride_qm, stride_dom, uhi, hi, ulo, uhi, Sq, Skv, window, qk_scale,
+                BLOCK_M, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG,
+            )
+        else:
+            dk, dv = _bwd_dkv_inner(
+                dk, dv, k, v, kv_seg, offs_n, offs_d, q_base, do_base, lse_base, delta_base, qseg_base,
+                stride_qm, stride_dom, lo, hi, ulo, uhi, Sq, Skv, window, qk_scale,
+                BLOCK_M, HEAD_DIM, BLOCK_D, 2, CAUSAL, WINDOW, HAS_SEG,
+            )
     dk = dk * sm_scale
+    st_mask = (offs_n[:, None] < Skv) & (offs_d[None, :] < HEAD_DIM)
     dk_ptrs = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
     dv_ptrs = DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=ld_mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=ld_mask)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=st_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=st_mask)
 
 
 @triton.jit
 def _bwd_dq_inner(
     dq, q, do, lse, delta, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
-    start, end, Sq, Skv, window, qk_scale,
+    start, end, ulo, uhi, Sq, Skv, window, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr,
+    MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr,
 ):
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
-        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
-        if MASKED:
-            if HEAD_DIM == BLOCK_D:
-                k = tl.load(k_ptrs, mask=offs_n[:, None] < Skv, other=0.0)
-                v = tl.load(v_ptrs, mask=offs_n[:, None] < Skv, other=0.0)
-            else:
-                mask = (offs_n[:, None] < Skv) & (offs_d[None, :] < HEAD_DIM)
-                k = tl.load(k_ptrs, mask=mask, other=0.0)
-                v = tl.load(v_ptrs, mask=mask, other=0.0)
-        else:
-            if HEAD_DIM == BLOCK_D:
-                k = tl.load(k_ptrs)
-                v = tl.load(v_ptrs)
-            else:
-                k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-                v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.exp2(s - lse[:, None])
-        if MASKED or HAS_SEG:
+        k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, Skv, offs_d,
+                       MASK_MODE != 0, HEAD_DIM, BLOCK_D)
+        v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, Skv, offs_d,
+                       MASK_MODE != 0, HEAD_DIM, BLOCK_D)
+        s = tl.dot(q, tl.trans(k))
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        if HAS_SEG or MASK_MODE == 1:
             kv_seg = q_seg
             if HAS_SEG:
                 kv_seg = tl.load(kvseg_base + offs_n, mask=offs_n < Skv, other=-1)
-            vis = _visible(
-                offs_m[:, None], offs_n[None, :], q_seg[:, None], kv_seg[None, :], Sq, Skv, window,
-                MASKED, CAUSAL, WINDOW, HAS_SEG,
-            )
+            vis = _visible(offs_m[:, None], offs_n[None, :], q_seg[:, None], kv_seg[None, :], Sq, Skv, window,
+                           MASK_MODE != 0, CAUSAL, WINDOW, HAS_SEG)
             p = tl.where(vis, p, 0.0)
+        elif MASK_MODE == 2:
+            if (n0 < ulo) | (n0 >= uhi):
+                vis = _visible(offs_m[:, None], offs_n[None, :], q_seg, q_seg, Sq, Skv, window,
+                               True, CAUSAL, WINDOW, False)
+                p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -507,7 +505,7 @@ def _attn_bwd_dq_kernel(
     stride_qsb, stride_ksb,
     Hq, G, Sq, Skv, window, qk_scale, sm_scale, n_m_blocks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, SPLIT: tl.constexpr,
 ):
     bh = tl.program_id(0)
     m_blk = n_m_blocks - 1 - tl.program_id(1)
@@ -518,14 +516,11 @@ def _attn_bwd_dq_kernel(
     m0 = m_blk * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    ld_mask = (offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(
-        Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-        mask=ld_mask, other=0.0,
-    )
-    do = tl.load(
+    q = _load_rows(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                   offs_m, Sq, offs_d, True, HEAD_DIM, BLOCK_D)
+    do = _load_rows(
         DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-        mask=ld_mask, other=0.0,
+        offs_m, Sq, offs_d, True, HEAD_DIM, BLOCK_D,
     )
     lse = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=offs_m < Sq, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * Sq + offs_m, mask=offs_m < Sq, other=0.0)
@@ -540,25 +535,32 @@ def _attn_bwd_dq_kernel(
         BLOCK_M, BLOCK_N, CAUSAL, WINDOW, HAS_SEG,
     )
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _bwd_dq_inner(
-        dq, q, do, lse, delta, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
-        lo, tl.minimum(ulo, hi), Sq, Skv, window, qk_scale,
-        BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, HAS_SEG,
-    )
-    dq = _bwd_dq_inner(
-        dq, q, do, lse, delta, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
-        ulo, uhi, Sq, Skv, window, qk_scale,
-        BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, WINDOW, HAS_SEG,
-    )
-    dq = _bwd_dq_inner(
-        dq, q, do, lse, delta, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
-        uhi, hi, Sq, Skv, window, qk_scale,
-        BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, HAS_SEG,
-    )
+    if SPLIT:
+        dq = _bwd_dq_inner(
+            dq, q, do, lse, delta, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
+            lo, tl.minimum(ulo, hi), ulo, uhi, Sq, Skv, window, qk_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG,
+        )
+        dq = _bwd_dq_inner(
+            dq, q, do, lse, delta, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
+            ulo, uhi, ulo, uhi, Sq, Skv, window, qk_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 0, CAUSAL, WINDOW, HAS_SEG,
+        )
+        dq = _bwd_dq_inner(
+            dq, q, do, lse, delta, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
+            uhi, hi, ulo, uhi, Sq, Skv, window, qk_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG,
+        )
+    else:
+        dq = _bwd_dq_inner(
+            dq, q, do, lse, delta, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
+            lo, hi, ulo, uhi, Sq, Skv, window, qk_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 2, CAUSAL, WINDOW, HAS_SEG,
+        )
     dq = dq * sm_scale
     tl.store(
         DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty), mask=ld_mask,
+        dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM),
     )
 
 
@@ -580,7 +582,7 @@ def attention_forward(q, k, v, scale, causal, segs, sliding_window):
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     block_d = max(16, triton.next_power_of_2(D))
-    BM, BN, warps, stages = _config("fwd", block_d)
+    BM, BN, warps, stages, split = _config("fwd", block_d, max(Sq, Skv))
     n_m = triton.cdiv(Sq, BM)
     out = torch.empty(B, Sq, Hq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
@@ -598,7 +600,7 @@ def attention_forward(q, k, v, scale, causal, segs, sliding_window):
         out.stride(0), out.stride(1), out.stride(2),
         qseg.stride(0), kvseg.stride(0),
         Hq, Hq // Hkv, Sq, Skv, window, scale * _LOG2E, n_m,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=BM, BLOCK_N=BN, **_flags(causal, sliding_window, segs),
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split, **_flags(causal, sliding_window, segs),
         num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -624,7 +626,7 @@ def attention_backward(do, q, k, v, out, lse, scale, causal, segs, sliding_windo
         Hq, Sq, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_m, num_warps=4,
     )
 
-    BM, BN, warps, stages = _config("dkv", block_d)
+    BM, BN, warps, stages, split = _config("dkv", block_d, max(Sq, Skv))
     n_n = triton.cdiv(Skv, BN)
     if segs is not None:
         qseg, kvseg = segs
@@ -641,11 +643,11 @@ def attention_backward(do, q, k, v, out, lse, scale, causal, segs, sliding_windo
         dv.stride(0), dv.stride(1), dv.stride(2),
         qseg.stride(0), kvseg.stride(0),
         Hq, Hkv, G, Sq, Skv, window, scale * _LOG2E, scale, n_n,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=BM, BLOCK_N=BN, **flags,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split, **flags,
         num_warps=warps, num_stages=stages,
     )
 
-    BM, BN, warps, stages = _config("dq", block_d)
+    BM, BN, warps, stages, split = _config("dq", block_d, max(Sq, Skv))
     n_m = triton.cdiv(Sq, BM)
     if segs is not None:
         seg_lo, seg_hi = _segment_ranges(qseg, kvseg, BM)
@@ -658,7 +660,7 @@ def attention_backward(do, q, k, v, out, lse, scale, causal, segs, sliding_windo
         dq.stride(0), dq.stride(1), dq.stride(2),
         qseg.stride(0), kvseg.stride(0),
         Hq, G, Sq, Skv, window, scale * _LOG2E, scale, n_m,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=BM, BLOCK_N=BN, **flags,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split, **flags,
         num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv

@@ -1,0 +1,122 @@
+"""Triton attention on the GPU at real sizes, bf16 and fp16, forward and backward.
+
+Tolerance (FlashAttention's test convention): for the output and each gradient,
+    max|kernel - oracle| <= 2 * max|lowp_reference - oracle| + atol,
+where the oracle is ``attention_reference`` on fp32 copies of the inputs (fp32 matrix products, no TF32), the
+low-precision reference is the same math run in the input dtype (scores, probabilities and products rounded to
+bf16/fp16, as eager PyTorch attention does), and atol is the dtype's rounding step at the oracle's largest
+magnitude (eps * max|oracle|), a slack for tensors whose reference error is near zero. Every output must be finite;
+queries with no visible key output exactly 0.
+"""
+
+import pytest
+import torch
+
+from litespark_kernels.attention import attention, attention_reference, visibility_mask
+
+pytestmark = pytest.mark.gpu
+
+if torch.cuda.is_available():
+    from litespark_kernels._attention_triton import attention_triton
+
+
+def _lowp_reference(q, k, v, *, scale, causal, q_segment_ids=None, kv_segment_ids=None, sliding_window=None):
+    """Attention computed in q's dtype (eager-style): the error budget that the kernel is compared against."""
+    B, Hq, Sq, D = q.shape
+    G = Hq // k.shape[1]
+    kk, vv = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    scores = torch.matmul(q, kk.transpose(-1, -2)) * scale
+    allowed = visibility_mask(
+        Sq, k.shape[2], causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        sliding_window=sliding_window, device=q.device,
+    )
+    has_key = allowed.any(-1, keepdim=True)
+    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~has_key, 0.0)
+    probs = (torch.softmax(scores, dim=-1) * has_key).to(q.dtype)
+    return torch.matmul(probs, vv).transpose(1, 2)
+
+
+def _run(fn, q, k, v, do, **kw):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, **kw)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    return [out.detach(), *grads]
+
+
+def _check(B, Hq, Hkv, Sq, Skv, D, dtype, *, seg=None, hf_layout=True, **kw):
+    torch.manual_seed(B * 1000 + Sq + D)
+    dev = "cuda"
+    if hf_layout:  # q/k/v as transformers hands them: [B, H, S, D] transposes of [B, S, H, D]
+        q = torch.randn(B, Sq, Hq, D, device=dev, dtype=dtype).transpose(1, 2)
+        k = torch.randn(B, Skv, Hkv, D, device=dev, dtype=dtype).transpose(1, 2)
+        v = torch.randn(B, Skv, Hkv, D, device=dev, dtype=dtype).transpose(1, 2)
+    else:
+        q = torch.randn(B, Hq, Sq, D, device=dev, dtype=dtype)
+        k = torch.randn(B, Hkv, Skv, D, device=dev, dtype=dtype)
+        v = torch.randn(B, Hkv, Skv, D, device=dev, dtype=dtype)
+    do = torch.randn(B, Sq, Hq, D, device=dev, dtype=dtype)
+    if seg is not None:
+        kw.update(q_segment_ids=seg[0], kv_segment_ids=seg[1])
+    kw.setdefault("scale", D**-0.5)
+
+    got = _run(attention_triton, q, k, v, do, **kw)
+    lowp = _run(_lowp_reference, q, k, v, do, **kw)
+    oracle = _run(attention_reference, q.float(), k.float(), v.float(), do.float(), **kw)
+    report = []
+    for name, x, lp, ref in zip(("out", "dq", "dk", "dv"), got, lowp, oracle):
+        assert torch.isfinite(x).all(), f"{name}: non-finite values"
+        err = (x.float() - ref).abs().max().item()
+        budget = (lp.float() - ref).abs().max().item()
+        atol = torch.finfo(dtype).eps * ref.abs().max().item()
+        report.append(f"{name}: err {err:.3e} vs lowp {budget:.3e} (atol {atol:.1e})")
+        assert err <= 2 * budget + atol, "; ".join(report)
+    print(" | ".join(report))
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_causal_gqa_real_size(dtype, D):
+    _check(2, 32, 8, 2048, 2048, D, dtype, causal=True)
+
+
+def test_noncausal_contiguous_bf16():
+    _check(1, 16, 4, 1536, 1536, 128, torch.bfloat16, causal=False, hf_layout=False)
+
+
+@pytest.mark.parametrize("D", [80, 96])
+def test_odd_head_dims_left_padding(D):
+    B, S = 2, 1000
+    lengths = torch.tensor([1000, 613], device="cuda")
+    pos = torch.arange(S, device="cuda")[None]
+    seg = torch.where(pos >= (S - lengths)[:, None], 0, -1).to(torch.int32)
+    out, *_ = _check(B, 8, 2, S, S, D, torch.bfloat16, seg=(seg, seg), causal=True)
+    assert (out[seg < 0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_packed_padding_window(dtype, D):
+    # Row 0: three documents; row 1: two documents then right padding; plus a 512-token sliding window.
+    S = 2048
+    docs = [[700, 900, 448], [1000, 600]]
+    rows = []
+    for lens in docs:
+        ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])
+        rows.append(torch.cat([ids, torch.full((S - ids.numel(),), -1)]))
+    seg = torch.stack(rows).to(torch.int32).cuda()
+    out, *_ = _check(2, 32, 8, S, S, D, dtype, seg=(seg, seg), causal=True, sliding_window=512)
+    assert (out[seg < 0] == 0).all()
+
+
+def test_kv_longer_than_q_bf16():
+    _check(2, 16, 4, 777, 2048, 128, torch.bfloat16, causal=True)
+
+
+def test_dispatcher_uses_kernel_on_cuda():
+    q = torch.randn(1, 8, 256, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 256, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    out = attention(q, k, v, causal=True)
+    ref = attention_triton(q, k, v, causal=True)
+    assert torch.equal(out, ref)
