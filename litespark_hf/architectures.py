@@ -19,7 +19,9 @@ SWAP_KINDS: dict[str, tuple[str, type]] = {
     "layer_norm": ("norms", M.LitesparkLayerNorm),
     "gated_mlp": ("mlp", M.LitesparkGatedMLP),
     "gelu_mlp": ("mlp", M.LitesparkGeluMLP),
-    "attention": ("rope", M.LitesparkAttention),
+    "attention": ("rope", M.LitesparkAttention),  # no sliding window (Llama)
+    "attention_config_window": ("rope", M.LitesparkConfigWindowAttention),  # window = config.sliding_window
+    "attention_layer_window": ("rope", M.LitesparkLayerWindowAttention),  # window = module.sliding_window
     "causal_lm": ("fused_cross_entropy", M.LitesparkCausalLM),
 }
 
@@ -43,14 +45,14 @@ class Architecture:
         return resolved
 
 
-def _gated_family(model_type: str, prefix: str, notes: str = "") -> Architecture:
+def _gated_family(model_type: str, prefix: str, notes: str = "", attention: str = "attention") -> Architecture:
     return Architecture(
         model_type=model_type,
         modeling_module=f"transformers.models.{model_type}.modeling_{model_type}",
         swaps={
             f"{prefix}RMSNorm": "rms_norm",
             f"{prefix}MLP": "gated_mlp",
-            f"{prefix}Attention": "attention",
+            f"{prefix}Attention": attention,
             f"{prefix}ForCausalLM": "causal_lm",
         },
         notes=notes,
@@ -59,16 +61,19 @@ def _gated_family(model_type: str, prefix: str, notes: str = "") -> Architecture
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": _gated_family("llama", "Llama", "RMSNorm, gated SiLU MLP, RoPE (Llama-3 scaling folded into cos/sin)"),
-    "mistral": _gated_family("mistral", "Mistral", "as Llama, plus sliding-window attention"),
-    "qwen2": _gated_family("qwen2", "Qwen2", "as Llama, q/k/v bias, optional sliding window per layer"),
-    "qwen3": _gated_family("qwen3", "Qwen3", "as Llama, plus per-head q/k RMSNorm"),
+    "mistral": _gated_family("mistral", "Mistral", "as Llama, plus sliding-window attention",
+                             attention="attention_config_window"),
+    "qwen2": _gated_family("qwen2", "Qwen2", "as Llama, q/k/v bias, optional sliding window per layer",
+                           attention="attention_layer_window"),
+    "qwen3": _gated_family("qwen3", "Qwen3", "as Llama, plus per-head q/k RMSNorm, sliding window per layer",
+                           attention="attention_layer_window"),
     "starcoder2": Architecture(
         model_type="starcoder2",
         modeling_module="transformers.models.starcoder2.modeling_starcoder2",
         swaps={
             "nn.LayerNorm": "layer_norm",
             "Starcoder2MLP": "gelu_mlp",
-            "Starcoder2Attention": "attention",
+            "Starcoder2Attention": "attention_config_window",
             "Starcoder2ForCausalLM": "causal_lm",
         },
         notes="LayerNorm with bias, non-gated GELU-tanh MLP with bias, sliding window, attention/residual dropout",

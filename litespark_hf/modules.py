@@ -102,7 +102,11 @@ class LitesparkAttention:
     Same steps as transformers' forward: projections (called as modules, LoRA-safe), optional per-head q/k norms
     (Qwen3), rotary embedding (`litespark_kernels.apply_rope`), KV cache update, the configured attention backend
     (``litespark`` after `apply`), output projection, optional residual dropout (StarCoder2).
+    This class never uses a sliding window (Llama); the subclasses below read it where their family does.
     """
+
+    def _sliding_window(self):
+        return None
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
@@ -122,9 +126,7 @@ class LitesparkAttention:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_attention)
-        sliding_window = (
-            self.sliding_window if hasattr(self, "sliding_window") else getattr(self.config, "sliding_window", None)
-        )
+        sliding_window = self._sliding_window()
         extra = {"sliding_window": sliding_window} if sliding_window is not None else {}
         attn_output, attn_weights = attention_interface(
             self, query_states, key_states, value_states, attention_mask,
@@ -134,6 +136,20 @@ class LitesparkAttention:
         if hasattr(self, "residual_dropout"):
             attn_output = F.dropout(attn_output, p=self.residual_dropout, training=self.training)
         return attn_output, attn_weights
+
+
+class LitesparkConfigWindowAttention(LitesparkAttention):
+    """Attention whose sliding window is ``config.sliding_window`` (Mistral, StarCoder2)."""
+
+    def _sliding_window(self):
+        return getattr(self.config, "sliding_window", None)
+
+
+class LitesparkLayerWindowAttention(LitesparkAttention):
+    """Attention whose sliding window is the module's own ``sliding_window`` (Qwen2, Qwen3: per layer type)."""
+
+    def _sliding_window(self):
+        return getattr(self, "sliding_window", None)
 
 
 class LitesparkLMHead:

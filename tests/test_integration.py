@@ -215,7 +215,22 @@ def test_trl_sft_trainer_trains_a_tiny_model_with_the_flag(tmp_path, family):
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tiny_tokenizer())
     trainer.train()
     counts = litespark_hf.swapped_counts(trainer.model)
-    assert counts["attention"] == 2 and ("rms_norm" in counts or "layer_norm" in counts)
+    attention = counts.get("attention", 0) + counts.get("attention_config_window", 0)
+    assert attention == 2 and ("rms_norm" in counts or "layer_norm" in counts)
     assert "causal_lm" not in counts  # TRL keeps its own fused LM head
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) >= 10 and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sliding_window_source_follows_the_family(family):
+    """A `sliding_window` value on the config applies only where the stock family reads it there
+    (Llama ignores it; Mistral/StarCoder2 read the config; Qwen2/Qwen3 their per-layer setting)."""
+    stock = tiny_model(family, attn_implementation="sdpa", sliding_window=5)
+    lit = copy.deepcopy(stock)
+    litespark_hf.apply(lit)
+    ids = random_batch(batch=2, seq=20)
+    stock.eval(), lit.eval()
+    with torch.no_grad():
+        a, b = stock(input_ids=ids, use_cache=False).logits, lit(input_ids=ids, use_cache=False).logits
+    assert ((a - b).norm() / a.norm()).item() < 1e-5
