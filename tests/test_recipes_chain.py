@@ -1,0 +1,36 @@
+"""The shortened embedded chain (pre-train -> SFT -> DPO, `recipes/chain.py --quick`) improves all three held-out
+figures: pre-training lowers the held-out loss, SFT raises greedy exact match, DPO's implicit reward prefers the chosen
+answer on most held-out pairs with a positive margin. About 2 minutes on 2 CPU cores (marked slow; it still runs in CI)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+
+
+@pytest.mark.slow
+def test_quick_chain_improves_every_stage(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import chain
+
+    fig = chain.main(["--quick", "--output_dir", str(tmp_path), "--disable_tqdm", "true"])
+    p, s, d = fig["pretrain"], fig["sft"], fig["dpo"]
+    assert p["heldout_loss_before"] > 7.0  # ~ln(2048) for an untrained model
+    assert p["heldout_loss_after"] < p["heldout_loss_before"] - 1.0
+    assert s["heldout_exact_match_before"] == 0.0
+    assert s["heldout_exact_match_after"] > s["heldout_exact_match_before"]
+    # DPO: the implicit reward (beta * log-ratio to the SFT reference) prefers the chosen answer on most held-out
+    # pairs (0 before: policy == reference) with a positive mean margin. The policy's raw log-prob preference
+    # accuracy is reported but not asserted (it moved 88% -> 84% in one full-chain run).
+    assert d["heldout_reward_accuracy_after"] > 0.5
+    assert d["heldout_reward_margin_after"] > 0.05
+    for stage in ("pretrain", "sft", "dpo"):
+        out = tmp_path / stage
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md", "results.json"):
+            assert (out / name).is_file(), f"{stage} did not write {name}"
+        assert "## Results" in (out / "README.md").read_text()
+    assert json.loads((tmp_path / "chain_results.json").read_text())["dpo"]["steps"] == 40
