@@ -36,7 +36,7 @@ def co2_metadata(report: dict) -> dict | None:
     if en.get("region"):
         location = f"{en['region']}, {location}"
     return {
-        "emissions": round(float(en["emissions_g"]), 6),
+        "emissions": float(f"{float(en['emissions_g']):.6g}"),  # 6 significant digits, also for tiny runs
         "source": "CodeCarbon",
         "training_type": report.get("training_type", "pre-training"),
         "geographical_location": location,
