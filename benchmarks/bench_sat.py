@@ -2,7 +2,9 @@
 an MLP-only microbenchmark (forward + backward of one gated MLP at the selected channels).
 
 Run on the device machine (one run, one GPU):
-    PYTHONPATH=$PWD/kernels:$PWD python benchmarks/bench_sat.py --out $OUT
+    PYTHONPATH=$PWD/kernels:$PWD python benchmarks/bench_sat.py --out $OUT [--profile]
+With a copy of the pre-change SAT package under ``build/sat_legacy/sat_legacy`` (``--legacy-dir``), the "before:"
+rows time it in the same process.
 Prints tables and writes bench_sat.json + bench_sat.png to --out.
 """
 
@@ -57,10 +59,21 @@ def mlp_micro(tokens=8192, hidden=2048, inter=8192, rates=(0.0, 0.25, 0.5)):
     return rows
 
 
-def e2e(variants, steps=10, warmup=3, seq=2048, batch=4):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _legacy_sat(legacy_dir):
+    """The SAT code as it stood before the end-to-end work (a copy under ``legacy_dir``, loaded as
+    ``litespark_hf.sat_legacy``), to time before/after in one process; None when absent."""
+    if not legacy_dir or not os.path.isdir(os.path.join(legacy_dir, "sat_legacy")):
+        return None
+    import importlib
 
-    from litespark_hf.sat import disable_sat, enable_sat, executed_flops_per_token, frozen_omitted, sat_step
+    import litespark_hf
+
+    litespark_hf.__path__.append(legacy_dir)
+    return importlib.import_module("litespark_hf.sat_legacy")
+
+
+def _build(seq):
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(
         "llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -68,41 +81,103 @@ def e2e(variants, steps=10, warmup=3, seq=2048, batch=4):
         rope_theta=500000.0, rms_norm_eps=1e-5, use_cache=False,
     )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").cuda()
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=True)
+    return cfg, model, opt
+
+
+def e2e(variants, legacy=None, steps=10, warmup=3, seq=2048, batch=4, profile_dir=None):
+    """Time full training steps. ``variants``: (name, impl, rate_mlp, rate_heads, freeze); impl is "dense" (SAT
+    off), "new" (litespark_hf.sat) or "legacy". Per step, CUDA events split the GPU time into select (sat_step),
+    forward, backward and optimizer (incl. the freeze); host time of each phase is taken too."""
+    import litespark_hf.sat as new_sat
+
+    cfg, model, opt = _build(seq)
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    for name, r_mlp, r_heads in variants:
-        if name == "dense (no SAT)":
-            disable_sat(model)
-        else:
-            enable_sat(model, sat_omission_rate_mlp=r_mlp, sat_omission_rate_heads=r_heads, sat_schedule="constant",
-                       sat_exempt_layers="", sat_refresh_interval=0)
-        times = []
+    active = None
+    for name, impl, r_mlp, r_heads, freeze in variants:
+        if active is not None:
+            active.disable_sat(model)
+            active = None
+        if impl != "dense":
+            active = legacy if impl == "legacy" else new_sat
+            if active is None:
+                continue
+            active.enable_sat(model, sat_omission_rate_mlp=r_mlp, sat_omission_rate_heads=r_heads,
+                              sat_schedule="constant", sat_exempt_layers="", sat_refresh_interval=0,
+                              sat_freeze_omitted=freeze)
+        times, phases_gpu, phases_host = [], [], []
         torch.cuda.reset_peak_memory_stats()
+
+        def one_step(s, ids):
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
+            h = [time.perf_counter()]
+            ev[0].record()
+            if active is not None:
+                active.sat_step(model, s, warmup + steps)  # step 0: dense importance refresh
+            ev[1].record()
+            h.append(time.perf_counter())
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            ev[2].record()
+            h.append(time.perf_counter())
+            loss.backward()
+            ev[3].record()
+            h.append(time.perf_counter())
+            if active is not None and freeze:
+                with active.frozen_omitted(model, opt):
+                    opt.step()
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            ev[4].record()
+            h.append(time.perf_counter())
+            return loss, ev, h
+
         for s in range(warmup + steps):
             ids = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda", generator=g)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            sat_step(model, s, warmup + steps)  # step 0: dense refresh (importance of every unit)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            with frozen_omitted(model, opt):
-                opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss, ev, h = one_step(s, ids)
             torch.cuda.synchronize()
             if s >= warmup:
                 times.append(time.perf_counter() - t0)
+                phases_gpu.append([ev[i].elapsed_time(ev[i + 1]) for i in range(4)])
+                phases_host.append([(h[i + 1] - h[i]) * 1e3 for i in range(4)])
+        if profile_dir and impl != "dense" and r_mlp == 0.5 and r_heads == 0.5 and freeze:
+            from torch.profiler import ProfilerActivity, profile
+
+            ids = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda", generator=g)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                one_step(warmup + steps, ids)
+                torch.cuda.synchronize()
+            ka = prof.key_averages()
+            with open(os.path.join(profile_dir, f"profile_{impl}_0.5.txt"), "w") as f:
+                for key in ("self_device_time_total", "self_cuda_time_total"):
+                    try:
+                        f.write(ka.table(sort_by=key, row_limit=40, max_name_column_width=70))
+                        break
+                    except Exception as e:  # older/newer key names
+                        f.write(f"[{key}: {e}]\n")
+            print(f"profile of {name} written", flush=True)
         med = statistics.median(times)
-        executed, dense = executed_flops_per_token(model, seq)
+        ctrl_mod = active if active is not None else new_sat
+        executed, dense = ctrl_mod.executed_flops_per_token(model, seq)
         tps = batch * seq / med
-        rows.append({"variant": name, "rate_mlp": r_mlp, "rate_heads": r_heads, "step_ms": med * 1e3,
-                     "tokens_per_s": tps, "executed_flops_fraction": executed / dense,
+        pg = [statistics.median(c) for c in zip(*phases_gpu)]
+        ph = [statistics.median(c) for c in zip(*phases_host)]
+        rows.append({"variant": name, "impl": impl, "freeze": freeze, "rate_mlp": r_mlp, "rate_heads": r_heads,
+                     "step_ms": med * 1e3, "tokens_per_s": tps, "executed_flops_fraction": executed / dense,
                      "mfu_executed": executed * tps / PEAK, "mfu_dense_equivalent": dense * tps / PEAK,
+                     "gpu_ms_select_fwd_bwd_opt": pg, "host_ms_select_fwd_bwd_opt": ph,
                      "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss)})
-        print(rows[-1], flush=True)
+        print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
+    if active is not None:
+        active.disable_sat(model)
     base = rows[0]["tokens_per_s"]
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / base
@@ -113,41 +188,56 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--legacy-dir", default="build/sat_legacy",
+                    help="folder holding a copy of the pre-change SAT package as sat_legacy/ (before/after timing)")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler table of one 0.5 step per implementation")
+    ap.add_argument("--skip-micro", action="store_true")
     args = ap.parse_args()
-    dev = torch.cuda.get_device_name()
-    micro = mlp_micro()
-    print(f"\nMLP fwd+bwd, tokens 8192, hidden 2048, intermediate 8192, bf16, {dev}")
-    print(f"{'variant':26s} {'rate':>5s} {'ms':>8s} {'speedup':>8s} {'ideal':>6s} {'TFLOP/s':>8s}")
-    for r in micro:
-        print(f"{r['variant']:26s} {r['rate']:5.2f} {r['ms']:8.3f} {r['speedup']:8.2f} {r['ideal']:6.2f} "
-              f"{r['tflops']:8.1f}")
-    variants = [("dense (no SAT)", 0.0, 0.0), ("SAT 0 / 0", 0.0, 0.0), ("SAT 0.25 / 0.25", 0.25, 0.25),
-                ("SAT 0.5 / 0.5", 0.5, 0.5), ("SAT 0.5 MLP only", 0.5, 0.0)]
-    rows = e2e(variants, steps=args.steps)
-    print(f"\nLlama-3.2-1B shape, seq 2048, batch 4, bf16 autocast + fp32 AdamW (fused), sdpa, {dev}")
-    print(f"{'variant':18s} {'step ms':>8s} {'tok/s':>8s} {'speedup':>8s} {'exec FLOPs':>10s} "
-          f"{'MFU exec':>9s} {'MFU dense-eq':>12s} {'mem GiB':>8s}")
-    for r in rows:
-        print(f"{r['variant']:18s} {r['step_ms']:8.1f} {r['tokens_per_s']:8.0f} {r['speedup']:8.2f} "
-              f"{r['executed_flops_fraction']:10.3f} {r['mfu_executed']:9.1%} {r['mfu_dense_equivalent']:12.1%} "
-              f"{r['peak_mem_gib']:8.1f}")
     os.makedirs(args.out, exist_ok=True)
+    dev = torch.cuda.get_device_name()
+    micro = [] if args.skip_micro else mlp_micro()
+    if micro:
+        print(f"\nMLP fwd+bwd, tokens 8192, hidden 2048, intermediate 8192, bf16, {dev}")
+        print(f"{'variant':26s} {'rate':>5s} {'ms':>8s} {'speedup':>8s} {'ideal':>6s} {'TFLOP/s':>8s}")
+        for r in micro:
+            print(f"{r['variant']:26s} {r['rate']:5.2f} {r['ms']:8.3f} {r['speedup']:8.2f} {r['ideal']:6.2f} "
+                  f"{r['tflops']:8.1f}")
+    legacy = _legacy_sat(args.legacy_dir)
+    variants = [("dense (no SAT)", "dense", 0.0, 0.0, True), ("SAT 0 / 0", "new", 0.0, 0.0, True)]
+    for r in (0.25, 0.5):
+        variants += [(f"SAT {r} / {r}", "new", r, r, True), (f"SAT {r} / {r} no-freeze", "new", r, r, False)]
+        if legacy is not None:
+            variants += [(f"before: SAT {r} / {r}", "legacy", r, r, True),
+                         (f"before: SAT {r} / {r} no-freeze", "legacy", r, r, False)]
+    variants += [("SAT 0.5 MLP only", "new", 0.5, 0.0, True)]
+    rows = e2e(variants, legacy=legacy, steps=args.steps, profile_dir=args.out if args.profile else None)
+    print(f"\nLlama-3.2-1B shape, seq 2048, batch 4, bf16 autocast + fp32 AdamW (fused), sdpa, {dev}")
+    print(f"{'variant':30s} {'step ms':>8s} {'tok/s':>8s} {'speedup':>8s} {'exec FLOPs':>10s} "
+          f"{'MFU exec':>9s} {'MFU dense-eq':>12s} {'mem GiB':>8s}  GPU ms select/fwd/bwd/opt  host ms")
+    for r in rows:
+        pg = "/".join(f"{v:.1f}" for v in r["gpu_ms_select_fwd_bwd_opt"])
+        ph = "/".join(f"{v:.1f}" for v in r["host_ms_select_fwd_bwd_opt"])
+        print(f"{r['variant']:30s} {r['step_ms']:8.1f} {r['tokens_per_s']:8.0f} {r['speedup']:8.2f} "
+              f"{r['executed_flops_fraction']:10.3f} {r['mfu_executed']:9.1%} {r['mfu_dense_equivalent']:12.1%} "
+              f"{r['peak_mem_gib']:8.1f}  {pg}  {ph}")
     with open(os.path.join(args.out, "bench_sat.json"), "w") as f:
-        json.dump({"device": dev, "mlp_micro": micro, "e2e": rows}, f, indent=1)
+        json.dump({"device": dev, "torch": torch.__version__, "mlp_micro": micro, "e2e": rows}, f, indent=1)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     sat_micro = [r for r in micro if r["variant"].startswith("SAT")]
-    axes[0].plot([r["rate"] for r in sat_micro], [r["speedup"] for r in sat_micro], "o-", label="measured")
-    axes[0].plot([r["rate"] for r in sat_micro], [r["ideal"] for r in sat_micro], "k--", label="1/(1-rate)")
-    axes[0].set(xlabel="MLP omission rate", ylabel="speedup vs stock MLP", title="MLP fwd+bwd")
-    axes[0].legend()
-    axes[1].bar([r["variant"] for r in rows], [r["tokens_per_s"] for r in rows])
-    axes[1].set(ylabel="tokens/s", title="Llama-3.2-1B shape training step")
-    axes[1].tick_params(axis="x", rotation=30)
+    if sat_micro:
+        axes[0].plot([r["rate"] for r in sat_micro], [r["speedup"] for r in sat_micro], "o-", label="measured")
+        axes[0].plot([r["rate"] for r in sat_micro], [r["ideal"] for r in sat_micro], "k--", label="1/(1-rate)")
+        axes[0].set(xlabel="MLP omission rate", ylabel="speedup vs stock MLP", title="MLP fwd+bwd")
+        axes[0].legend()
+    axes[1].barh([r["variant"] for r in rows], [r["tokens_per_s"] for r in rows],
+                 color=["C1" if r["impl"] == "legacy" else "C0" for r in rows])
+    axes[1].set(xlabel="tokens/s", title=f"Llama-3.2-1B shape training step ({dev})")
+    axes[1].invert_yaxis()
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "bench_sat.png"), dpi=120)
 

@@ -367,3 +367,48 @@ def test_trainer_callback_drives_the_ladder(tmp_path):
     assert fractions[1] < fractions[4] < fractions[6] == 1.0
     logged = [h for h in seen if "sat/executed_flops_fraction" in h]
     assert logged and all(0 < h["sat/executed_flops_fraction"] <= 1 for h in logged)
+
+
+# ------------------------------------------------------------------ end-to-end speed pieces
+def test_head_rows_batched_equals_per_layer():
+    groups = torch.tensor([[0, 2, 3], [1, 2, 3]])
+    q, kv = head_rows(groups, n_rep=3, head_dim=5)
+    for i in range(2):
+        qi, kvi = head_rows(groups[i], 3, 5)
+        assert torch.equal(q[i], qi) and torch.equal(kv[i], kvi)
+
+
+def test_gather_weight_casts_once_under_autocast_and_zeroes_omitted_grads():
+    from litespark_kernels.sparse_mlp import gather_weight
+
+    torch.manual_seed(0)
+    w = torch.randn(37, 23, requires_grad=True)
+    idx = torch.tensor([1, 4, 5, 30])
+    for dim in (0, 1):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            g = gather_weight(w, idx[idx < w.shape[dim]], dim)
+        assert g.dtype == torch.bfloat16
+        ref = w.detach().index_select(dim, idx[idx < w.shape[dim]]).bfloat16()
+        assert torch.equal(g, ref)
+        go = torch.randn_like(g)
+        (grad,) = torch.autograd.grad(g, w, go)
+        expected = torch.zeros_like(w).index_copy_(dim, idx[idx < w.shape[dim]], go.float())
+        assert grad.dtype == torch.float32 and torch.equal(grad, expected)
+    assert gather_weight(w, idx, 0).dtype == torch.float32  # no autocast: weight dtype
+
+
+def test_selection_precomputes_omitted_indices_without_host_sync():
+    model = tiny_model("llama", num_hidden_layers=3)
+    enable_sat(model, **_sat_kwargs())
+    model.train()
+    ids = random_batch(2, 12)
+    sat_step(model, 0, 10)
+    model(input_ids=ids, labels=ids)
+    sat_step(model, 1, 10)
+    for m in controller(model).modules:
+        st = m._sat_state
+        both = torch.cat([st.index, st.omitted]).sort().values
+        assert torch.equal(both, torch.arange(st.units))  # kept and omitted partition the units
+        if st.kind == "attention":
+            q_om, kv_om = head_rows(st.omitted, st.n_rep, st.head_dim)
+            assert torch.equal(st.omitted_rows[0], q_om) and torch.equal(st.omitted_rows[1], kv_om)

@@ -8,7 +8,8 @@ granularity is 1/8 per layer.) For multi-head attention (``n_rep = 1``) a group 
 
 Given the kept groups ``groups`` (sorted int64), `head_rows` returns the rows of q_proj (``n_rep * head_dim`` per
 group) and of k_proj / v_proj (``head_dim`` per group); o_proj uses the q rows as columns. The projections are dense
-GEMMs on gathered weights (``index_select``): ``[tokens, hidden] x [hidden, kept * head_dim]``, so forward and
+GEMMs on gathered weights (`sparse_mlp.gather_weight`: one gather into the autocast dtype, zero-filled full-size
+gradient): ``[tokens, hidden] x [hidden, kept * head_dim]``, so forward and
 backward do the kept fraction of the projection and attention work; omitted rows/columns get exactly zero gradient.
 """
 
@@ -17,20 +18,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .sparse_mlp import gather_weight
+
 
 def head_rows(groups: torch.Tensor, n_rep: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q_rows, kv_rows): weight rows of the query heads of ``groups`` and of their KV heads."""
+    """(q_rows, kv_rows): weight rows of the query heads of ``groups`` and of their KV heads.
+
+    ``groups`` is ``[k]`` (or ``[..., k]`` for several layers at once: rows ``[..., k * n_rep * head_dim]`` and
+    ``[..., k * head_dim]``)."""
     d = torch.arange(head_dim, device=groups.device)
-    q_heads = (groups[:, None] * n_rep + torch.arange(n_rep, device=groups.device)[None, :]).reshape(-1)
-    q_rows = (q_heads[:, None] * head_dim + d[None, :]).reshape(-1)
-    kv_rows = (groups[:, None] * head_dim + d[None, :]).reshape(-1)
+    q_heads = groups[..., :, None] * n_rep + torch.arange(n_rep, device=groups.device)  # [..., k, n_rep]
+    q_rows = (q_heads[..., None] * head_dim + d).flatten(-3)
+    kv_rows = (groups[..., None] * head_dim + d).flatten(-2)
     return q_rows, kv_rows
 
 
 def _gather_linear(x, weight, bias, rows):
     if rows is None:
         return F.linear(x, weight, bias)
-    return F.linear(x, weight.index_select(0, rows), None if bias is None else bias.index_select(0, rows))
+    return F.linear(x, gather_weight(weight, rows, 0), None if bias is None else gather_weight(bias, rows, 0))
 
 
 def sparse_qkv(x, q_proj, k_proj, v_proj, q_rows, kv_rows):
@@ -45,7 +51,7 @@ def sparse_o(attn: torch.Tensor, o_proj, q_rows) -> torch.Tensor:
     """Output projection over the kept heads' columns; o_proj's bias is added once, in full."""
     if q_rows is None:
         return F.linear(attn, o_proj.weight, o_proj.bias)
-    return F.linear(attn, o_proj.weight.index_select(1, q_rows), o_proj.bias)
+    return F.linear(attn, gather_weight(o_proj.weight, q_rows, 1), o_proj.bias)
 
 
 def head_output_norms(attn: torch.Tensor) -> torch.Tensor:

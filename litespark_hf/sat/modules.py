@@ -63,7 +63,9 @@ class LayerState:
         self.layer_idx = layer_idx
         self.n_rep, self.head_dim = n_rep, head_dim
         self.index: torch.Tensor | None = None  # kept units (sorted), None = all
+        self.omitted: torch.Tensor | None = None  # omitted units (sorted) when index is set
         self.rows: tuple[torch.Tensor, torch.Tensor] | None = None  # attention: (q_rows, kv_rows)
+        self.omitted_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # attention: omitted (q_rows, kv_rows)
         self.collect = False  # gather importance statistics in this step's forwards
         self.score: torch.Tensor | None = None  # running importance, float32 [units]
         self.seen: torch.Tensor | None = None  # bool [units]: score holds a measurement
@@ -96,6 +98,33 @@ class LayerState:
         self.score = torch.where(measured, blended, self.score)
         self.seen = self.seen | measured
         self.acc = self.count = None
+
+    @staticmethod
+    def fold_many(states: list["LayerState"], ema: float) -> None:
+        """`fold` for many states at once: one set of kernels per group of equal-size states on one device (the
+        per-layer version costs ~10 small launches per module and step)."""
+        groups: dict[tuple, list[LayerState]] = {}
+        for st in states:
+            if st.acc is not None:
+                groups.setdefault((st.units, st.acc.device), []).append(st)
+        for (units, device), sts in groups.items():
+            if len(sts) == 1:
+                sts[0].fold(ema)
+                continue
+            acc = torch.stack([st.acc for st in sts])
+            count = torch.stack([st.count for st in sts])
+            zeros = torch.zeros(units, dtype=torch.float32, device=device)
+            unseen = torch.zeros(units, dtype=torch.bool, device=device)
+            score = torch.stack([zeros if st.score is None or st.score.device != device else st.score for st in sts])
+            seen = torch.stack([unseen if st.seen is None or st.seen.device != device else st.seen for st in sts])
+            measured = count > 0
+            new = acc / count.clamp_min(1)
+            blended = torch.where(seen, ema * score + (1.0 - ema) * new, new)
+            score = torch.where(measured, blended, score)
+            seen = seen | measured
+            for i, st in enumerate(sts):
+                st.score, st.seen = score[i], seen[i]
+                st.acc = st.count = None
 
     def kept(self) -> int:
         return self.units if self.index is None else int(self.index.numel())
