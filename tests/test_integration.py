@@ -234,3 +234,28 @@ def test_sliding_window_source_follows_the_family(family):
     with torch.no_grad():
         a, b = stock(input_ids=ids, use_cache=False).logits, lit(input_ids=ids, use_cache=False).logits
     assert ((a - b).norm() / a.norm()).item() < 1e-5
+
+
+def test_dtensor_inputs_fall_back_to_the_reference(tmp_path):
+    """A still-sharded FSDP2 parameter (a DTensor) never reaches a Triton kernel (raw pointers): the reference runs."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    from litespark_kernels._dispatch import use_triton
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path}/pg")
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        w = distribute_tensor(torch.randn(8), mesh, [Replicate()])
+        with pytest.warns(UserWarning, match="DTensor"):
+            assert use_triton("rms_norm_dtensor_check", torch.randn(2, 8), w) is False
+    finally:
+        if created:
+            dist.destroy_process_group()

@@ -54,6 +54,10 @@ def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:
         warn_once(op, "triton is not installed")
         return False
     present = [t for t in tensors if t is not None]
+    if any(_is_dtensor(t) for t in present):
+        # A parameter still sharded by FSDP2 (a DTensor) must not reach a raw pointer kernel; torch ops handle it.
+        warn_once(op, "a DTensor input (a sharded FSDP2 parameter)")
+        return False
     if force_triton() and interpreting():
         return True
     if not all(t.is_cuda for t in present):
@@ -77,6 +81,14 @@ def run_triton(module: str, name: str, *args, **kwargs):
 @torch.compiler.disable
 def _eager_call(fn, *args, **kwargs):
     return fn(*args, **kwargs)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except Exception:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 def unsupported(op: str, reason: str) -> bool:
