@@ -280,10 +280,13 @@ def check_model_type(model_type: str):
                           + f"; choose one of {types}")
 
 
-def build_model(model_type: str, tokenizer, shape: dict, dtype=None, attn_implementation: str | None = None):
+def build_model(model_type: str, tokenizer, shape: dict, dtype=None, attn_implementation: str | None = None,
+                seed: int = 42):
     """A randomly initialised causal LM of ``model_type`` sized by ``shape`` (config keys), vocabulary sized to the
-    tokenizer unless ``shape['vocab_size']`` is given (a larger one is fine: it is rounded for the tokenizer)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    tokenizer unless ``shape['vocab_size']`` is given (a larger one is fine: it is rounded for the tokenizer).
+    The initialisation is seeded by ``seed``, so every process and every launch (1 or N processes) starts from the
+    same weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
     check_model_type(model_type)
     shape = {k: v for k, v in shape.items() if v is not None}
@@ -299,6 +302,7 @@ def build_model(model_type: str, tokenizer, shape: dict, dtype=None, attn_implem
     # use_cache=False: with a cache object the model ignores packed position_ids (cross-document attention).
     cfg.use_cache = False
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    set_seed(seed)
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype if dtype not in (None, "auto") else None, **kwargs)
 
 

@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
     common.check_columns(train_ds, [(text_field,)], RECIPE,
                          hint="pre-training reads plain text: set dataset_text_field to the text column")
     model = common.build_model(script_args.model_type, tokenizer, shape(script_args), model_args.dtype,
-                               model_args.attn_implementation)
+                               model_args.attn_implementation, seed=training_args.seed)
     if eval_ds is None or training_args.eval_strategy == "no":
         training_args.eval_strategy, training_args.eval_on_start, eval_ds = "no", False, None
 
