@@ -180,3 +180,28 @@ def test_both_loop_structures(monkeypatch, split):
         *_inputs(1, 4, 2, 76, 76, 64, torch.float16, seed=15),
         causal=True, sliding_window=33, q_segment_ids=seg, kv_segment_ids=seg,
     )
+
+
+def test_window_covering_the_sequence_is_no_window():
+    """A window >= the key length hides nothing: same result as no window, and the SDPA fallback takes the unmasked
+    (is_causal) path, which keeps SDPA's flash backend (StarCoder2: window 4096 on 2048-token rows, dropout 0.1)."""
+    import importlib
+    from unittest import mock
+
+    A = importlib.import_module("litespark_kernels.attention")  # the module (the package re-exports the function)
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    ref = A.attention_reference(q, k, v, sliding_window=None)
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("attn_mask"))
+        return real(*args, **kwargs)
+
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", spy):
+        out = A.attention_sdpa(q, k, v, sliding_window=40)
+    assert calls == [None]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert A.effective_window(39, 40) == 39 and A.effective_window(40, 40) is None

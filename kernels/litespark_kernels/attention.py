@@ -105,6 +105,7 @@ def attention_sdpa(
     """
     _check_shapes(q, k, v)
     Sq, Skv = q.shape[2], k.shape[2]
+    sliding_window = effective_window(sliding_window, Skv)
     gqa = q.shape[1] != k.shape[1]
     plain = q_segment_ids is None and sliding_window is None and (not causal or Sq == Skv or Sq == 1)
     if plain:
@@ -138,6 +139,7 @@ def attention(
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Attention with the semantics of ``attention_reference``; Triton kernel where it applies, SDPA otherwise."""
+    sliding_window = effective_window(sliding_window, k.shape[2])
     kwargs = dict(
         scale=scale, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
         sliding_window=sliding_window, dropout_p=dropout_p,
@@ -145,6 +147,16 @@ def attention(
     if use_triton("attention", q, k, v) and _triton_supports(q, k, dropout_p):
         return run_triton("_attention_triton", "attention_triton", q, k, v, **kwargs)
     return attention_sdpa(q, k, v, **kwargs)
+
+
+def effective_window(sliding_window: int | None, kv_len: int) -> int | None:
+    """None when the window cannot hide any key: query-key distances are at most ``kv_len - 1`` (a StarCoder2 window of
+    4096 on 2048-token rows). Keeps such calls on the unmasked fast paths."""
+    if sliding_window is None or sliding_window >= kv_len:
+        return None
+    if sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    return sliding_window
 
 
 def _triton_supports(q: torch.Tensor, k: torch.Tensor, dropout_p: float) -> bool:
