@@ -33,15 +33,15 @@ class DPOScriptArguments(common.DataArguments):
     start_from: list[str] = field(default_factory=lambda: ["outputs/sft", "outputs/pretrain"],
                                   metadata={"help": "Model directories tried in order when model_name_or_path is "
                                                     "unset."})
-    dpo_num_train: int = field(default=1000, metadata={"help": "Embedded set: training pairs."})
-    dpo_num_eval: int = field(default=200, metadata={"help": "Embedded set: held-out pairs."})
-    preference_eval_samples: int = field(default=200, metadata={"help": "Held-out pairs for the preference "
+    dpo_num_train: int = field(default=2000, metadata={"help": "Embedded set: training pairs."})
+    dpo_num_eval: int = field(default=400, metadata={"help": "Embedded set: held-out pairs."})
+    preference_eval_samples: int = field(default=400, metadata={"help": "Held-out pairs for the preference "
                                                                         "figures (0 = off)."})
 
 
 def defaults() -> dict:
     return common.common_training_defaults("outputs/dpo") | dict(
-        max_steps=100, per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=1e-3,
+        max_steps=120, per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=3e-4,
         beta=0.5, max_length=128, eval_steps=50,
     )
 
@@ -90,7 +90,10 @@ def main(argv=None) -> dict:
         before = preference_figures(model, tokenizer, heldout, script_args.preference_eval_samples)
         if before is not None:
             results["heldout_pref_accuracy_before"] = (before[0] > before[1]).float().mean().item()
-            results["heldout_reward_margin_before"] = 0.0  # policy == reference
+            results["heldout_pairs"] = len(before[0])
+            # policy == reference: every implicit reward is 0, so no pair is won yet
+            results["heldout_reward_margin_before"] = 0.0
+            results["heldout_reward_accuracy_before"] = 0.0
 
     common.prepare_output_dir(training_args.output_dir, RECIPE, fp, clear, argv)
     trainer = DPOTrainer(
@@ -110,9 +113,10 @@ def main(argv=None) -> dict:
                     "heldout_reward_margin_after": margin.mean().item(),
                     "heldout_reward_accuracy_after": (margin > 0).float().mean().item()}
         trainer.accelerator.print(
-            f"[dpo] held-out preference accuracy {results['heldout_pref_accuracy_before']:.1%} -> "
-            f"{results['heldout_pref_accuracy_after']:.1%}, reward margin 0 -> "
-            f"{results['heldout_reward_margin_after']:.3f} ({len(lc)} pairs)")
+            f"[dpo] {len(lc)} held-out pairs: log-prob preference accuracy "
+            f"{results['heldout_pref_accuracy_before']:.1%} -> {results['heldout_pref_accuracy_after']:.1%}; "
+            f"implicit reward accuracy {results['heldout_reward_accuracy_after']:.1%}, mean margin 0 -> "
+            f"{results['heldout_reward_margin_after']:.3f}")
     common.save_all(trainer, tokenizer, training_args.output_dir, RECIPE, source, results)
     return results
 
