@@ -17,25 +17,14 @@ program sums its chunk of rows for one block of columns, and the [row groups, N]
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from ._dispatch import sm_count as _sm_count
+
 SILU = 0
 GELU_TANH = 1
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count_cached(device_type: str, index: int | None) -> int:
-    if device_type == "cuda":
-        return torch.cuda.get_device_properties(index).multi_processor_count
-    return 4  # Triton's CPU interpreter: any small number
-
-
-def _sm_count(device: torch.device) -> int:
-    return _sm_count_cached(device.type, device.index)
 
 
 @triton.jit

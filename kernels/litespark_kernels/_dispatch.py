@@ -12,6 +12,7 @@ Environment switches:
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -81,6 +82,18 @@ def run_triton(module: str, name: str, *args, **kwargs):
 @torch.compiler.disable
 def _eager_call(fn, *args, **kwargs):
     return fn(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_cached(device_type: str, index: int | None) -> int:
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(index).multi_processor_count
+    return 4  # Triton's CPU interpreter: any small number
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (persistent-grid sizes); a small constant in the CPU interpreter."""
+    return _sm_count_cached(device.type, device.index)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

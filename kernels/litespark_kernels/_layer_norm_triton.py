@@ -17,25 +17,14 @@ chunks (one program per row) with dweight/dbias from a column-blocked kernel.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from ._dispatch import sm_count as _sm_count
+
 MAX_FUSED_BLOCK = 16384
 LOOP_BLOCK = 4096
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count_cached(device_type: str, index: int | None) -> int:
-    if device_type == "cuda":
-        return torch.cuda.get_device_properties(index).multi_processor_count
-    return 4  # Triton's CPU interpreter: any small number
-
-
-def _sm_count(device: torch.device) -> int:
-    return _sm_count_cached(device.type, device.index)
 
 
 @triton.jit

@@ -23,27 +23,16 @@ dweight in fp32 registers; the [programs, hidden] partial sums are added up by o
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from ._dispatch import sm_count as _sm_count
 
 # Widest row (in padded columns) that one program holds in registers; wider rows use the looped kernels.
 MAX_FUSED_BLOCK = 16384
 # Column chunk of the looped kernels.
 LOOP_BLOCK = 4096
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count_cached(device_type: str, index: int | None) -> int:
-    if device_type == "cuda":
-        return torch.cuda.get_device_properties(index).multi_processor_count
-    return 4  # Triton's CPU interpreter: any small number
-
-
-def _sm_count(device: torch.device) -> int:
-    return _sm_count_cached(device.type, device.index)
 
 
 # ---------------------------------------------------------------------------------------------------------------
