@@ -343,6 +343,19 @@ _FINGERPRINT_SKIP = {"output_dir", "logging_dir", "resume_from_checkpoint", "ove
                      "save_strategy", "logging_strategy"}
 
 
+def check_run(recipe: str, script_args, training_args, model_args) -> tuple[str | None, str, bool]:
+    """The checks every recipe makes before writing anything: the checkpoint to resume from (or None), the run's
+    fingerprint, whether ``output_dir`` must be cleared (another run of a recipe, with --overwrite_output_dir), and
+    streaming needing ``max_steps``."""
+    resume = resolve_resume(training_args.output_dir, training_args.resume_from_checkpoint)
+    fp = fingerprint(script_args, training_args, model_args)
+    clear = check_output_dir(training_args.output_dir, recipe, fp, script_args.overwrite_output_dir,
+                             resume is not None)
+    if script_args.dataset_streaming and training_args.max_steps <= 0:
+        raise RecipeError("dataset_streaming needs max_steps > 0 (a stream has no length)")
+    return resume, fp, clear
+
+
 def fingerprint(*arg_objects) -> str:
     items = {}
     for obj in arg_objects:

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
-from common import RecipeError  # noqa: E402
 
 RECIPE = "dpo"
 
@@ -64,12 +63,7 @@ def main(argv=None) -> dict:
     script_args, training_args, model_args, options = common.parse_args(
         (DPOScriptArguments, DPOConfig, ModelConfig), argv,
         defaults())
-    resume = common.resolve_resume(training_args.output_dir, training_args.resume_from_checkpoint)
-    fp = common.fingerprint(script_args, training_args, model_args)
-    clear = common.check_output_dir(training_args.output_dir, RECIPE, fp, script_args.overwrite_output_dir,
-                                    resume is not None)
-    if script_args.dataset_streaming and training_args.max_steps <= 0:
-        raise RecipeError("dataset_streaming needs max_steps > 0 (a stream has no length)")
+    resume, fp, clear = common.check_run(RECIPE, script_args, training_args, model_args)
 
     def embedded():
         return dpo_dataset(script_args.dpo_num_train, script_args.dpo_num_eval, seed=training_args.seed + 1)

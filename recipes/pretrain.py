@@ -152,12 +152,7 @@ def main(argv=None) -> dict:
     start = model_args.model_name_or_path  # set: continual pre-training of that model
     if not start:  # from scratch: the shape must be valid JSON before anything is loaded
         shape(script_args)
-    resume = common.resolve_resume(training_args.output_dir, training_args.resume_from_checkpoint)
-    fp = common.fingerprint(script_args, training_args, model_args)
-    clear = common.check_output_dir(training_args.output_dir, RECIPE, fp, script_args.overwrite_output_dir,
-                                    resume is not None)
-    if script_args.dataset_streaming and training_args.max_steps <= 0:
-        raise RecipeError("dataset_streaming needs max_steps > 0 (a stream has no length)")
+    resume, fp, clear = common.check_run(RECIPE, script_args, training_args, model_args)
 
     if start:
         model, tokenizer = load_existing(start, script_args, model_args)

@@ -56,12 +56,7 @@ def main(argv=None) -> dict:
     script_args, training_args, model_args, options = common.parse_args(
         (SFTScriptArguments, SFTConfig, ModelConfig), argv,
         defaults())
-    resume = common.resolve_resume(training_args.output_dir, training_args.resume_from_checkpoint)
-    fp = common.fingerprint(script_args, training_args, model_args)
-    clear = common.check_output_dir(training_args.output_dir, RECIPE, fp, script_args.overwrite_output_dir,
-                                    resume is not None)
-    if script_args.dataset_streaming and training_args.max_steps <= 0:
-        raise RecipeError("dataset_streaming needs max_steps > 0 (a stream has no length)")
+    resume, fp, clear = common.check_run(RECIPE, script_args, training_args, model_args)
     if training_args.padding_free and not training_args.packing and training_args.max_length is not None:
         raise RecipeError("padding_free without packing does not truncate: set max_length null, or --packing true")
 

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dispatch import as_rows as _as_rows
 from ._dispatch import sm_count as _sm_count
 
 SILU = 0
@@ -154,13 +155,6 @@ def _gelu_bias_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    t2 = t.reshape(-1, t.shape[-1])
-    if t2.shape[1] > 1 and t2.stride(1) != 1:
-        t2 = t2.contiguous()
-    return t2
 
 
 def _tile(n_cols: int, tile: int | None, block_n: int | None, num_warps: int | None) -> tuple[int, int, int]:

@@ -73,10 +73,15 @@ def run_triton(module: str, name: str, *args, **kwargs):
     Under ``torch.compile`` the call is a graph break: Dynamo does not trace into the Triton launches (Inductor
     cannot re-compile these kernels), the surrounding code is still compiled.
     """
+    return _eager_call(_triton_entry(module, name), *args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_entry(module: str, name: str):
+    """The Triton module is imported on first use only (after TRITON_INTERPRET is set, and never on CPU-only runs)."""
     import importlib
 
-    fn = getattr(importlib.import_module(f"litespark_kernels.{module}"), name)
-    return _eager_call(fn, *args, **kwargs)
+    return getattr(importlib.import_module(f"litespark_kernels.{module}"), name)
 
 
 @torch.compiler.disable
@@ -96,12 +101,22 @@ def sm_count(device: torch.device) -> int:
     return _sm_count_cached(device.type, device.index)
 
 
+try:  # resolved once: use_triton runs on every op call
+    from torch.distributed.tensor import DTensor as _DTensor
+except Exception:  # pragma: no cover - torch without distributed
+    _DTensor = ()
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except Exception:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
+    return isinstance(t, _DTensor)
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., N] -> a 2D [M, N] view (copy only when unavoidable) whose last dimension is contiguous."""
+    t2 = t.reshape(-1, t.shape[-1])
+    if t2.shape[1] > 1 and t2.stride(1) != 1:
+        t2 = t2.contiguous()
+    return t2
 
 
 def unsupported(op: str, reason: str) -> bool:

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dispatch import as_rows as _as_rows
 from ._dispatch import sm_count as _sm_count
 
 MAX_FUSED_BLOCK = 16384
@@ -201,13 +202,6 @@ def _ln_bwd_dwdb_looped_kernel(
     tl.store(DW_PART + pid_m * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
     if HAS_BIAS:
         tl.store(DB_PART + pid_m * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_mask)
-
-
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    t2 = t.reshape(-1, t.shape[-1])
-    if t2.shape[1] > 1 and t2.stride(1) != 1:
-        t2 = t2.contiguous()
-    return t2
 
 
 def _fwd_config(n_cols: int, block_m: int | None, num_warps: int | None) -> tuple[int, int, int]:

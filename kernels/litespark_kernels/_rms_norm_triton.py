@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dispatch import as_rows as _as_rows
 from ._dispatch import sm_count as _sm_count
 
 # Widest row (in padded columns) that one program holds in registers; wider rows use the looped kernels.
@@ -228,14 +229,6 @@ def _rms_bwd_dw_looped_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., N] -> a 2D [M, N] view (copy only when unavoidable) whose last dimension is contiguous."""
-    t2 = t.reshape(-1, t.shape[-1])
-    if t2.shape[1] > 1 and t2.stride(1) != 1:
-        t2 = t2.contiguous()
-    return t2
 
 
 def _fwd_config(n_cols: int, block_m: int | None, num_warps: int | None) -> tuple[int, int, int]:
