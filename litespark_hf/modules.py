@@ -54,13 +54,30 @@ class LitesparkLayerNorm:
         return lk.layer_norm(hidden_states, self.weight, self.bias, self.eps)
 
 
-def fused_gated_activation(act: nn.Module):
-    """The fused kernel for a gated MLP's activation module (SiLU -> SwiGLU, GELU-tanh -> GeGLU), or None."""
+def fused_gated_activation(act: nn.Module, packed: bool = False):
+    """The fused kernel for a gated MLP's activation module (SiLU -> SwiGLU, GELU-tanh -> GeGLU), or None.
+
+    ``packed``: the version taking one fused gate+up output (`litespark_kernels.swiglu_packed`).
+    """
     if isinstance(act, (nn.SiLU, SiLUActivation)):
-        return lk.swiglu
+        return lk.swiglu_packed if packed else lk.swiglu
     if isinstance(act, GELUTanh):
-        return lk.geglu
+        return lk.geglu_packed if packed else lk.geglu
     return None
+
+
+def plain_linears(*modules: nn.Module) -> bool:
+    """True when every module is exactly ``nn.Linear`` (not a LoRA/quantised wrapper, no subclass).
+
+    Such projections are run through `litespark_kernels.fused_linear` (one GEMM per group of projections that read
+    the same input); anything else is called as a module, so adapters and hooks keep working.
+    """
+    return all(type(m) is nn.Linear for m in modules)
+
+
+def project(x: torch.Tensor, *linears: nn.Linear) -> torch.Tensor:
+    """``cat([lin(x) for lin in linears], -1)`` through `litespark_kernels.fused_linear` (plain ``nn.Linear`` only)."""
+    return lk.fused_linear(x, [m.weight for m in linears], [m.bias for m in linears])
 
 
 class LitesparkGatedMLP:
@@ -70,6 +87,10 @@ class LitesparkGatedMLP:
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if plain_linears(self.gate_proj, self.up_proj, self.down_proj):
+            packed = fused_gated_activation(self.act_fn, packed=True)
+            if packed is not None:  # gate and up as one GEMM, one gradient for both
+                return project(packed(project(x, self.gate_proj, self.up_proj)), self.down_proj)
         act = fused_gated_activation(self.act_fn)
         if act is None:
             warn_once("gated_mlp", f"activation {type(self.act_fn).__name__} has no fused kernel")
@@ -83,10 +104,10 @@ class LitesparkGeluMLP:
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         c_fc = self.c_fc
         if type(c_fc) is nn.Linear and isinstance(self.act, GELUTanh):
-            h = lk.gelu_tanh_bias(F.linear(hidden_states, c_fc.weight), c_fc.bias)
+            h = lk.gelu_tanh_bias(lk.fused_linear(hidden_states, [c_fc.weight]), c_fc.bias)
         else:  # LoRA-wrapped c_fc or another activation: stock order, nothing fused
             h = self.act(c_fc(hidden_states))
-        h = self.c_proj(h)
+        h = project(h, self.c_proj) if plain_linears(self.c_proj) else self.c_proj(h)
         return F.dropout(h, p=self.residual_dropout, training=self.training)
 
 
@@ -111,13 +132,21 @@ class LitesparkAttention:
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(hidden_shape)
-        key_states = self.k_proj(hidden_states).view(hidden_shape)
+        if plain_linears(self.q_proj, self.k_proj, self.v_proj):  # one GEMM for q, k and v
+            sizes = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
+            query_states, key_states, value_states = project(
+                hidden_states, self.q_proj, self.k_proj, self.v_proj).split(sizes, dim=-1)
+        else:
+            query_states = self.q_proj(hidden_states)
+            key_states = self.k_proj(hidden_states)
+            value_states = self.v_proj(hidden_states)
+        query_states = query_states.view(hidden_shape)
+        key_states = key_states.view(hidden_shape)
         if hasattr(self, "q_norm"):
             query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
         query_states = query_states.transpose(1, 2)
         key_states = key_states.transpose(1, 2)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = value_states.view(hidden_shape).transpose(1, 2)
 
         cos, sin = position_embeddings
         query_states, key_states = lk.apply_rope(query_states, key_states, cos, sin)
@@ -132,7 +161,8 @@ class LitesparkAttention:
             self, query_states, key_states, value_states, attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **extra, **kwargs,
         )
-        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = project(attn_output, self.o_proj) if plain_linears(self.o_proj) else self.o_proj(attn_output)
         if hasattr(self, "residual_dropout"):
             attn_output = F.dropout(attn_output, p=self.residual_dropout, training=self.training)
         return attn_output, attn_weights
@@ -159,12 +189,12 @@ class LitesparkLMHead:
     parameters around its forward (DeepSpeed ZeRO-3, FSDP) see the weight used; without labels it is a plain linear.
     """
 
-    def forward(self, input, labels=None, shift_labels=None, num_items_in_batch=None):
+    def forward(self, input, labels=None, shift_labels=None, num_items_in_batch=None, label_count=None):
         if labels is None and shift_labels is None:
             return F.linear(input, self.weight, self.bias)
         return lk.fused_linear_cross_entropy(
             input, self.weight, labels, bias=self.bias, shift_labels=shift_labels,
-            num_items_in_batch=num_items_in_batch,
+            num_items_in_batch=num_items_in_batch, label_count=label_count,
         )
 
 
@@ -192,12 +222,17 @@ class LitesparkCausalLM:
         shift_labels = kwargs.pop("shift_labels", None)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         kwargs.pop("ignore_index", None)
+        if shift_labels is None:
+            shift_labels = lk.shifted_labels(labels)
+        # started before the decoder so that the loss reads a finished copy instead of syncing (LabelCount)
+        label_count = lk.count_labels(shift_labels) if shift_labels.is_cuda else None
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
         )
         loss = self.lm_head(
-            outputs.last_hidden_state, labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch
+            outputs.last_hidden_state, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
+            label_count=label_count,
         )
         return CausalLMOutputWithPast(
             loss=loss, logits=None, past_key_values=outputs.past_key_values,

@@ -120,3 +120,27 @@ def test_strided_launch_parameters():
     d2 = act.glu_backward(torch.ones_like(g), g, u, act.GELU_TANH, tile=128, block_n=32)
     for a, b in zip(d1, d2):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+PACKED = [(act.swiglu_packed_triton, swiglu_reference), (act.geglu_packed_triton, geglu_reference)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fns", PACKED, ids=["swiglu_packed", "geglu_packed"])
+@pytest.mark.parametrize("shape", [(3, 5, 246), (1000, 2 * 123)])
+def test_packed_glu_forward_backward_writes_one_gradient(dtype, fns, shape):
+    """act(gu[..., :I]) * gu[..., I:] on one fused gate+up tensor: values and its single [.., 2I] gradient."""
+    ours, ref = fns
+    torch.manual_seed(1)
+    gu = 2.5 * torch.randn(shape, dtype=dtype)
+    compare(ours, lambda t: ref(*t.chunk(2, dim=-1)), (gu,), dtype)
+    x = gu.clone().requires_grad_(True)
+    y = ours(x)
+    assert y.shape == (*shape[:-1], shape[-1] // 2)
+    (g,) = torch.autograd.grad(y, x, torch.randn_like(y))
+    assert g.shape == x.shape and g.is_contiguous()
+
+
+def test_packed_glu_rejects_odd_width():
+    with pytest.raises(ValueError, match="even"):
+        act.swiglu_packed_triton(torch.randn(4, 7))

@@ -165,3 +165,22 @@ def test_dispatcher_default_options(monkeypatch):
     want = _run(fused_linear_cross_entropy_reference, h, w, b, labels=labels)
     got = _run(fused_linear_cross_entropy, h, w, b, labels=labels)
     _check(got, want, 2e-5)
+
+
+@pytest.mark.parametrize("ignored", [0.0, 0.4])
+def test_label_count_made_early_gives_the_same_loss_and_gradients(ignored):
+    """``label_count=count_labels(shift_labels)`` (made before the decoder, no sync later) changes nothing."""
+    from litespark_kernels import count_labels, shifted_labels
+
+    h, w, _, labels = _inputs((3, 70), 45, 300, seed=11)
+    g = torch.Generator().manual_seed(3)
+    labels[torch.rand(labels.shape, generator=g) < ignored] = -100
+    shift = shifted_labels(labels)
+    count = count_labels(shift)
+    assert count.value() == int((shift != -100).sum())
+    want = _run(fused_linear_cross_entropy_reference, h, w, None, shift_labels=shift)
+    got = _run(_triton, h, w, None, shift_labels=shift, label_count=count, grad_scale=0.5)
+    want = (want[0],) + tuple(t * 0.5 for t in want[1:3]) + (None,)
+    _check(got, want, 2e-5)
+    with pytest.raises(ValueError, match="other labels"):
+        _triton(h[:, :10], w, shift_labels=shift[:, :10], label_count=count)

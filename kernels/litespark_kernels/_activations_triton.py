@@ -180,11 +180,14 @@ def glu_forward(gate, up, act: int, *, tile=None, block_n=None, num_warps=None) 
     return y
 
 
-def glu_backward(dy, gate, up, act: int, *, tile=None, block_n=None, num_warps=None):
-    """(dgate, dup) on 2D row views, recomputing act(gate)."""
+def glu_backward(dy, gate, up, act: int, *, tile=None, block_n=None, num_warps=None, out=None):
+    """(dgate, dup) on 2D row views, recomputing act(gate); ``out``: (dgate, dup) row views to write into."""
     n_rows, n_cols = gate.shape
-    dg = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
-    du = torch.empty((n_rows, n_cols), dtype=up.dtype, device=up.device)
+    if out is not None:
+        dg, du = out
+    else:
+        dg = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
+        du = torch.empty((n_rows, n_cols), dtype=up.dtype, device=up.device)
     if dg.numel() == 0:
         return dg, du
     bm, bn, nw = _tile(n_cols, tile, block_n, num_warps)
@@ -264,6 +267,30 @@ class _GLUFunction(torch.autograd.Function):
         return dg.view(ctx.shape), du.view(ctx.shape), None
 
 
+class _GLUPackedFunction(torch.autograd.Function):
+    """act(gu[..., :I]) * gu[..., I:] for one fused gate+up projection; the backward writes one [.., 2I] gradient."""
+
+    @staticmethod
+    def forward(ctx, gu: torch.Tensor, act: int) -> torch.Tensor:
+        if gu.shape[-1] % 2:
+            raise ValueError(f"a packed gate+up needs an even last dimension, got {gu.shape[-1]}")
+        half = gu.shape[-1] // 2
+        gu2 = _as_rows(gu)
+        y = glu_forward(gu2[:, :half], gu2[:, half:], act)
+        ctx.save_for_backward(gu2)
+        ctx.act = act
+        ctx.shape = gu.shape
+        return y.view(*gu.shape[:-1], half)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        (gu2,) = ctx.saved_tensors
+        half = gu2.shape[1] // 2
+        d = torch.empty(gu2.shape, dtype=gu2.dtype, device=gu2.device)
+        glu_backward(_as_rows(dy), gu2[:, :half], gu2[:, half:], ctx.act, out=(d[:, :half], d[:, half:]))
+        return d.view(ctx.shape), None
+
+
 class GeluTanhBiasFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -293,6 +320,16 @@ def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def geglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(gate) * up, Triton forward and backward."""
     return _GLUFunction.apply(gate, up, GELU_TANH)
+
+
+def swiglu_packed_triton(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate_up[..., :I]) * gate_up[..., I:], one [.., 2I] gradient."""
+    return _GLUPackedFunction.apply(gate_up, SILU)
+
+
+def geglu_packed_triton(gate_up: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate_up[..., :I]) * gate_up[..., I:], one [.., 2I] gradient."""
+    return _GLUPackedFunction.apply(gate_up, GELU_TANH)
 
 
 def gelu_tanh_bias_triton(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -4,7 +4,10 @@ Same function as ``fused_linear_cross_entropy_reference`` (transformers' ``ForCa
 ``hidden @ weight.T (+ bias)``), computed as follows.
 
 1. Flatten ``hidden`` to [N, H], shift the labels (unless ``shift_labels`` is given) and keep only the rows whose
-   label is not ``ignore_index`` (one host sync: ``nonzero``). In SFT most rows are often ignored and cost nothing.
+   label is not ``ignore_index``. In SFT most rows are often ignored and cost nothing. The number of kept rows
+   must reach the host: given a `LabelCount` made when the labels arrived (``label_count=``;
+   `litespark_hf` makes one before the decoder runs) it is read from a copy that finished long ago and the rows
+   are found with ``nonzero_static``, so the GPU's queue is not drained; without one, ``nonzero`` syncs here.
 2. For each chunk of at most ``rows`` kept rows (the chunk's logits take at most ``LITESPARK_FLCE_CHUNK_MB``
    MiB, default 512):
    - ``logits = h_chunk @ W^T (+ b)`` with cuBLAS, in the compute dtype (bf16 in mixed precision: this is the
@@ -17,7 +20,8 @@ Same function as ``fused_linear_cross_entropy_reference`` (transformers' ``ForCa
      written by cuBLAS's epilogue when torch supports ``addmm(..., out_dtype=float32)`` for bf16/fp16 inputs),
      ``grad_b += dlogits.sum(0)`` in fp32.
 3. The loss is a scalar, so the gradients are final after the forward; backward only multiplies them by
-   ``grad_output`` (skipped when it is 1).
+   ``grad_output`` in place, in a kernel that reads ``grad_output`` on the device and returns at once when it is 1
+   (the usual case): no host sync.
 
 Memory beyond the inputs: one chunk of logits, one chunk of gathered hidden rows and of their gradient, the full
 ``grad_hidden`` (as the reference) and ``grad_W`` (fp32 while accumulating; for bf16/fp16 weights it is cast to the
@@ -39,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_linear_cross_entropy import shifted_labels
+from .fused_linear_cross_entropy import LabelCount, shifted_labels
 
 _DEFAULT_CHUNK_MB = 512  # H100, V=128256: 512 MiB ran 7% faster than 256 MiB at the same peak (NOTES.md)
 
@@ -105,6 +109,46 @@ def _launch_ce_rows(logits: torch.Tensor, target: torch.Tensor, loss: torch.Tens
     )
 
 
+@triton.jit
+def _scale_unless_one_kernel(X, G, n, BLOCK: tl.constexpr):
+    """X *= G[0] in place, over a persistent grid; every program returns at once when G[0] == 1."""
+    g = tl.load(G).to(tl.float32)
+    if g != 1.0:
+        for start in range(tl.program_id(0) * BLOCK, n, tl.num_programs(0) * BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < n
+            x = tl.load(X + offs, mask=mask)
+            tl.store(X + offs, (x.to(tl.float32) * g).to(X.dtype.element_ty), mask=mask)
+
+
+def _scale_unless_one(t: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor | None:
+    """``t * g`` for a device scalar ``g`` without a host sync (in place; ``t`` is ours and contiguous)."""
+    if t is None or t.numel() == 0:
+        return t
+    from ._dispatch import sm_count
+
+    block = 4096
+    grid = (max(1, min(triton.cdiv(t.numel(), block), sm_count(t.device) * 8)),)
+    _scale_unless_one_kernel[grid](t, g, t.numel(), BLOCK=block, num_warps=8)
+    return t
+
+
+_NONZERO_STATIC_OK: dict[str, bool] = {}
+
+
+def _kept_rows(valid: torch.Tensor, n_valid: int) -> torch.Tensor:
+    """Indices of the True entries of ``valid`` when their number is known (no sync where supported)."""
+    key = str(valid.device)
+    if _NONZERO_STATIC_OK.get(key, True):
+        try:
+            idx = torch.nonzero_static(valid, size=n_valid).squeeze(1)
+            _NONZERO_STATIC_OK[key] = True
+            return idx
+        except (RuntimeError, NotImplementedError, AttributeError):  # a torch without it for this device
+            _NONZERO_STATIC_OK[key] = False
+    return valid.nonzero().squeeze(1)
+
+
 # Whether this torch/cuBLAS can add a bf16/fp16 product into a fp32 matrix in one call (checked once, on a tiny case).
 _ADDMM_FP32_OK: dict[str, bool] = {}
 
@@ -149,7 +193,7 @@ def _chunk_rows(n: int, vocab: int, elem_size: int, chunk_bytes: int | None) -> 
 
 
 def _flce_compute(hidden2d, weight, bias, target, ignore_index, num_items_in_batch, need_gh, need_gw, need_gb,
-                  *, chunk_bytes=None, chunk_rows=None, accum_dtype=None, block_v=None):
+                  *, chunk_bytes=None, chunk_rows=None, accum_dtype=None, block_v=None, label_count=None):
     """Loss and (optionally) gradients. hidden2d [N, H] and weight [V, H] (and bias [V]) in the compute dtype.
 
     Returns (loss fp32 scalar, grad_hidden [N, H] compute dtype or None, grad_weight (accum dtype) or None,
@@ -161,10 +205,16 @@ def _flce_compute(hidden2d, weight, bias, target, ignore_index, num_items_in_bat
     cdt = hidden2d.dtype
     need_grad = need_gh or need_gw or need_gb
 
-    valid = target != ignore_index
-    idx = valid.nonzero().squeeze(1)
-    n_valid = idx.numel()  # host sync
-    gather = n_valid != n
+    if label_count is not None:  # counted when the labels arrived: its copy to the host is long done
+        valid = label_count.valid.reshape(-1)
+        n_valid = label_count.value()
+        gather = n_valid != n
+        idx = _kept_rows(valid, n_valid) if gather else None
+    else:
+        valid = target != ignore_index
+        idx = valid.nonzero().squeeze(1)
+        n_valid = idx.numel()  # host sync
+        gather = n_valid != n
 
     # Loss normaliser and the gradient scale (device tensor: no sync for a tensor num_items_in_batch).
     if num_items_in_batch is None:
@@ -246,11 +296,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         gh, gw, gb = ctx.grads
         ctx.grads = None
-        if not bool(torch.all(grad_output == 1)):  # the usual case (loss.backward()) needs no multiply
-            g = grad_output.reshape(())
-            gh = gh * g.to(gh.dtype) if gh is not None else None
-            gw = gw * g.to(gw.dtype) if gw is not None else None
-            gb = gb * g.to(gb.dtype) if gb is not None else None
+        g = grad_output.reshape(1).to(torch.float32)
+        if g.device.type == "cuda":  # no sync: the kernel returns at once when grad_output is 1
+            gh, gw, gb = (_scale_unless_one(t, g) for t in (gh, gw, gb))
+        else:  # Triton's CPU interpreter (tests)
+            gh, gw, gb = (t * g.to(t.dtype) if t is not None else None for t in (gh, gw, gb))
         return gh, gw, gb, None, None, None, None, None
 
 
@@ -270,6 +320,7 @@ def fused_linear_cross_entropy_triton(
     shift_labels: torch.Tensor | None = None,
     ignore_index: int = -100,
     num_items_in_batch: torch.Tensor | int | None = None,
+    label_count: LabelCount | None = None,
     _options: dict | None = None,
 ) -> torch.Tensor:
     """Chunked fused linear + cross-entropy; same loss and gradients as ``fused_linear_cross_entropy_reference``.
@@ -287,6 +338,10 @@ def fused_linear_cross_entropy_triton(
     if hidden.shape[-1] != weight.shape[-1]:
         raise ValueError(f"hidden size {hidden.shape[-1]} != weight's {weight.shape[-1]}")
     options = dict(_options or {})
+    if label_count is not None:
+        if label_count.valid.numel() != target.numel() or label_count.valid.device != target.device:
+            raise ValueError("label_count was made from other labels (count_labels(shift_labels) of these labels)")
+        options["label_count"] = label_count
     compute_dtype = _compute_dtype(hidden)
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))

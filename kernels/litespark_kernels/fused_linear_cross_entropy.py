@@ -20,6 +20,38 @@ def shifted_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tens
     return F.pad(labels, (0, 1), value=ignore_index)[..., 1:].contiguous()
 
 
+class LabelCount:
+    """How many labels are not ``ignore_index``, started on the device when the labels arrive.
+
+    The fused loss must know, on the host, how many rows it keeps. Counting at the loss would wait for the whole
+    forward pass queued before it (a host sync that leaves the GPU idle while the backward is launched); made before
+    the decoder runs, the count is copied to pinned host memory behind a CUDA event that has completed by the time
+    the loss reads it. On CPU tensors it is counted at once.
+    """
+
+    def __init__(self, shift_labels: torch.Tensor, ignore_index: int = -100):
+        self.valid = shift_labels != ignore_index
+        self._event = None
+        count = self.valid.sum()
+        if count.is_cuda:
+            self._host = torch.empty((), dtype=count.dtype, pin_memory=True)
+            self._host.copy_(count, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = count
+
+    def value(self) -> int:
+        if self._event is not None:
+            self._event.synchronize()
+        return int(self._host)
+
+
+def count_labels(shift_labels: torch.Tensor, ignore_index: int = -100) -> LabelCount:
+    """Start counting the kept labels (see `LabelCount`); pass the result as ``label_count=`` with these labels."""
+    return LabelCount(shift_labels, ignore_index)
+
+
 def fused_linear_cross_entropy_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -54,12 +86,18 @@ def fused_linear_cross_entropy(
     shift_labels: torch.Tensor | None = None,
     ignore_index: int = -100,
     num_items_in_batch: torch.Tensor | int | None = None,
+    label_count: LabelCount | None = None,
 ) -> torch.Tensor:
-    """Same loss and gradients as the reference; chunked Triton path on CUDA, reference elsewhere."""
+    """Same loss and gradients as the reference; chunked Triton path on CUDA, reference elsewhere.
+
+    ``label_count``: optional `count_labels(shift_labels)` of the same (shifted) labels, made early so that the
+    Triton path needs no host sync.
+    """
     if use_triton("fused_linear_cross_entropy", hidden, weight):
-        return run_triton("_fused_linear_cross_entropy_triton", "fused_linear_cross_entropy_triton", 
+        return run_triton(
+            "_fused_linear_cross_entropy_triton", "fused_linear_cross_entropy_triton",
             hidden, weight, labels, bias=bias, shift_labels=shift_labels, ignore_index=ignore_index,
-            num_items_in_batch=num_items_in_batch,
+            num_items_in_batch=num_items_in_batch, label_count=label_count,
         )
     return fused_linear_cross_entropy_reference(
         hidden, weight, labels, bias=bias, shift_labels=shift_labels, ignore_index=ignore_index,

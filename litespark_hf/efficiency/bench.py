@@ -184,8 +184,10 @@ class _EnergyMeter:
 
 
 def run_variant(config_name: str, variant: str, steps: int, time_from: int, seed: int = 0, progress: bool = True,
-                out_dir: str | None = None, efficiency_callback: bool = False) -> dict:
-    """Train ``config_name`` with ``variant`` in this process; returns the measurements (status "ok")."""
+                out_dir: str | None = None, efficiency_callback: bool = False, callbacks=None) -> dict:
+    """Train ``config_name`` with ``variant`` in this process; returns the measurements (status "ok").
+
+    ``callbacks``: extra `TrainerCallback`s (e.g. a profiler window, ``benchmarks/profile_step.py``)."""
     import torch
 
     cfg = CONFIGS[config_name]
@@ -227,7 +229,7 @@ def run_variant(config_name: str, variant: str, steps: int, time_from: int, seed
         from transformers import Trainer, TrainingArguments
     args = TrainingArguments(**common, **overrides)
     timer = _timer_callback(time_from, steps, cuda, progress, meter)
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[timer])
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[timer, *(callbacks or [])])
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # no per-step log lines

@@ -1,0 +1,155 @@
+"""Where a training step's GPU time goes: torch.profiler over a window of Trainer steps, kernels grouped by kind.
+
+Runs `litespark_hf.efficiency.bench.run_variant` (same model, data and settings as ``litespark-train-bench``) with
+a profiler callback on steps ``--from``..``--to`` (1-based, inclusive), then prints per variant: wall time per
+step, GPU busy time per step (union of kernel intervals), idle time, and milliseconds per step by kernel group
+(GEMM, attention, fused linear CE, norms, RoPE, activations, optimizer, casts/copies, ...) plus the top kernels.
+Writes ``<out>/profile_<config>.json`` and, with ``--trace``, the Chrome traces.
+
+Usage (GPU): ``python benchmarks/profile_step.py --config llama-1b --variants sdpa,litespark``
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+GROUPS = [  # first match wins; patterns on the kernel name, lower case
+    ("attention", r"_attn_|_bwd_delta|flash|fmha|cudnn.*attn|sdpa|_segment_range"),
+    ("fused_ce", r"_ce_rows|cross_entropy|log_softmax|nll_loss"),
+    ("gemm", r"gemm|nvjet|cutlass|xmma|cublas|sm90_|matmul|_mm_"),
+    ("norm", r"rms|_ln_|layer_norm|norm_kernel"),
+    ("rope", r"rope"),
+    ("activation", r"_glu_|gelu|silu|swiglu"),
+    ("optimizer", r"adam|multi_tensor|fused_sgd"),
+    ("embedding", r"embedding|index_put|indexing_backward|index_select|scatter|gather|sort|radix"),
+    ("reduce", r"reduce|norm"),
+    ("cast_copy", r"copy|cast|convert|to_copy|cat_|fill|memset|memcpy"),
+    ("elementwise", r"elementwise|vectorized|unrolled|pointwise|triton_"),
+]
+
+
+def group_of(name: str) -> str:
+    low = name.lower()
+    for g, pat in GROUPS:
+        if re.search(pat, low):
+            return g
+    return "other"
+
+
+def _union(intervals):
+    total, end = 0.0, None
+    start = None
+    for s, e in sorted(intervals):
+        if end is None or s > end:
+            if end is not None:
+                total += end - start
+            start, end = s, e
+        else:
+            end = max(end, e)
+    if end is not None:
+        total += end - start
+    return total
+
+
+def analyse(trace_path: str, n_steps: int) -> dict:
+    opener = gzip.open if trace_path.endswith(".gz") else open
+    with opener(trace_path, "rt") as fh:
+        tr = json.load(fh)
+    kern = [e for e in tr.get("traceEvents", []) if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+            and "dur" in e]
+    if not kern:
+        return {"error": "no kernel events in the trace"}
+    iv = [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in kern]
+    span = max(e for _, e in iv) - min(s for s, _ in iv)
+    busy = _union(iv)
+    by_group, by_name, count = {}, {}, {}
+    for e in kern:
+        d = float(e["dur"])
+        g = group_of(e["name"])
+        by_group[g] = by_group.get(g, 0.0) + d
+        by_name[e["name"]] = by_name.get(e["name"], 0.0) + d
+        count[e["name"]] = count.get(e["name"], 0) + 1
+    ms = 1e-3 / n_steps
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:40]
+    return {
+        "steps": n_steps, "span_ms_per_step": span * ms, "busy_ms_per_step": busy * ms,
+        "idle_ms_per_step": (span - busy) * ms, "kernels_per_step": len(kern) / n_steps,
+        "groups_ms_per_step": {g: v * ms for g, v in sorted(by_group.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [{"name": n[:140], "group": group_of(n), "ms_per_step": v * ms, "calls_per_step": count[n] / n_steps}
+                        for n, v in top],
+    }
+
+
+def profiler_callback(first: int, last: int, trace_path: str):
+    import torch
+    from transformers import TrainerCallback
+
+    class Prof(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step + 1 == first:
+                torch.cuda.synchronize()
+                self.prof = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+                self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.prof is not None and state.global_step == last:
+                torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                self.prof.export_chrome_trace(trace_path)
+                self.prof = None
+
+    return Prof()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="llama-1b")
+    p.add_argument("--variants", default="sdpa,litespark")
+    p.add_argument("--steps", type=int, default=9)
+    p.add_argument("--from", dest="first", type=int, default=6)
+    p.add_argument("--to", dest="last", type=int, default=8)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--trace", action="store_true", help="keep the (gzipped) Chrome traces in --out")
+    a = p.parse_args(argv)
+    from litespark_hf.efficiency.bench import run_variant
+
+    os.makedirs(a.out, exist_ok=True)
+    report = {}
+    for v in a.variants.split(","):
+        trace = os.path.join(a.out, f"trace_{a.config}_{v}.json")
+        res = run_variant(a.config, v, a.steps, a.first, progress=False,
+                          callbacks=[profiler_callback(a.first, a.last, trace)])
+        info = analyse(trace, a.last - a.first + 1)
+        info["tokens_per_second_unprofiled_median"] = res.get("tokens_per_second")
+        info["step_times_s"] = res.get("step_times_s")
+        report[v] = info
+        if a.trace:
+            with open(trace, "rb") as fi, gzip.open(trace + ".gz", "wb") as fo:
+                fo.write(fi.read())
+        os.remove(trace)
+        print(f"\n== {a.config} / {v}: span {info['span_ms_per_step']:.1f} ms/step, busy {info['busy_ms_per_step']:.1f}, "
+              f"idle {info['idle_ms_per_step']:.1f}, {info['kernels_per_step']:.0f} kernels/step")
+        for g, ms in info["groups_ms_per_step"].items():
+            print(f"   {g:<12} {ms:8.2f} ms")
+        print("   top kernels:")
+        for k in info["top_kernels"][:25]:
+            print(f"   {k['ms_per_step']:7.2f} ms {k['calls_per_step']:6.1f}x [{k['group']}] {k['name'][:100]}")
+        sys.stdout.flush()
+    path = os.path.join(a.out, f"profile_{a.config}.json")
+    with open(path, "w") as fh:
+        json.dump(report, fh, indent=1)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
