@@ -87,7 +87,7 @@ def analyse(trace_path: str, n_steps: int) -> dict:
     }
 
 
-def profiler_callback(first: int, last: int, trace_path: str):
+def profiler_callback(first: int, last: int, trace_path: str, cuda_only: bool = False):
     import torch
     from transformers import TrainerCallback
 
@@ -97,8 +97,10 @@ def profiler_callback(first: int, last: int, trace_path: str):
         def on_step_begin(self, args, state, control, **kw):
             if state.global_step + 1 == first:
                 torch.cuda.synchronize()
-                self.prof = torch.profiler.profile(
-                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+                acts = [torch.profiler.ProfilerActivity.CUDA]
+                if not cuda_only:
+                    acts.insert(0, torch.profiler.ProfilerActivity.CPU)
+                self.prof = torch.profiler.profile(activities=acts)
                 self.prof.__enter__()
 
         def on_step_end(self, args, state, control, **kw):
@@ -120,6 +122,9 @@ def main(argv=None):
     p.add_argument("--to", dest="last", type=int, default=8)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--trace", action="store_true", help="keep the (gzipped) Chrome traces in --out")
+    p.add_argument("--cuda-only", action="store_true",
+                   help="record GPU activity only: host overhead is not inflated by CPU-op recording, so the idle "
+                        "time is close to an unprofiled step's (no per-op attribution of the gaps)")
     a = p.parse_args(argv)
     from litespark_hf.efficiency.bench import run_variant
 
@@ -128,7 +133,7 @@ def main(argv=None):
     for v in a.variants.split(","):
         trace = os.path.join(a.out, f"trace_{a.config}_{v}.json")
         res = run_variant(a.config, v, a.steps, a.first, progress=False,
-                          callbacks=[profiler_callback(a.first, a.last, trace)])
+                          callbacks=[profiler_callback(a.first, a.last, trace, a.cuda_only)])
         info = analyse(trace, a.last - a.first + 1)
         info["tokens_per_second_unprofiled_median"] = res.get("tokens_per_second")
         info["step_times_s"] = res.get("step_times_s")

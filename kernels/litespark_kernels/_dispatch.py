@@ -71,9 +71,13 @@ def run_triton(module: str, name: str, *args, **kwargs):
     """Call ``litespark_kernels.<module>.<name>`` eagerly.
 
     Under ``torch.compile`` the call is a graph break: Dynamo does not trace into the Triton launches (Inductor
-    cannot re-compile these kernels), the surrounding code is still compiled.
+    cannot re-compile these kernels), the surrounding code is still compiled. Outside compilation the entry is
+    called directly (the ``torch.compiler.disable`` wrapper costs several microseconds of host time per call, and
+    a training step makes hundreds of these calls).
     """
-    return _eager_call(_triton_entry(module, name), *args, **kwargs)
+    if torch.compiler.is_compiling():
+        return _eager_call(module, name, *args, **kwargs)
+    return _triton_entry(module, name)(*args, **kwargs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -85,8 +89,8 @@ def _triton_entry(module: str, name: str):
 
 
 @torch.compiler.disable
-def _eager_call(fn, *args, **kwargs):
-    return fn(*args, **kwargs)
+def _eager_call(module: str, name: str, *args, **kwargs):
+    return _triton_entry(module, name)(*args, **kwargs)
 
 
 @functools.lru_cache(maxsize=None)

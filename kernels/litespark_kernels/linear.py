@@ -80,12 +80,9 @@ class _FusedLinear(torch.autograd.Function):
                 w = weights[0]
             elif n_weights == 1:
                 w = weights[0].to(cdt)
-            else:  # one [sum(out), in] buffer, each block written by one cast-copy (as autocast's cast would)
+            else:  # one [sum(out), in] buffer written by one cast-and-concatenate (autocast casts each weight)
                 w = torch.empty((sum(sizes), k), dtype=cdt, device=x.device)
-                r = 0
-                for wi, n in zip(weights, sizes):
-                    w[r:r + n].copy_(wi)
-                    r += n
+                torch.cat(weights, out=w)
             x2 = x.reshape(-1, k).to(cdt)
             has_bias = any(b is not None for b in biases)
             if has_bias:

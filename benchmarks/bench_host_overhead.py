@@ -1,0 +1,119 @@
+"""Host (CPU) time per training step, where the GPU has almost nothing to do: is a step launch-bound?
+
+Runs the 1B-shaped model of ``litespark-train-bench`` (random init, fp32 weights, bf16 autocast) on a tiny batch
+(``--batch`` x ``--seq``, default 1 x 16 tokens) so that the GPU work is negligible and the wall time of a forward,
+and of forward + backward, is the time the CPU needs to issue it. Compares stock sdpa with Litespark. Also times
+single ops (Litespark dispatcher vs the eager PyTorch equivalent) on tiny tensors. Prints a table, writes JSON.
+Needs a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _time(fn, reps: int) -> float:
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps * 1e3  # ms
+
+
+def main(argv=None):
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    import litespark_hf
+    import litespark_kernels as lk
+    from litespark_hf.efficiency.bench import CONFIGS, _hf_config
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="llama-1b")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=16)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--out", default="benchmarks/results/host_overhead.json")
+    a = p.parse_args(argv)
+    cfg = CONFIGS[a.config]
+    hf = _hf_config(cfg)
+    res = {"model": {}, "ops": {}}
+    ids = torch.randint(0, hf.vocab_size, (a.batch, a.seq), device="cuda")
+    for name in ("sdpa", "litespark"):
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa", dtype=torch.float32)
+        if name == "litespark":
+            litespark_hf.apply(model)
+        model.train()
+
+        def fwd():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return model(input_ids=ids, labels=ids).loss
+
+        def fwd_bwd():
+            fwd().backward()
+
+        r = {"forward_ms": _time(fwd, a.reps), "forward_backward_ms": _time(fwd_bwd, a.reps)}
+        res["model"][name] = r
+        print(f"{name:>10}: forward {r['forward_ms']:.2f} ms, forward+backward {r['forward_backward_ms']:.2f} ms "
+              f"(CPU-bound: {a.batch}x{a.seq} tokens)", flush=True)
+        del model
+        torch.cuda.empty_cache()
+
+    d = torch.device("cuda")
+    x = torch.randn(16, 2048, device=d, requires_grad=True)
+    w = torch.ones(2048, device=d, requires_grad=True)
+    q = torch.randn(1, 32, 16, 64, device=d, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, 8, 16, 64, device=d, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, 8, 16, 64, device=d, dtype=torch.bfloat16, requires_grad=True)
+    cos = torch.randn(1, 16, 64, device=d)
+    sin = torch.randn(1, 16, 64, device=d)
+    gu = torch.randn(16, 2 * 1024, device=d, dtype=torch.bfloat16, requires_grad=True)
+    ws = [torch.randn(n, 2048, device=d, requires_grad=True) for n in (2048, 512, 512)]
+
+    def autocast(fn):
+        def run():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return fn()
+        return run
+
+    ops = {
+        "rms_norm": (lambda: lk.rms_norm(x, w, 1e-5), lambda: F.rms_norm(x, (2048,), w, 1e-5)),
+        "rope": (lambda: lk.apply_rope(q, k, cos, sin), lambda: lk.apply_rope_reference(q, k, cos, sin)),
+        "attention": (lambda: lk.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True),
+                      lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)),
+        "swiglu_packed": (lambda: lk.swiglu_packed(gu), lambda: F.silu(gu[:, :1024]) * gu[:, 1024:]),
+        "qkv_projection": (autocast(lambda: lk.fused_linear(x, ws)), autocast(lambda: [F.linear(x, t) for t in ws])),
+    }
+    print(f"{'op':>16} | litespark fwd | eager fwd | litespark fwd+bwd | eager fwd+bwd   (ms per call, host-bound)")
+    for name, (ours, eager) in ops.items():
+        def fb(fn):
+            def run():
+                out = fn()
+                outs = out if isinstance(out, (list, tuple)) else [out]
+                torch.autograd.backward([o.float().sum() for o in outs])
+            return run
+        r = {"litespark_fwd": _time(ours, a.reps * 5), "eager_fwd": _time(eager, a.reps * 5),
+             "litespark_fwd_bwd": _time(fb(ours), a.reps * 5), "eager_fwd_bwd": _time(fb(eager), a.reps * 5)}
+        res["ops"][name] = r
+        print(f"{name:>16} | {r['litespark_fwd']:13.3f} | {r['eager_fwd']:9.3f} | {r['litespark_fwd_bwd']:17.3f} | "
+              f"{r['eager_fwd_bwd']:13.3f}", flush=True)
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as fh:
+        json.dump({"device": torch.cuda.get_device_name(), "args": vars(a), **res}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
