@@ -30,6 +30,66 @@ def _time(fn, reps: int) -> float:
     return (time.perf_counter() - t) / reps * 1e3  # ms
 
 
+def breakdown(reps: int) -> dict:
+    """Host microseconds per call of each layer under one RMSNorm forward (16 x 2048 fp32 rows)."""
+    import torch
+    import torch.nn.functional as F
+    import triton
+
+    import litespark_kernels as lk
+    from litespark_kernels import _dispatch
+    from litespark_kernels import _rms_norm_triton as rt
+
+    d = torch.device("cuda")
+    x = torch.randn(16, 2048, device=d)
+    w = torch.randn(2048, device=d)
+    xg = x.clone().requires_grad_(True)
+    wg = w.clone().requires_grad_(True)
+    y = torch.empty_like(x)
+    rstd = torch.empty(16, device=d)
+    bm, bn, nw = rt._fwd_config(2048, None, None)
+    grid = (triton.cdiv(16, bm),)
+    args = (x, x, y, y, w, rstd, x.stride(0), 0, 0, y.stride(0), 16, 2048, 1e-5)
+
+    def raw():
+        return rt._rms_fwd_kernel[grid](*args, HAS_RESIDUAL=False, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
+
+    class Nop(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    layers = {
+        "torch.add (eager reference)": lambda: torch.add(x, x),
+        "F.rms_norm (eager)": lambda: F.rms_norm(x, (2048,), w, 1e-5),
+        "torch.empty x2": lambda: (torch.empty_like(x), torch.empty(16, device=d)),
+        "no-op autograd.Function": lambda: Nop.apply(xg),
+        "use_triton check": lambda: _dispatch.use_triton("rms_norm", x, w),
+        "raw Triton launch kernel[grid](...)": raw,
+        "rms_norm_forward (launcher + allocs)": lambda: rt.rms_norm_forward(x, None, w, 1e-5),
+        "rms_norm_triton (autograd.Function)": lambda: rt.rms_norm_triton(xg, wg, 1e-5),
+        "lk.rms_norm (dispatcher, grad)": lambda: lk.rms_norm(xg, wg, 1e-5),
+    }
+    try:
+        ck = raw()
+        run = ck[(grid[0], 1, 1)]
+        full = args + (False, bm, bn)
+        run(*full)
+        layers["compiled kernel run (cached, no binder)"] = lambda: run(*full)
+    except Exception as e:  # the compiled-kernel API differs between Triton versions
+        print("compiled-kernel launch not timed:", type(e).__name__, e)
+    out = {}
+    print(f"{'layer':>42} | host us per call")
+    for name, fn in layers.items():
+        out[name] = _time(fn, reps) * 1e3
+        print(f"{name:>42} | {out[name]:8.2f}", flush=True)
+    return out
+
+
 def main(argv=None):
     import torch
     import torch.nn.functional as F
@@ -45,6 +105,9 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=16)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", default="benchmarks/results/host_overhead.json")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time each layer of one RMSNorm call (dispatcher, autograd.Function, launcher, raw "
+                        "Triton launch, compiled-kernel launch) to see where an op's host time goes")
     a = p.parse_args(argv)
     cfg = CONFIGS[a.config]
     hf = _hf_config(cfg)
@@ -110,6 +173,8 @@ def main(argv=None):
         res["ops"][name] = r
         print(f"{name:>16} | {r['litespark_fwd']:13.3f} | {r['eager_fwd']:9.3f} | {r['litespark_fwd_bwd']:17.3f} | "
               f"{r['eager_fwd_bwd']:13.3f}", flush=True)
+    if a.breakdown:
+        res["breakdown_us"] = breakdown(a.reps * 50)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as fh:
         json.dump({"device": torch.cuda.get_device_name(), "args": vars(a), **res}, fh, indent=1)

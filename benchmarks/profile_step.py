@@ -77,6 +77,7 @@ def analyse(trace_path: str, n_steps: int) -> dict:
         by_name[e["name"]] = by_name.get(e["name"], 0.0) + d
         count[e["name"]] = count.get(e["name"], 0) + 1
     ms = 1e-3 / n_steps
+    gaps = gap_summary(kern, ms)
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:40]
     return {
         "steps": n_steps, "span_ms_per_step": span * ms, "busy_ms_per_step": busy * ms,
@@ -84,6 +85,31 @@ def analyse(trace_path: str, n_steps: int) -> dict:
         "groups_ms_per_step": {g: v * ms for g, v in sorted(by_group.items(), key=lambda kv: -kv[1])},
         "top_kernels": [{"name": n[:140], "group": group_of(n), "ms_per_step": v * ms, "calls_per_step": count[n] / n_steps}
                         for n, v in top],
+        "gaps": gaps,
+    }
+
+
+def gap_summary(kern: list, ms: float) -> dict:
+    """Idle GPU time split by gap length, and summed by the kernel that ends each gap (what the GPU waited for)."""
+    ev = sorted(kern, key=lambda e: float(e["ts"]))
+    bins = {"<10us": 0.0, "10-100us": 0.0, "0.1-1ms": 0.0, ">1ms": 0.0}
+    by_next, largest = {}, []
+    end, prev = None, None
+    for e in ev:
+        s, d = float(e["ts"]), float(e["dur"])
+        if end is not None and s > end:
+            g = s - end
+            bins["<10us" if g < 10 else "10-100us" if g < 100 else "0.1-1ms" if g < 1000 else ">1ms"] += g
+            key = group_of(e["name"]) + ": " + e["name"][:60]
+            by_next[key] = by_next.get(key, 0.0) + g
+            largest.append((g, prev[:60], e["name"][:60]))
+        if end is None or s + d > end:
+            end, prev = s + d, e["name"]
+    largest.sort(reverse=True)
+    return {
+        "idle_ms_per_step_by_gap_length": {k: v * ms for k, v in bins.items()},
+        "idle_ms_per_step_before_kernel": {k: v * ms for k, v in sorted(by_next.items(), key=lambda kv: -kv[1])[:25]},
+        "largest_gaps_us": [{"us": g, "after": a, "before": b} for g, a, b in largest[:20]],
     }
 
 
@@ -146,6 +172,14 @@ def main(argv=None):
               f"idle {info['idle_ms_per_step']:.1f}, {info['kernels_per_step']:.0f} kernels/step")
         for g, ms in info["groups_ms_per_step"].items():
             print(f"   {g:<12} {ms:8.2f} ms")
+        gp = info.get("gaps", {})
+        print("   idle by gap length (ms/step):", {k: round(v, 2) for k, v in gp.get("idle_ms_per_step_by_gap_length", {}).items()})
+        print("   idle before kernel (ms/step):")
+        for k, v in list(gp.get("idle_ms_per_step_before_kernel", {}).items())[:15]:
+            print(f"   {v:7.2f}  {k}")
+        print("   largest gaps:")
+        for g in gp.get("largest_gaps_us", [])[:12]:
+            print(f"   {g['us']:9.1f} us  after {g['after']}  before {g['before']}")
         print("   top kernels:")
         for k in info["top_kernels"][:25]:
             print(f"   {k['ms_per_step']:7.2f} ms {k['calls_per_step']:6.1f}x [{k['group']}] {k['name'][:100]}")

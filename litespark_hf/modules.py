@@ -7,6 +7,8 @@ keys stay exactly as they were (nothing is copied), and `restore` points ``__cla
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import litespark_kernels as lk
 from litespark_kernels._dispatch import warn_once
+from litespark_kernels.linear import _plain_tensor
 
 GELUTanh = hf_activations.GELUTanh
 SiLUActivation = getattr(hf_activations, "SiLUActivation", nn.SiLU)  # not in every transformers 5.x
@@ -39,10 +42,41 @@ def original_class(module: nn.Module) -> type | None:
 
 
 class LitesparkRMSNorm:
-    """transformers' RMSNorm (``weight``, ``variance_epsilon``) through `litespark_kernels.rms_norm`."""
+    """transformers' RMSNorm (``weight``, ``variance_epsilon``) through `litespark_kernels.rms_norm`.
+
+    A decoder layer's input and post-attention norms are linked by `link_norm_consumers` to the attention / MLP they
+    feed. Under autocast, when that consumer runs its projections through `fused_linear` (which casts its input to
+    the autocast dtype first), the norm writes the autocast dtype directly: the same values as stock's fp32 output
+    cast by autocast, half the bytes, and no separate cast kernel.
+    """
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return lk.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        out_dtype = None
+        ref = self.__dict__.get("_litespark_consumer")
+        if ref is not None and hidden_states.dtype == torch.float32:
+            dev = hidden_states.device.type
+            if torch.is_autocast_enabled(dev):
+                consumer = ref()
+                if consumer is not None and consumer.litespark_casts_input():
+                    out_dtype = torch.get_autocast_dtype(dev)
+        return lk.rms_norm(hidden_states, self.weight, self.variance_epsilon, out_dtype=out_dtype)
+
+
+def link_norm_consumers(model: nn.Module) -> int:
+    """Link each decoder layer's norms to the Litespark attention / gated MLP they feed (see `LitesparkRMSNorm`)."""
+    n = 0
+    for m in model.modules():
+        for norm_name, consumer_name in (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp")):
+            norm, consumer = getattr(m, norm_name, None), getattr(m, consumer_name, None)
+            if isinstance(norm, LitesparkRMSNorm) and hasattr(consumer, "litespark_casts_input"):
+                norm.__dict__["_litespark_consumer"] = weakref.ref(consumer)
+                n += 1
+    return n
+
+
+def unlink_norm_consumers(model: nn.Module) -> None:
+    for m in model.modules():
+        m.__dict__.pop("_litespark_consumer", None)
 
 
 class LitesparkLayerNorm:
@@ -75,22 +109,99 @@ def plain_linears(*modules: nn.Module) -> bool:
     return all(type(m) is nn.Linear for m in modules)
 
 
-def project(x: torch.Tensor, *linears: nn.Linear) -> torch.Tensor:
-    """``cat([lin(x) for lin in linears], -1)`` through `litespark_kernels.fused_linear` (plain ``nn.Linear`` only)."""
-    return lk.fused_linear(x, [m.weight for m in linears], [m.bias for m in linears])
+def project(x: torch.Tensor, *linears: nn.Linear, cast: torch.Tensor | None = None) -> torch.Tensor:
+    """``cat([lin(x) for lin in linears], -1)`` through `litespark_kernels.fused_linear` (plain ``nn.Linear`` only).
+
+    ``cast``: these weights already cast for this forward (`cast_projection_weights`), or None."""
+    return lk.fused_linear(x, [m.weight for m in linears], [m.bias for m in linears], cast)
+
+
+def _cast_of(module: nn.Module, slot: str) -> torch.Tensor | None:
+    casts = module.__dict__.get("_litespark_casts")
+    return None if casts is None else casts.get(slot)
+
+
+def link_cast_owners(model: nn.Module) -> int:
+    """Record on ``model`` the Litespark modules whose projection weights `cast_projection_weights` casts."""
+    owners = [m for m in model.modules() if hasattr(m, "litespark_cast_groups")]
+    model.__dict__["_litespark_cast_owners"] = owners
+    # transformers sets ``gradient_checkpointing`` on each decoder layer (and the model) it checkpoints
+    model.__dict__["_litespark_gc_flags"] = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    return len(owners)
+
+
+def unlink_cast_owners(model: nn.Module) -> None:
+    model.__dict__.pop("_litespark_cast_owners", None)
+    model.__dict__.pop("_litespark_gc_flags", None)
+
+
+def cast_projection_weights(model: nn.Module, device_type: str) -> list[nn.Module]:
+    """Cast every fused projection group's weights to the autocast dtype at once (`litespark_kernels.cast_weights`).
+
+    Stock autocast casts each Linear's fp32 weight when the Linear runs (one kernel launch per projection per
+    forward, ~112 for a 16-layer Llama); this makes one buffer and one ``_foreach_copy_`` at the start of the
+    forward, and the layers read their views (same values). Only under autocast, with every weight on one device,
+    outside ``torch.compile`` and without gradient checkpointing (whose recomputation would keep the whole buffer
+    alive through the forward). Returns the modules given casts; `drop_casts` must clear them after the forward.
+    """
+    owners = model.__dict__.get("_litespark_cast_owners")
+    if not owners or not torch.is_autocast_enabled(device_type) or torch.compiler.is_compiling():
+        return []
+    if any(getattr(m, "gradient_checkpointing", False) for m in model.__dict__.get("_litespark_gc_flags", ())):
+        return []
+    slots, groups, device = [], [], None
+    for m in owners:
+        for slot, linears in m.litespark_cast_groups().items():
+            ws = [lin.weight for lin in linears]
+            dtype = ws[0].dtype
+            if device is None:
+                device = ws[0].device
+            if any(w.device != device or w.dtype != dtype or not _plain_tensor(w) for w in ws):
+                return []  # spread over devices (device_map), sharded, or mixed dtypes: per-call casts
+            slots.append((m, slot))
+            groups.append(ws)
+    if device is None or device.type != device_type:
+        return []
+    views = lk.cast_weights(groups, torch.get_autocast_dtype(device_type))
+    given = []
+    for (m, slot), view in zip(slots, views):
+        casts = m.__dict__.get("_litespark_casts")
+        if casts is None:
+            casts = m.__dict__["_litespark_casts"] = {}
+            given.append(m)
+        casts[slot] = view
+    return given
+
+
+def drop_casts(modules: list[nn.Module]) -> None:
+    for m in modules:
+        m.__dict__.pop("_litespark_casts", None)
 
 
 class LitesparkGatedMLP:
     """``down(act(gate(x)) * up(x))`` with the activation and the product fused (SwiGLU / GeGLU).
 
-    The projections are called as modules, so LoRA adapters on them keep training.
+    Plain ``nn.Linear`` projections run as one gate+up GEMM (`litespark_kernels.fused_linear`) and the packed
+    activation; wrapped ones (LoRA) are called as modules, so adapters keep training.
     """
+
+    def litespark_casts_input(self) -> bool:
+        """True when forward feeds its input only to `fused_linear` (so a low-precision input changes nothing)."""
+        return (plain_linears(self.gate_proj, self.up_proj, self.down_proj)
+                and fused_gated_activation(self.act_fn, packed=True) is not None)
+
+    def litespark_cast_groups(self) -> dict[str, list[nn.Linear]]:
+        """The projection groups forward runs through `fused_linear` (for `cast_projection_weights`)."""
+        if self.litespark_casts_input():
+            return {"gate_up": [self.gate_proj, self.up_proj], "down": [self.down_proj]}
+        return {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if plain_linears(self.gate_proj, self.up_proj, self.down_proj):
             packed = fused_gated_activation(self.act_fn, packed=True)
             if packed is not None:  # gate and up as one GEMM, one gradient for both
-                return project(packed(project(x, self.gate_proj, self.up_proj)), self.down_proj)
+                gate_up = project(x, self.gate_proj, self.up_proj, cast=_cast_of(self, "gate_up"))
+                return project(packed(gate_up), self.down_proj, cast=_cast_of(self, "down"))
         act = fused_gated_activation(self.act_fn)
         if act is None:
             warn_once("gated_mlp", f"activation {type(self.act_fn).__name__} has no fused kernel")
@@ -101,13 +212,23 @@ class LitesparkGatedMLP:
 class LitesparkGeluMLP:
     """StarCoder2's MLP: ``dropout(c_proj(gelu_tanh(c_fc(x))))`` with c_fc's bias fused into the activation."""
 
+    def litespark_cast_groups(self) -> dict[str, list[nn.Linear]]:
+        """The projections forward runs through `fused_linear` (for `cast_projection_weights`)."""
+        groups = {}
+        if type(self.c_fc) is nn.Linear and isinstance(self.act, GELUTanh):
+            groups["c_fc"] = [self.c_fc]
+        if plain_linears(self.c_proj):
+            groups["c_proj"] = [self.c_proj]
+        return groups
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         c_fc = self.c_fc
         if type(c_fc) is nn.Linear and isinstance(self.act, GELUTanh):
-            h = lk.gelu_tanh_bias(lk.fused_linear(hidden_states, [c_fc.weight]), c_fc.bias)
+            h = lk.gelu_tanh_bias(lk.fused_linear(hidden_states, [c_fc.weight], cast=_cast_of(self, "c_fc")),
+                                  c_fc.bias)
         else:  # LoRA-wrapped c_fc or another activation: stock order, nothing fused
             h = self.act(c_fc(hidden_states))
-        h = project(h, self.c_proj) if plain_linears(self.c_proj) else self.c_proj(h)
+        h = project(h, self.c_proj, cast=_cast_of(self, "c_proj")) if plain_linears(self.c_proj) else self.c_proj(h)
         return F.dropout(h, p=self.residual_dropout, training=self.training)
 
 
@@ -129,13 +250,26 @@ class LitesparkAttention:
     def _sliding_window(self):
         return None
 
+    def litespark_casts_input(self) -> bool:
+        """True when forward feeds its input only to `fused_linear` (so a low-precision input changes nothing)."""
+        return plain_linears(self.q_proj, self.k_proj, self.v_proj)
+
+    def litespark_cast_groups(self) -> dict[str, list[nn.Linear]]:
+        """The projection groups forward runs through `fused_linear` (for `cast_projection_weights`)."""
+        groups = {}
+        if plain_linears(self.q_proj, self.k_proj, self.v_proj):
+            groups["qkv"] = [self.q_proj, self.k_proj, self.v_proj]
+        if plain_linears(self.o_proj):
+            groups["o"] = [self.o_proj]
+        return groups
+
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         if plain_linears(self.q_proj, self.k_proj, self.v_proj):  # one GEMM for q, k and v
             sizes = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
             query_states, key_states, value_states = project(
-                hidden_states, self.q_proj, self.k_proj, self.v_proj).split(sizes, dim=-1)
+                hidden_states, self.q_proj, self.k_proj, self.v_proj, cast=_cast_of(self, "qkv")).split(sizes, dim=-1)
         else:
             query_states = self.q_proj(hidden_states)
             key_states = self.k_proj(hidden_states)
@@ -162,7 +296,10 @@ class LitesparkAttention:
             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **extra, **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        attn_output = project(attn_output, self.o_proj) if plain_linears(self.o_proj) else self.o_proj(attn_output)
+        if plain_linears(self.o_proj):
+            attn_output = project(attn_output, self.o_proj, cast=_cast_of(self, "o"))
+        else:
+            attn_output = self.o_proj(attn_output)
         if hasattr(self, "residual_dropout"):
             attn_output = F.dropout(attn_output, p=self.residual_dropout, training=self.training)
         return attn_output, attn_weights
@@ -226,10 +363,14 @@ class LitesparkCausalLM:
             shift_labels = lk.shifted_labels(labels)
         # started before the decoder so that the loss reads a finished copy instead of syncing (LabelCount)
         label_count = lk.count_labels(shift_labels) if shift_labels.is_cuda else None
-        outputs = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
-        )
+        given = cast_projection_weights(self, self.lm_head.weight.device.type)
+        try:
+            outputs = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+            )
+        finally:
+            drop_casts(given)
         loss = self.lm_head(
             outputs.last_hidden_state, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
             label_count=label_count,

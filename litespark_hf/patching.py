@@ -15,7 +15,10 @@ import torch.nn as nn
 from .architectures import SUPPORTED_MODEL_TYPES, SWAP_KINDS, get_architecture
 from .attention import ATTENTION_NAME, register
 from .config import LitesparkConfig
-from .modules import LitesparkLMHead, original_class, swapped_class
+from .modules import (
+    LitesparkLMHead, link_cast_owners, link_norm_consumers, original_class, swapped_class, unlink_cast_owners,
+    unlink_norm_consumers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +94,8 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
             counts[kind] = counts.get(kind, 0) + 1
             if kind == "causal_lm" and type(module.lm_head) is nn.Linear:
                 module.lm_head.__class__ = swapped_class(LitesparkLMHead, nn.Linear)
+        link_norm_consumers(base)
+        link_cast_owners(base)
     if cfg.sat_omission_rate_mlp > 0 or cfg.sat_omission_rate_heads > 0:
         from .sat import enable_sat  # Sparsity-Accelerated Training on top of the Litespark layers
 
@@ -108,6 +113,8 @@ def restore(model: nn.Module) -> nn.Module:
 
     disable_sat(model)
     base = unwrap_model(model)
+    unlink_norm_consumers(base)
+    unlink_cast_owners(base)
     for module in base.modules():
         original = original_class(module)
         if original is not None:

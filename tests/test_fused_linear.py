@@ -100,3 +100,110 @@ def test_zero3_style_parameter_takes_the_reference_path(monkeypatch):
     y = lk.fused_linear(x, ws)
     assert not called
     assert torch.allclose(y, torch.cat([F.linear(x, w) for w in ws], -1))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_norms_feeding_fused_projections_write_bf16_under_autocast(family):
+    """Under bf16 autocast a layer's norms write bf16 (what every consumer cast to anyway): same loss as stock
+    autocast bit for bit, gradients within bf16 noise; fp32 output again without autocast or after restore."""
+    import litespark_hf
+    from tests.tiny_models import random_batch, tiny_model
+
+    stock = tiny_model(family, attn_implementation="sdpa")
+    lit = tiny_model(family, attn_implementation="sdpa")
+    litespark_hf.apply(lit)
+    ids = random_batch()
+    batch = {"input_ids": ids, "labels": ids}
+    seen = []
+    layer = lit.model.layers[0]
+    hooks = [layer.input_layernorm.register_forward_hook(lambda m, i, o: seen.append(o.dtype)),
+             layer.post_attention_layernorm.register_forward_hook(lambda m, i, o: seen.append(o.dtype))]
+    losses, grads = [], []
+    for model in (stock, lit):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert torch.equal(losses[0], losses[1])
+    for name, g in grads[0].items():
+        assert rel(grads[1][name], g) < 3e-2, name
+    seen.clear()
+    lit(input_ids=ids)  # no autocast: the stock fp32 output
+    assert seen == [torch.float32, torch.float32]
+    for h in hooks:
+        h.remove()
+    litespark_hf.restore(lit)
+    assert "_litespark_consumer" not in layer.input_layernorm.__dict__
+
+
+def test_cast_weights_concatenates_each_group_into_fresh_views():
+    g = torch.Generator().manual_seed(3)
+    groups = [[torch.randn(n, 123, generator=g) for n in (64, 16, 16)], [torch.randn(37, 123, generator=g)],
+              [torch.randn(5, 7, generator=g), torch.randn(3, 7, generator=g)]]
+    views = lk.cast_weights(groups, torch.bfloat16)
+    assert [tuple(v.shape) for v in views] == [(96, 123), (37, 123), (8, 7)]
+    for v, ws in zip(views, groups):
+        assert v.dtype == torch.bfloat16
+        assert torch.equal(v, torch.cat(ws).to(torch.bfloat16))
+    again = lk.cast_weights(groups, torch.bfloat16)
+    assert again[0].data_ptr() != views[0].data_ptr()  # a graph that saved the first views keeps them intact
+    # used by fused_linear instead of its own cast: same output, gradients still reach the fp32 weights
+    ws = [w.requires_grad_(True) for w in groups[0]]
+    x = torch.randn(10, 123)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_cast = lk.fused_linear(x, ws, cast=views[0])
+        y_own = lk.fused_linear(x, ws)
+        y_bad = lk.fused_linear(x, ws, cast=views[1])  # wrong shape: ignored, cast here
+    assert torch.equal(y_cast, y_own) and torch.equal(y_bad, y_own)
+    y_cast.float().sum().backward()
+    assert all(w.grad is not None and w.grad.dtype == torch.float32 for w in ws)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "starcoder2"])
+def test_projection_weights_cast_once_per_forward(family, monkeypatch):
+    """Under autocast the training forward casts all fused projection weights at once (`cast_projection_weights`);
+    losses and gradients equal the per-projection casts' through two AdamW steps (fused AdamW does not bump version
+    counters, so a cache keyed on versions would go stale: the casts are made fresh for each forward and dropped)."""
+    import litespark_hf
+    from litespark_hf import modules as M
+    from tests.tiny_models import random_batch, tiny_model
+
+    calls = []
+    real = lk.cast_weights
+    monkeypatch.setattr(lk, "cast_weights", lambda groups, dtype: calls.append(len(groups)) or real(groups, dtype))
+    ids = random_batch()
+    runs = []
+    for use_casts in (True, False):
+        model = tiny_model(family, attn_implementation="sdpa")
+        litespark_hf.apply(model)
+        if not use_casts:
+            model.__dict__.pop("_litespark_cast_owners")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        losses = []
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.detach())
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            opt.step()
+            opt.zero_grad()
+        runs.append((losses, grads))
+        assert not any("_litespark_casts" in m.__dict__ for m in model.modules())
+    n_layers = len(model.model.layers)
+    assert calls == [4 * n_layers] * 3  # qkv, o, gate_up, down (c_fc, c_proj and o) per layer, once per forward
+    (l1, g1), (l2, g2) = runs
+    assert all(torch.equal(a, b) for a, b in zip(l1, l2))
+    assert all(torch.equal(g1[n], g2[n]) for n in g1)
+    # not without autocast, nor with gradient checkpointing
+    calls.clear()
+    litespark_hf.apply(model)
+    model.__dict__["_litespark_cast_owners"] = [m for m in model.modules() if hasattr(m, "litespark_cast_groups")]
+    model(input_ids=ids, labels=ids)
+    model.gradient_checkpointing_enable()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert calls == []
+    assert M.cast_projection_weights(model, "cpu") == []

@@ -11,13 +11,13 @@ from .fused_linear_cross_entropy import (
     LabelCount, count_labels, fused_linear_cross_entropy, fused_linear_cross_entropy_reference, shifted_labels,
 )
 from .layer_norm import layer_norm, layer_norm_reference
-from .linear import fused_linear, fused_linear_reference
+from .linear import cast_weights, fused_linear, fused_linear_reference
 from .rms_norm import add_rms_norm, rms_norm, rms_norm_reference
 from .rope import apply_rope, apply_rope_reference
 
 __all__ = [
     "LabelCount", "add_rms_norm", "apply_rope", "apply_rope_reference", "attention", "attention_reference",
-    "attention_sdpa", "count_labels", "fused_linear", "fused_linear_cross_entropy",
+    "attention_sdpa", "cast_weights", "count_labels", "fused_linear", "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_reference", "fused_linear_reference", "gelu_tanh_bias", "geglu", "geglu_packed",
     "layer_norm", "layer_norm_reference", "rms_norm", "rms_norm_reference", "shifted_labels", "swiglu",
     "swiglu_packed",

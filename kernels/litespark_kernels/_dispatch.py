@@ -47,24 +47,33 @@ def force_triton() -> bool:
 
 
 def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:
-    """True when ``op`` should run its Triton kernel on these tensors; otherwise warns once and returns False."""
-    if os.environ.get("LITESPARK_DISABLE_TRITON", "0") == "1":
+    """True when ``op`` should run its Triton kernel on these tensors; otherwise warns once and returns False.
+
+    Runs on every op call (hundreds per training step), so it is written for host time: one pass over the tensors.
+    """
+    env = os.environ
+    if env.get("LITESPARK_DISABLE_TRITON") == "1":
         warn_once(op, "disabled by LITESPARK_DISABLE_TRITON=1")
         return False
     if not HAS_TRITON:
         warn_once(op, "triton is not installed")
         return False
-    present = [t for t in tensors if t is not None]
-    if any(_is_dtensor(t) for t in present):
-        # A parameter still sharded by FSDP2 (a DTensor) must not reach a raw pointer kernel; torch ops handle it.
-        warn_once(op, "a DTensor input (a sharded FSDP2 parameter)")
-        return False
-    if force_triton() and interpreting():
+    on_cuda = True
+    for t in tensors:
+        if t is None:
+            continue
+        if isinstance(t, _DTensor):
+            # A parameter still sharded by FSDP2 (a DTensor) must not reach a raw pointer kernel; torch ops handle it.
+            warn_once(op, "a DTensor input (a sharded FSDP2 parameter)")
+            return False
+        if on_cuda and not t.is_cuda:
+            on_cuda = False
+    if on_cuda:
         return True
-    if not all(t.is_cuda for t in present):
-        warn_once(op, "inputs are not on a CUDA device")
-        return False
-    return True
+    if env.get("LITESPARK_FORCE_TRITON") == "1" and env.get("TRITON_INTERPRET") == "1":
+        return True
+    warn_once(op, "inputs are not on a CUDA device")
+    return False
 
 
 def run_triton(module: str, name: str, *args, **kwargs):

@@ -23,6 +23,8 @@ dweight in fp32 registers; the [programs, hidden] partial sums are added up by o
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -231,6 +233,7 @@ def _rms_bwd_dw_looped_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=256)
 def _fwd_config(n_cols: int, block_m: int | None, num_warps: int | None) -> tuple[int, int, int]:
     block_n = triton.next_power_of_2(n_cols)
     if block_m is None:
@@ -241,6 +244,7 @@ def _fwd_config(n_cols: int, block_m: int | None, num_warps: int | None) -> tupl
     return block_m, block_n, num_warps
 
 
+@functools.lru_cache(maxsize=256)
 def _bwd_config(
     n_cols: int, block_m: int | None, num_warps: int | None, programs_per_sm: int | None
 ) -> tuple[int, int, int, int]:
@@ -264,11 +268,15 @@ def rms_norm_forward(
     *,
     block_m: int | None = None,
     num_warps: int | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Launch the forward on 2D row views. Returns (y, s or None, rstd[M] fp32)."""
+    """Launch the forward on 2D row views. Returns (y, s or None, rstd[M] fp32).
+
+    ``out_dtype``: store y in this dtype (the fp32 result rounded once) instead of promote(weight, x)."""
     n_rows, n_cols = x.shape
     in_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    out_dtype = torch.promote_types(weight.dtype, in_dtype)
+    if out_dtype is None:
+        out_dtype = in_dtype if weight.dtype == in_dtype else torch.promote_types(weight.dtype, in_dtype)
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
     s = None if residual is None else torch.empty((n_rows, n_cols), dtype=in_dtype, device=x.device)
@@ -366,20 +374,20 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype=None) -> torch.Tensor:
         _check(x, weight)
         weight = weight.contiguous()
         x2 = _as_rows(x)
-        y, _, rstd = rms_norm_forward(x2, None, weight, eps)
+        y, _, rstd = rms_norm_forward(x2, None, weight, eps, out_dtype=out_dtype)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape
-        return y.view(*x.shape[:-1], x.shape[-1])
+        return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x2, weight, rstd = ctx.saved_tensors
         dx, dw = rms_norm_backward(_as_rows(dy), None, x2, weight, rstd)
-        return dx.view(ctx.x_shape), (dw if ctx.needs_input_grad[1] else None), None
+        return dx.view(ctx.x_shape), (dw if ctx.needs_input_grad[1] else None), None, None
 
 
 class AddRMSNormFunction(torch.autograd.Function):
@@ -417,9 +425,10 @@ class AddRMSNormFunction(torch.autograd.Function):
         return dx, dr, dw, None
 
 
-def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """RMSNorm over the last dimension (transformers' LlamaRMSNorm semantics), Triton forward and backward."""
-    return RMSNormFunction.apply(x, weight, float(eps))
+    return RMSNormFunction.apply(x, weight, float(eps), out_dtype)
 
 
 def add_rms_norm_triton(

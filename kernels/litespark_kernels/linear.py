@@ -70,31 +70,34 @@ def _compute_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
 
 class _FusedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, n_weights, *params):
+    def forward(ctx, x, n_weights, w_cast, *params):
         weights, biases = params[:n_weights], params[n_weights:]
-        cdt = _compute_dtype(x, weights[0])
+        w0 = weights[0]
+        cdt = _compute_dtype(x, w0)
         sizes = [w.shape[0] for w in weights]
-        k = weights[0].shape[1]
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            if n_weights == 1 and weights[0].dtype == cdt:
-                w = weights[0]
-            elif n_weights == 1:
-                w = weights[0].to(cdt)
-            else:  # one [sum(out), in] buffer written by one cast-and-concatenate (autocast casts each weight)
-                w = torch.empty((sum(sizes), k), dtype=cdt, device=x.device)
-                torch.cat(weights, out=w)
-            x2 = x.reshape(-1, k).to(cdt)
-            has_bias = any(b is not None for b in biases)
-            if has_bias:
-                b = torch.cat([bi.to(cdt) if bi is not None else torch.zeros(n, dtype=cdt, device=x.device)
-                               for bi, n in zip(biases, sizes)])
-                y = torch.addmm(b, x2, w.t())
-            else:
-                y = torch.mm(x2, w.t())
+        k = w0.shape[1]
+        n_out = sizes[0] if n_weights == 1 else sum(sizes)
+        # Every operand below is already in cdt, so autocast (if on) changes nothing: no autocast-off context needed.
+        if w_cast is not None and w_cast.dtype == cdt and w_cast.shape == (n_out, k):
+            w = w_cast  # cast (and concatenated) once for the whole model by `cast_weights`
+        elif n_weights == 1:
+            w = w0 if w0.dtype == cdt else w0.to(cdt)
+        else:  # one [sum(out), in] buffer written by one cast-and-concatenate (autocast casts each weight)
+            w = torch.empty((n_out, k), dtype=cdt, device=x.device)
+            torch.cat(weights, out=w)
+        x2 = x.reshape(-1, k)
+        if x2.dtype != cdt:
+            x2 = x2.to(cdt)
+        if any(b is not None for b in biases):
+            b = torch.cat([bi.to(cdt) if bi is not None else torch.zeros(n, dtype=cdt, device=x.device)
+                           for bi, n in zip(biases, sizes)])
+            y = torch.addmm(b, x2, w.t())
+        else:
+            y = torch.mm(x2, w.t())
         ctx.save_for_backward(x2, w)
         ctx.meta = (x.shape, x.dtype, sizes, [wi.dtype for wi in weights],
                     [bi.dtype if bi is not None else None for bi in biases])
-        return y.view(*x.shape[:-1], sum(sizes))
+        return y.view(*x.shape[:-1], n_out)
 
     @staticmethod
     def backward(ctx, dy):
@@ -105,8 +108,8 @@ class _FusedLinear(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dx = _mm(dy2, w, x_dtype).view(x_shape)
-        need_w = ctx.needs_input_grad[2:2 + n]
-        need_b = ctx.needs_input_grad[2 + n:]
+        need_w = ctx.needs_input_grad[3:3 + n]
+        need_b = ctx.needs_input_grad[3 + n:]
         dws = [None] * n
         if any(need_w):
             dtypes = {d for d, need in zip(w_dtypes, need_w) if need}
@@ -125,7 +128,7 @@ class _FusedLinear(torch.autograd.Function):
                 if need_b[i]:
                     dbs[i] = db[r:r + rows].to(b_dtypes[i])
                 r += rows
-        return (dx, None, *dws, *dbs)
+        return (dx, None, None, *dws, *dbs)
 
 
 def _plain_tensor(t: torch.Tensor | None) -> bool:
@@ -136,22 +139,61 @@ def _plain_tensor(t: torch.Tensor | None) -> bool:
 
 
 def fused_linear(x: torch.Tensor, weights: Sequence[torch.Tensor],
-                 biases: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+                 biases: Sequence[torch.Tensor | None] | None = None,
+                 cast: torch.Tensor | None = None) -> torch.Tensor:
     """``cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)`` as one GEMM (see the module docstring).
 
     Weights must share the input size (and dtype). Sharded parameters (FSDP2 DTensors, DeepSpeed ZeRO-3) take the
-    reference path.
+    reference path. ``cast``: the weights already cast to the compute dtype and concatenated (a view returned by
+    `cast_weights`), used instead of casting here; ignored when its dtype or shape does not fit.
     """
-    weights = list(weights)
-    biases = list(biases) if biases is not None else [None] * len(weights)
-    if len(biases) != len(weights):
-        raise ValueError(f"{len(weights)} weights but {len(biases)} biases")
-    if not weights:
+    n = len(weights)
+    if n == 0:
         raise ValueError("no weights")
+    if biases is None:
+        biases = (None,) * n
+    elif len(biases) != n:
+        raise ValueError(f"{n} weights but {len(biases)} biases")
     k = x.shape[-1]
+    dtype = weights[0].dtype
     for w in weights:
         if w.dim() != 2 or w.shape[1] != k:
             raise ValueError(f"weight of shape {tuple(w.shape)} does not take inputs of size {k}")
-    if len({w.dtype for w in weights}) != 1 or not all(_plain_tensor(t) for t in (*weights, *biases)):
-        return fused_linear_reference(x, weights, biases)
-    return _FusedLinear.apply(x, len(weights), *weights, *biases)
+        if w.dtype != dtype or not _plain_tensor(w):
+            return fused_linear_reference(x, weights, biases)
+    for b in biases:
+        if b is not None and not _plain_tensor(b):
+            return fused_linear_reference(x, weights, biases)
+    return _FusedLinear.apply(x, n, cast, *weights, *biases)
+
+
+def cast_weights(groups: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Each group of weights cast to ``dtype`` and concatenated along the output dimension, all in one buffer.
+
+    Returns one ``[sum(rows), in]`` view per group (for `fused_linear`'s ``cast``). One allocation and one
+    ``_foreach_copy_`` for the whole list, instead of a cast (or cast-and-concatenate) per projection per forward:
+    the same values as autocast's casts, far fewer kernel launches. The views are fresh on every call, so a graph
+    that saved an earlier call's views is never overwritten.
+    """
+    flat_sizes, shapes = [], []
+    for g in groups:
+        k = g[0].shape[1]
+        rows = sum(w.shape[0] for w in g)
+        flat_sizes.append(rows * k)
+        shapes.append((rows, k))
+    if not groups:
+        return []
+    device = groups[0][0].device
+    flat = torch.empty(sum(flat_sizes), dtype=dtype, device=device)
+    views = [c.view(shape) for c, shape in zip(flat.split(flat_sizes), shapes)]
+    dsts, srcs = [], []
+    for view, g in zip(views, groups):
+        if len(g) == 1:
+            dsts.append(view)
+            srcs.append(g[0])
+        else:
+            dsts.extend(view.split([w.shape[0] for w in g]))
+            srcs.extend(g)
+    with torch.no_grad():
+        torch._foreach_copy_(dsts, srcs)
+    return views

@@ -26,11 +26,17 @@ def add_rms_norm_reference(
     return rms_norm_reference(s, weight, eps), s
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm over the last dimension; Triton kernel on CUDA, reference elsewhere."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """RMSNorm over the last dimension; Triton kernel on CUDA, reference elsewhere.
+
+    ``out_dtype``: the result rounded once to this dtype (e.g. bf16 when every consumer would cast it to bf16 under
+    autocast anyway: same values, half the bytes, no separate cast); default promote(weight, x) as transformers.
+    """
     if use_triton("rms_norm", x, weight):
-        return run_triton("_rms_norm_triton", "rms_norm_triton", x, weight, eps)
-    return rms_norm_reference(x, weight, eps)
+        return run_triton("_rms_norm_triton", "rms_norm_triton", x, weight, eps, out_dtype)
+    y = rms_norm_reference(x, weight, eps)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def add_rms_norm(
