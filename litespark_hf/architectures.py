@@ -16,6 +16,7 @@ from . import modules as M
 # Swap kinds -> (the LitesparkConfig switch that enables them, the mixin)
 SWAP_KINDS: dict[str, tuple[str, type]] = {
     "rms_norm": ("norms", M.LitesparkRMSNorm),
+    "decoder_layer": ("norms", M.LitesparkDecoderLayer),  # residual add fused into the post-attention RMSNorm
     "layer_norm": ("norms", M.LitesparkLayerNorm),
     "gated_mlp": ("mlp", M.LitesparkGatedMLP),
     "gelu_mlp": ("mlp", M.LitesparkGeluMLP),
@@ -51,6 +52,7 @@ def _gated_family(model_type: str, prefix: str, notes: str = "", attention: str 
         modeling_module=f"transformers.models.{model_type}.modeling_{model_type}",
         swaps={
             f"{prefix}RMSNorm": "rms_norm",
+            f"{prefix}DecoderLayer": "decoder_layer",
             f"{prefix}MLP": "gated_mlp",
             f"{prefix}Attention": attention,
             f"{prefix}ForCausalLM": "causal_lm",

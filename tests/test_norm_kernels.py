@@ -133,6 +133,28 @@ def test_add_rms_norm_forward_backward(dtype, use_s):
         check_close(ours, ref, orc, slack_for(dtype))
 
 
+def test_add_rms_norm_mixed_dtypes_as_in_a_decoder_layer():
+    """A bf16 attention output plus the fp32 residual stream, fp32 weight, output written in bf16 (what the decoder
+    layer's fused path does under autocast): the sum is stock's ``residual + x`` bit for bit, the output is the
+    reference's fp32 output rounded once, and the input gradients come back in each input's dtype."""
+    torch.manual_seed(4)
+    x = leaf(torch.randn(2, 5, 123).to(torch.bfloat16))
+    r, w = leaf(torch.randn(2, 5, 123)), leaf(1.0 + 0.3 * torch.randn(123))
+    y, s = rms_mod.add_rms_norm_triton(x, r, w, 1e-6, torch.bfloat16)
+    xr, rr, wr = (leaf(t.detach()) for t in (x, r, w))
+    yr, sr = add_rms_norm_reference(xr, rr, wr, 1e-6)
+    assert s.dtype == torch.float32 and torch.equal(s, r + x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, yr.to(torch.bfloat16), atol=1e-2, rtol=1e-2)
+    gy, gs = torch.randn_like(yr), torch.randn_like(s)
+    dx, dr, dw = torch.autograd.grad((y, s), (x, r, w), (gy.to(torch.bfloat16), gs))
+    dxr, drr, dwr = torch.autograd.grad((yr, sr), (xr, rr, wr), (gy.to(torch.bfloat16).float(), gs))
+    assert (dx.dtype, dr.dtype, dw.dtype) == (torch.bfloat16, torch.float32, torch.float32)
+    torch.testing.assert_close(dr, drr, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dx, dxr, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(dw, dwr, atol=1e-3, rtol=1e-3)
+
+
 def test_add_rms_norm_only_residual_output_used():
     torch.manual_seed(2)
     x, r, w = leaf(torch.randn(4, 123)), leaf(torch.randn(4, 123)), leaf(torch.ones(123))

@@ -392,12 +392,12 @@ class RMSNormFunction(torch.autograd.Function):
 
 class AddRMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    def forward(ctx, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype=None):
         _check(x, weight)
         if residual.shape != x.shape:
             raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
         weight = weight.contiguous()
-        y, s, rstd = rms_norm_forward(_as_rows(x), _as_rows(residual), weight, eps)
+        y, s, rstd = rms_norm_forward(_as_rows(x), _as_rows(residual), weight, eps, out_dtype=out_dtype)
         ctx.save_for_backward(s, weight, rstd)
         ctx.shape = x.shape
         ctx.dtypes = (x.dtype, residual.dtype)
@@ -422,7 +422,7 @@ class AddRMSNormFunction(torch.autograd.Function):
         x_dtype, r_dtype = ctx.dtypes
         dx = dsum.to(x_dtype) if ctx.needs_input_grad[0] else None
         dr = dsum.to(r_dtype) if ctx.needs_input_grad[1] else None
-        return dx, dr, dw, None
+        return dx, dr, dw, None, None
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
@@ -432,7 +432,8 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
 
 
 def add_rms_norm_triton(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual) in one pass over the rows, Triton forward and backward."""
-    return AddRMSNormFunction.apply(x, residual, weight, float(eps))
+    return AddRMSNormFunction.apply(x, residual, weight, float(eps), out_dtype)

@@ -40,9 +40,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual add fused with RMSNorm: returns (rms_norm(x + residual), x + residual)."""
+    """Residual add fused with RMSNorm: returns (rms_norm(x + residual), x + residual).
+
+    ``out_dtype`` as in `rms_norm` (the normalised output only; the sum keeps promote(x, residual))."""
     if use_triton("add_rms_norm", x, residual, weight):
-        return run_triton("_rms_norm_triton", "add_rms_norm_triton", x, residual, weight, eps)
-    return add_rms_norm_reference(x, residual, weight, eps)
+        return run_triton("_rms_norm_triton", "add_rms_norm_triton", x, residual, weight, eps, out_dtype)
+    y, s = add_rms_norm_reference(x, residual, weight, eps)
+    return (y if out_dtype is None else y.to(out_dtype)), s
