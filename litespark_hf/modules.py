@@ -62,6 +62,11 @@ class LitesparkRMSNorm:
         return None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # The previous decoder layer may have computed this norm of its output already, fused with its residual add
+        # (`LitesparkDecoderLayer`): used only for that very tensor.
+        stash = self.__dict__.pop("_litespark_prenormed", None)
+        if stash is not None and stash[0] is hidden_states:
+            return stash[1]
         return lk.rms_norm(hidden_states, self.weight, self.variance_epsilon,
                            out_dtype=self._out_dtype(hidden_states))
 
@@ -79,9 +84,16 @@ def _hookless(module: nn.Module) -> bool:
 
 
 class LitesparkDecoderLayer:
-    """The pre-norm decoder layer of Llama / Mistral / Qwen2 / Qwen3 with the attention's residual add fused into
-    the post-attention RMSNorm (`litespark_kernels.add_rms_norm`): one pass writes the residual sum and the normed
-    MLP input, and in the backward the residual gradient is added inside the norm's kernel. Same values as stock.
+    """The pre-norm decoder layer of Llama / Mistral / Qwen2 / Qwen3 with its residual adds fused into RMSNorms
+    (`litespark_kernels.add_rms_norm`: one pass writes the residual sum and the normed output; in the backward the
+    residual gradient is added inside the norm's kernel). Same values as stock.
+
+    - The attention's residual add is fused into this layer's post-attention norm.
+    - The MLP's residual add is fused into the NEXT norm (the next layer's input norm, or the model's final norm;
+      linked by `link_decoder_layers`): this layer returns the sum as usual and leaves the normed sum with that
+      norm, which returns it when called on exactly that tensor (otherwise it computes as usual). Not under
+      gradient checkpointing (the recomputed layer must save what the first pass saved), torch.compile, or when
+      the next norm's weight is sharded (FSDP, ZeRO-3: gathered only in its own layer's forward) or elsewhere.
 
     The class keeps the stock class's name (FSDP's and accelerate's wrap policies find decoder layers by class
     name). The stock forward runs instead when the post-attention norm is not a Litespark RMSNorm or has hooks.
@@ -102,7 +114,48 @@ class LitesparkDecoderLayer:
         )
         hidden_states, residual = post.forward_add(hidden_states, residual)
         hidden_states = self.mlp(hidden_states)
-        return residual + hidden_states
+        nxt = self._next_norm(residual)
+        if nxt is None:
+            return residual + hidden_states
+        normed, out = nxt.forward_add(hidden_states, residual)
+        nxt.__dict__["_litespark_prenormed"] = (out, normed)
+        return out
+
+    def _next_norm(self, residual: torch.Tensor):
+        link = self.__dict__.get("_litespark_next")
+        if link is None:
+            return None
+        norm, layer = link
+        if (self.training and (self.gradient_checkpointing or getattr(layer, "gradient_checkpointing", False))) \
+                or torch.compiler.is_compiling():
+            return None
+        w = norm.weight
+        # the next layer may be another FSDP / ZeRO-3 unit whose weights are still sharded here, or on another device
+        if not _plain_tensor(w) or w.shape[0] != residual.shape[-1] or w.device != residual.device:
+            return None
+        return norm
+
+
+def link_decoder_layers(model: nn.Module) -> int:
+    """Give each Litespark decoder layer the norm that reads its output (see `LitesparkDecoderLayer`)."""
+    n = 0
+    for owner in model.modules():
+        layers = getattr(owner, "layers", None)
+        if not isinstance(layers, nn.ModuleList) or not len(layers) \
+                or not all(isinstance(m, LitesparkDecoderLayer) for m in layers):
+            continue
+        nexts = [(nl.input_layernorm, nl) for nl in list(layers)[1:]] + [(getattr(owner, "norm", None), None)]
+        for layer, (norm, next_layer) in zip(layers, nexts):
+            if isinstance(norm, LitesparkRMSNorm):
+                layer.__dict__["_litespark_next"] = (norm, next_layer)
+                n += 1
+    return n
+
+
+def unlink_decoder_layers(model: nn.Module) -> None:
+    for m in model.modules():
+        m.__dict__.pop("_litespark_next", None)
+        m.__dict__.pop("_litespark_prenormed", None)
 
 
 def link_norm_consumers(model: nn.Module) -> int:

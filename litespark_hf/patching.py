@@ -16,8 +16,9 @@ from .architectures import SUPPORTED_MODEL_TYPES, SWAP_KINDS, get_architecture
 from .attention import ATTENTION_NAME, register
 from .config import LitesparkConfig
 from .modules import (
-    LitesparkLMHead, link_cast_owners, link_norm_consumers, original_class, swapped_class, unlink_cast_owners,
-    unlink_norm_consumers,
+    LitesparkLMHead, link_cast_owners, link_decoder_layers, link_norm_consumers, original_class, swapped_class,
+    unlink_cast_owners,
+    unlink_decoder_layers, unlink_norm_consumers,
 )
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
                 module.lm_head.__class__ = swapped_class(LitesparkLMHead, nn.Linear)
         link_norm_consumers(base)
         link_cast_owners(base)
+        link_decoder_layers(base)
     if cfg.sat_omission_rate_mlp > 0 or cfg.sat_omission_rate_heads > 0:
         from .sat import enable_sat  # Sparsity-Accelerated Training on top of the Litespark layers
 
@@ -115,6 +117,7 @@ def restore(model: nn.Module) -> nn.Module:
     base = unwrap_model(model)
     unlink_norm_consumers(base)
     unlink_cast_owners(base)
+    unlink_decoder_layers(base)
     for module in base.modules():
         original = original_class(module)
         if original is not None:
