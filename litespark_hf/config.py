@@ -26,6 +26,15 @@ class LitesparkConfig:
             "TRL already patched the model's forward with its own fused LM head (SFT/DPO)."
         },
     )
+    fused_grad_clip: bool = field(
+        default=True,
+        metadata={
+            "help": "Trainers only: fold gradient-norm clipping (max_grad_norm) into torch's fused Adam/AdamW step "
+            "(the clip factor becomes the optimizer's grad_scale) instead of a separate pass over all gradients. "
+            "Used on one device or DDP without a GradScaler and with a fused torch Adam/AdamW; otherwise the "
+            "Trainer clips as usual."
+        },
+    )
     allow_partial: bool = field(
         default=False,
         metadata={

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import transformers
 import trl
 
@@ -64,6 +65,49 @@ class LitesparkTrainerMixin:
             # First in line, so that reporting callbacks (TensorBoard, W&B) see the sat/* keys it adds to the logs.
             self.callback_handler.callbacks.insert(0, SATCallback(cfg))
         return model
+
+    def _clip_grad_norm(self, model):
+        folded = self._litespark_folded_clip(model)
+        return folded if folded is not None else super()._clip_grad_norm(model)
+
+    def _litespark_folded_clip(self, model):
+        """Gradient clipping folded into the fused Adam/AdamW step (`LitesparkConfig.fused_grad_clip`).
+
+        The Trainer's clip is a norm over all gradients, then a pass that multiplies every gradient by
+        min(1, max_norm / (norm + 1e-6)). Here the norm is the same (`torch.nn.utils.get_total_norm`) and the factor
+        is handed to torch's fused optimizer as ``grad_scale`` (it divides each gradient by it as it reads it, and
+        stores the clipped gradient), which saves one read and one write of every gradient per step. Returns the
+        pre-clip norm like the Trainer's clip, or None where it does not apply.
+        """
+        if not getattr(self.args, "use_litespark", False):
+            return None
+        cfg = self.__dict__.get("_litespark_cfg")
+        if cfg is None:
+            cfg = self.__dict__["_litespark_cfg"] = LitesparkConfig.from_any(self.args.litespark_config)
+        if not cfg.fused_grad_clip:
+            return None
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        if acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU) \
+                or getattr(acc, "scaler", None) is not None:
+            return None
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's AcceleratedOptimizer
+        if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) \
+                or not all(g.get("fused") for g in opt.param_groups):
+            return None
+        from litespark_kernels._dispatch import _is_dtensor
+
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads or any(_is_dtensor(g) for g in grads):
+            return None
+        total = torch.nn.utils.get_total_norm(grads, 2.0, False, None)
+        coef = torch.clamp(self.args.max_grad_norm / (total.float() + 1e-6), max=1.0)
+        opt.grad_scale = coef.reciprocal()
+        if not opt.__dict__.get("_litespark_clip_hook"):
+            opt.register_step_post_hook(lambda o, args, kwargs: o.__dict__.pop("grad_scale", None))
+            opt.__dict__["_litespark_clip_hook"] = True
+        return total
 
     def call_model_init(self, trial=None):
         return self._apply_litespark(super().call_model_init(trial))

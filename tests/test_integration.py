@@ -259,3 +259,43 @@ def test_dtensor_inputs_fall_back_to_the_reference(tmp_path):
     finally:
         if created:
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch_fused", "adamw_torch"])
+def test_trainer_folds_grad_clipping_into_the_fused_optimizer(tmp_path, optim):
+    """With a fused torch AdamW the clip factor goes to the optimizer as grad_scale (no separate pass over the
+    gradients): the logged gradient norms and the trained weights match the Trainer's own clipping; with the
+    non-fused AdamW (or fused_grad_clip off) the Trainer clips as usual."""
+    import json
+
+    from datasets import Dataset
+
+    ids = random_batch(batch=8, seq=16)
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    runs = []
+    for fold in (True, False):
+        model = tiny_model("llama")
+        args = litespark_hf.TrainingArguments(
+            output_dir=str(tmp_path / str(fold)), max_steps=4, per_device_train_batch_size=4, report_to=[],
+            use_cpu=True, use_litespark=True, litespark_config=json.dumps({"fused_grad_clip": fold}),
+            max_grad_norm=0.05, learning_rate=1e-2, optim=optim, save_strategy="no", logging_steps=1)
+        trainer = litespark_hf.Trainer(model=model, args=args, train_dataset=ds)
+        original = trainer._litespark_folded_clip
+        folded = []
+
+        def spy(m, _orig=original):
+            r = _orig(m)
+            folded.append(r is not None)
+            return r
+
+        trainer._litespark_folded_clip = spy
+        trainer.train()
+        norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+        runs.append((norms, {n: p.detach().clone() for n, p in model.named_parameters()}, folded))
+    (n1, p1, f1), (n2, p2, f2) = runs
+    assert f1 == [optim == "adamw_torch_fused"] * 4 and f2 == [False] * 4
+    assert len(n1) == 4 and all(n > 0.05 for n in n1)  # the clip was active on every step
+    for a, b in zip(n1, n2):
+        assert abs(a - b) <= 1e-5 * b
+    for name, p in p1.items():
+        torch.testing.assert_close(p, p2[name], rtol=1e-5, atol=1e-6)

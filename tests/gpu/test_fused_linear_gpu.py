@@ -89,3 +89,30 @@ def test_flce_label_count_and_grad_output_scale_without_sync(scale):
         assert torch.equal(a, b)  # the early count changes nothing
     assert abs(out[1][0].item() - lo.item()) / lo.item() < 1e-3
     assert _rel(out[1][1], hh.grad) < 1e-2 and _rel(out[1][2], ww.grad) < 1e-2
+
+
+def test_cast_weights_and_folded_clip_on_cuda():
+    """`cast_weights` on CUDA equals autocast's per-weight casts; torch's CUDA fused AdamW honours ``grad_scale``
+    as the Trainer integration's folded clip uses it (same weights as clip_grad_norm_ + step, gradients clipped)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    groups = [[torch.randn(n, 1000, device="cuda", generator=g) for n in (123, 64)],
+              [torch.randn(77, 1000, device="cuda", generator=g)]]
+    views = lk.cast_weights(groups, torch.bfloat16)
+    for v, ws in zip(views, groups):
+        assert torch.equal(v, torch.cat([w.to(torch.bfloat16) for w in ws]))
+    p1 = torch.nn.Parameter(torch.randn(4096, 123, device="cuda", generator=g))
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    o1 = torch.optim.AdamW([p1], lr=1e-2, fused=True)
+    o2 = torch.optim.AdamW([p2], lr=1e-2, fused=True)
+    for _ in range(3):
+        grad = 10 * torch.randn(4096, 123, device="cuda", generator=g)
+        p1.grad, p2.grad = grad.clone(), grad.clone()
+        n1 = torch.nn.utils.clip_grad_norm_([p1], 1.0)
+        o1.step()
+        n2 = torch.nn.utils.get_total_norm([p2.grad], 2.0, False, None)
+        o2.grad_scale = torch.clamp(1.0 / (n2 + 1e-6), max=1.0).reciprocal()
+        o2.step()
+        del o2.grad_scale
+        assert torch.equal(n1, n2)
+        torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(p2, p1, rtol=1e-6, atol=1e-6)
