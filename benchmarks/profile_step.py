@@ -89,6 +89,24 @@ def analyse(trace_path: str, n_steps: int) -> dict:
     }
 
 
+def host_syncs(trace_path: str) -> dict:
+    """``{python call chain: count}`` for each device-to-host memcpy in a trace recorded with Python stacks."""
+    with open(trace_path) as fh:
+        ev = json.load(fh).get("traceEvents", [])
+    copies = {e["args"].get("correlation") for e in ev if e.get("cat") == "gpu_memcpy" and "DtoH" in e.get("name", "")}
+    runtime = [e for e in ev if e.get("cat") == "cuda_runtime" and e.get("args", {}).get("correlation") in copies]
+    py = [e for e in ev if e.get("cat") == "python_function" and "dur" in e]
+    out = {}
+    for r in runtime:
+        t, tid = float(r["ts"]), r.get("tid")
+        frames = [e for e in py if e.get("tid") == tid and float(e["ts"]) <= t <= float(e["ts"]) + float(e["dur"])]
+        frames.sort(key=lambda e: float(e["ts"]))
+        names = [f["name"] for f in frames if "site-packages/torch/" not in f["name"] or "optim" in f["name"]]
+        key = " <- ".join(n[-70:] for n in names[::-1][:6]) or r.get("name", "?")
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def gap_summary(kern: list, ms: float) -> dict:
     """Idle GPU time split by gap length, and summed by the kernel that ends each gap (what the GPU waited for)."""
     ev = sorted(kern, key=lambda e: float(e["ts"]))
@@ -113,7 +131,7 @@ def gap_summary(kern: list, ms: float) -> dict:
     }
 
 
-def profiler_callback(first: int, last: int, trace_path: str, cuda_only: bool = False):
+def profiler_callback(first: int, last: int, trace_path: str, cuda_only: bool = False, stack: bool = False):
     import torch
     from transformers import TrainerCallback
 
@@ -126,7 +144,7 @@ def profiler_callback(first: int, last: int, trace_path: str, cuda_only: bool = 
                 acts = [torch.profiler.ProfilerActivity.CUDA]
                 if not cuda_only:
                     acts.insert(0, torch.profiler.ProfilerActivity.CPU)
-                self.prof = torch.profiler.profile(activities=acts)
+                self.prof = torch.profiler.profile(activities=acts, with_stack=stack and not cuda_only)
                 self.prof.__enter__()
 
         def on_step_end(self, args, state, control, **kw):
@@ -151,6 +169,9 @@ def main(argv=None):
     p.add_argument("--cuda-only", action="store_true",
                    help="record GPU activity only: host overhead is not inflated by CPU-op recording, so the idle "
                         "time is close to an unprofiled step's (no per-op attribution of the gaps)")
+    p.add_argument("--syncs", action="store_true",
+                   help="record Python stacks and list, for every device-to-host copy (a host sync), the Python "
+                        "frames that issued it")
     a = p.parse_args(argv)
     from litespark_hf.efficiency.bench import run_variant
 
@@ -159,8 +180,13 @@ def main(argv=None):
     for v in a.variants.split(","):
         trace = os.path.join(a.out, f"trace_{a.config}_{v}.json")
         res = run_variant(a.config, v, a.steps, a.first, progress=False,
-                          callbacks=[profiler_callback(a.first, a.last, trace, a.cuda_only)])
+                          callbacks=[profiler_callback(a.first, a.last, trace, a.cuda_only, a.syncs)])
         info = analyse(trace, a.last - a.first + 1)
+        if a.syncs:
+            info["syncs"] = host_syncs(trace)
+            print(f"\n== {v}: device-to-host copies and the Python frames that issued them")
+            for site, n in info["syncs"].items():
+                print(f"   {n:4d}x  {site}")
         info["tokens_per_second_unprofiled_median"] = res.get("tokens_per_second")
         info["step_times_s"] = res.get("step_times_s")
         report[v] = info

@@ -35,6 +35,14 @@ class LitesparkConfig:
             "Trainer clips as usual."
         },
     )
+    sync_free_nan_filter: bool = field(
+        default=True,
+        metadata={
+            "help": "Trainers only: apply logging_nan_inf_filter (a non-finite step loss is replaced by the running "
+            "average) on the GPU with torch.where instead of the Trainer's host check, which waits for the "
+            "backward to finish on every step. Same logged values."
+        },
+    )
     allow_partial: bool = field(
         default=False,
         metadata={

@@ -117,7 +117,33 @@ class LitesparkTrainerMixin:
         ref_model = getattr(self, "ref_model", None)  # DPO with a separate reference model
         if ref_model is not None:
             self._apply_litespark(ref_model, sat=False)
-        return super().train(*args, **kwargs)
+        own_filter = (getattr(self.args, "use_litespark", False) and self.args.logging_nan_inf_filter
+                      and LitesparkConfig.from_any(self.args.litespark_config).sync_free_nan_filter)
+        if not own_filter:
+            return super().train(*args, **kwargs)
+        # The Trainer's filter (``isnan(loss) or isinf(loss)`` on the host) waits for every backward to finish;
+        # training_step below applies the same rule on the GPU. The flag is put back when train() returns.
+        self.__dict__["_litespark_nan_filter"] = True
+        self.args.logging_nan_inf_filter = False
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.__dict__.pop("_litespark_nan_filter", None)
+            self.args.logging_nan_inf_filter = True
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if not self.__dict__.get("_litespark_nan_filter"):
+            return loss
+        running, last = getattr(self, "_tr_loss", None), getattr(self, "_globalstep_last_logged", None)
+        if not isinstance(running, torch.Tensor) or last is None or not isinstance(loss, torch.Tensor):
+            # a transformers version without these loop attributes: give the check back to the Trainer
+            self.__dict__.pop("_litespark_nan_filter", None)
+            self.args.logging_nan_inf_filter = True
+            return loss
+        # what the Trainer adds for a non-finite loss: the average of the losses since the last log
+        fallback = running / (1 + self.state.global_step - last)
+        return torch.where(torch.isfinite(loss), loss, fallback.to(loss.dtype))
 
 
 @dataclass

@@ -299,3 +299,40 @@ def test_trainer_folds_grad_clipping_into_the_fused_optimizer(tmp_path, optim):
         assert abs(a - b) <= 1e-5 * b
     for name, p in p1.items():
         torch.testing.assert_close(p, p2[name], rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_nan_filter_runs_on_the_gpu_side_with_the_same_logs(tmp_path):
+    """logging_nan_inf_filter done with torch.where in training_step (no host sync per step): the logged losses
+    equal the Trainer's own filter's, a NaN step is replaced by the running average, and the flag is put back."""
+    import json
+    import math
+
+    from datasets import Dataset
+
+    ids = random_batch(batch=8, seq=16)
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    logs, used = [], []
+    for own, nan_filter in ((True, True), (False, True), (True, False)):
+        model = tiny_model("llama")
+        args = litespark_hf.TrainingArguments(
+            output_dir=str(tmp_path / f"{own}{nan_filter}"), max_steps=4, per_device_train_batch_size=2, report_to=[],
+            use_cpu=True, use_litespark=True, litespark_config=json.dumps({"sync_free_nan_filter": own}),
+            logging_nan_inf_filter=nan_filter, save_strategy="no", logging_steps=2)
+        trainer = litespark_hf.Trainer(model=model, args=args, train_dataset=ds)
+        compute_loss = trainer.compute_loss
+
+        def nan_on_step_two(*a, _orig=compute_loss, _t=trainer, **k):
+            loss = _orig(*a, **k)
+            used.append(_t.__dict__.get("_litespark_nan_filter", False))
+            # NaN value on the second step, gradients unchanged (a constant is added)
+            return loss + float("nan") if _t.state.global_step == 1 else loss
+
+        trainer.compute_loss = nan_on_step_two
+        trainer.train()
+        assert trainer.args.logging_nan_inf_filter is nan_filter
+        logs.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert used[:4] == [True] * 4 and used[4:8] == [False] * 4 and used[8:] == [False] * 4
+    (a, b, raw) = logs
+    assert len(a) == 2 and all(math.isfinite(x) for x in a)
+    assert a == pytest.approx(b, rel=1e-6)
+    assert math.isnan(raw[0])  # no filter asked for: the NaN is logged
