@@ -17,7 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import litespark_kernels as lk
-from litespark_kernels._dispatch import warn_once
+from litespark_kernels._dispatch import autocast_dtype, warn_once
 from litespark_kernels.linear import _plain_tensor
 
 GELUTanh = hf_activations.GELUTanh
@@ -51,14 +51,15 @@ class LitesparkRMSNorm:
     cast by autocast, half the bytes, and no separate cast kernel.
     """
 
-    def _out_dtype(self, hidden_states: torch.Tensor) -> torch.dtype | None:
+    def _out_dtype(self, dtype: torch.dtype, device_type: str) -> torch.dtype | None:
+        """The dtype to write a ``dtype`` result in: the autocast dtype when the consumer casts to it anyway."""
         ref = self.__dict__.get("_litespark_consumer")
-        if ref is not None and hidden_states.dtype == torch.float32:
-            dev = hidden_states.device.type
-            if torch.is_autocast_enabled(dev):
+        if ref is not None and dtype == torch.float32:
+            cast_to = autocast_dtype(device_type)
+            if cast_to is not None:
                 consumer = ref()
                 if consumer is not None and consumer.litespark_casts_input():
-                    return torch.get_autocast_dtype(dev)
+                    return cast_to
         return None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -68,12 +69,11 @@ class LitesparkRMSNorm:
         if stash is not None and stash[0] is hidden_states:
             return stash[1]
         return lk.rms_norm(hidden_states, self.weight, self.variance_epsilon,
-                           out_dtype=self._out_dtype(hidden_states))
+                           out_dtype=self._out_dtype(hidden_states.dtype, hidden_states.device.type))
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(self(residual + x), residual + x)`` with the add fused into the norm (`LitesparkDecoderLayer`)."""
-        s_dtype = torch.promote_types(x.dtype, residual.dtype)
-        out_dtype = self._out_dtype(residual if residual.dtype == s_dtype else x)
+        out_dtype = self._out_dtype(torch.promote_types(x.dtype, residual.dtype), x.device.type)
         return lk.add_rms_norm(x, residual, self.weight, self.variance_epsilon, out_dtype=out_dtype)
 
 
@@ -281,10 +281,15 @@ class LitesparkGatedMLP:
     activation; wrapped ones (LoRA) are called as modules, so adapters keep training.
     """
 
+    def _packed_activation(self):
+        """The packed activation kernel when forward takes the fused path (plain projections), else None."""
+        if plain_linears(self.gate_proj, self.up_proj, self.down_proj):
+            return fused_gated_activation(self.act_fn, packed=True)
+        return None
+
     def litespark_casts_input(self) -> bool:
         """True when forward feeds its input only to `fused_linear` (so a low-precision input changes nothing)."""
-        return (plain_linears(self.gate_proj, self.up_proj, self.down_proj)
-                and fused_gated_activation(self.act_fn, packed=True) is not None)
+        return self._packed_activation() is not None
 
     def litespark_cast_groups(self) -> dict[str, list[nn.Linear]]:
         """The projection groups forward runs through `fused_linear` (for `cast_projection_weights`)."""
@@ -293,11 +298,10 @@ class LitesparkGatedMLP:
         return {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if plain_linears(self.gate_proj, self.up_proj, self.down_proj):
-            packed = fused_gated_activation(self.act_fn, packed=True)
-            if packed is not None:  # gate and up as one GEMM, one gradient for both
-                gate_up = project(x, self.gate_proj, self.up_proj, cast=_cast_of(self, "gate_up"))
-                return project(packed(gate_up), self.down_proj, cast=_cast_of(self, "down"))
+        packed = self._packed_activation()
+        if packed is not None:  # gate and up as one GEMM, one gradient for both
+            gate_up = project(x, self.gate_proj, self.up_proj, cast=_cast_of(self, "gate_up"))
+            return project(packed(gate_up), self.down_proj, cast=_cast_of(self, "down"))
         act = fused_gated_activation(self.act_fn)
         if act is None:
             warn_once("gated_mlp", f"activation {type(self.act_fn).__name__} has no fused kernel")

@@ -51,10 +51,18 @@ class LitesparkArguments:
 class LitesparkTrainerMixin:
     """Applies `litespark_hf.apply` when ``args.use_litespark`` is set; mixed into the trainers below."""
 
+    def _litespark_config(self) -> LitesparkConfig:
+        """``args.litespark_config`` parsed (once per value)."""
+        raw = self.args.litespark_config
+        cached = self.__dict__.get("_litespark_cfg")
+        if cached is None or cached[0] is not raw:
+            cached = self.__dict__["_litespark_cfg"] = (raw, LitesparkConfig.from_any(raw))
+        return cached[1]
+
     def _apply_litespark(self, model, sat: bool = True):
         if model is None or not getattr(self.args, "use_litespark", False):
             return model
-        cfg = LitesparkConfig.from_any(self.args.litespark_config)
+        cfg = self._litespark_config()
         if not sat:  # a frozen reference model never runs sparse
             cfg = LitesparkConfig.from_any({**cfg.to_dict(), "sat_omission_rate_mlp": 0.0,
                                             "sat_omission_rate_heads": 0.0})
@@ -81,10 +89,7 @@ class LitesparkTrainerMixin:
         """
         if not getattr(self.args, "use_litespark", False):
             return None
-        cfg = self.__dict__.get("_litespark_cfg")
-        if cfg is None:
-            cfg = self.__dict__["_litespark_cfg"] = LitesparkConfig.from_any(self.args.litespark_config)
-        if not cfg.fused_grad_clip:
+        if not self._litespark_config().fused_grad_clip:
             return None
         from accelerate.utils import DistributedType
 
@@ -118,7 +123,7 @@ class LitesparkTrainerMixin:
         if ref_model is not None:
             self._apply_litespark(ref_model, sat=False)
         own_filter = (getattr(self.args, "use_litespark", False) and self.args.logging_nan_inf_filter
-                      and LitesparkConfig.from_any(self.args.litespark_config).sync_free_nan_filter)
+                      and self._litespark_config().sync_free_nan_filter)
         if not own_filter:
             return super().train(*args, **kwargs)
         # The Trainer's filter (``isnan(loss) or isinf(loss)`` on the host) waits for every backward to finish;

@@ -68,12 +68,32 @@ def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:
             return False
         if on_cuda and not t.is_cuda:
             on_cuda = False
-    if on_cuda:
-        return True
-    if env.get("LITESPARK_FORCE_TRITON") == "1" and env.get("TRITON_INTERPRET") == "1":
+    if on_cuda or (force_triton() and interpreting()):
         return True
     warn_once(op, "inputs are not on a CUDA device")
     return False
+
+
+_PROBES: dict[tuple[str, str], bool] = {}
+
+
+def device_supports(feature: str, device: torch.device, check) -> bool:
+    """Whether ``check(device)`` runs and returns True on this device (a torch/cuBLAS feature probed on a tiny case);
+    run once per (feature, device), an exception counts as unsupported."""
+    key = (feature, str(device))
+    ok = _PROBES.get(key)
+    if ok is None:
+        try:
+            ok = bool(check(device))
+        except Exception:  # older torch, or not for this device
+            ok = False
+        _PROBES[key] = ok
+    return ok
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype when autocast is on for ``device_type`` (what ops run in), else None."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def run_triton(module: str, name: str, *args, **kwargs):

@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dispatch import autocast_dtype, device_supports, sm_count
 from .fused_linear_cross_entropy import LabelCount, shifted_labels
 
 _DEFAULT_CHUNK_MB = 512  # H100, V=128256: 512 MiB ran 7% faster than 256 MiB at the same peak (NOTES.md)
@@ -125,51 +126,36 @@ def _scale_unless_one(t: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor |
     """``t * g`` for a device scalar ``g`` without a host sync (in place; ``t`` is ours and contiguous)."""
     if t is None or t.numel() == 0:
         return t
-    from ._dispatch import sm_count
-
     block = 4096
     grid = (max(1, min(triton.cdiv(t.numel(), block), sm_count(t.device) * 8)),)
     _scale_unless_one_kernel[grid](t, g, t.numel(), BLOCK=block, num_warps=8)
     return t
 
 
-_NONZERO_STATIC_OK: dict[str, bool] = {}
+def _nonzero_static_check(device: torch.device) -> bool:
+    return torch.nonzero_static(torch.ones(2, dtype=torch.bool, device=device), size=1).numel() == 1
 
 
 def _kept_rows(valid: torch.Tensor, n_valid: int) -> torch.Tensor:
     """Indices of the True entries of ``valid`` when their number is known (no sync where supported)."""
-    key = str(valid.device)
-    if _NONZERO_STATIC_OK.get(key, True):
-        try:
-            idx = torch.nonzero_static(valid, size=n_valid).squeeze(1)
-            _NONZERO_STATIC_OK[key] = True
-            return idx
-        except (RuntimeError, NotImplementedError, AttributeError):  # a torch without it for this device
-            _NONZERO_STATIC_OK[key] = False
+    if device_supports("nonzero_static", valid.device, _nonzero_static_check):
+        return torch.nonzero_static(valid, size=n_valid).squeeze(1)
     return valid.nonzero().squeeze(1)
 
 
-# Whether this torch/cuBLAS can add a bf16/fp16 product into a fp32 matrix in one call (checked once, on a tiny case).
-_ADDMM_FP32_OK: dict[str, bool] = {}
+def _addmm_fp32_check(device: torch.device) -> bool:
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(48, 40, device=device, generator=gen).to(torch.bfloat16)
+    b = torch.randn(40, 56, device=device, generator=gen).to(torch.bfloat16)
+    c = torch.randn(48, 56, device=device, generator=gen)
+    want = c + a.float() @ b.float()
+    torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+    return bool(torch.allclose(c, want, rtol=1e-3, atol=1e-2))
 
 
 def _addmm_fp32_supported(device: torch.device) -> bool:
-    key = str(device)
-    if key not in _ADDMM_FP32_OK:
-        ok = False
-        if device.type == "cuda":
-            try:
-                gen = torch.Generator(device=device).manual_seed(0)
-                a = torch.randn(48, 40, device=device, generator=gen).to(torch.bfloat16)
-                b = torch.randn(40, 56, device=device, generator=gen).to(torch.bfloat16)
-                c = torch.randn(48, 56, device=device, generator=gen)
-                want = c + a.float() @ b.float()
-                torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
-                ok = bool(torch.allclose(c, want, rtol=1e-3, atol=1e-2))
-            except Exception:  # older torch: no out_dtype, or a fp32 `input` refused
-                ok = False
-        _ADDMM_FP32_OK[key] = ok
-    return _ADDMM_FP32_OK[key]
+    """Whether this torch/cuBLAS adds a bf16/fp16 product into a fp32 matrix in one call (checked once)."""
+    return device.type == "cuda" and device_supports("addmm_fp32", device, _addmm_fp32_check)
 
 
 def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fused_fp32: bool) -> None:
@@ -304,13 +290,6 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, gb, None, None, None, None, None
 
 
-def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return hidden.dtype
-
-
 def fused_linear_cross_entropy_triton(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -342,7 +321,7 @@ def fused_linear_cross_entropy_triton(
         if label_count.valid.numel() != target.numel() or label_count.valid.device != target.device:
             raise ValueError("label_count was made from other labels (count_labels(shift_labels) of these labels)")
         options["label_count"] = label_count
-    compute_dtype = _compute_dtype(hidden)
+    compute_dtype = autocast_dtype(hidden.device.type) or hidden.dtype
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     if needs_grad:

@@ -28,8 +28,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-_MM_OUT_DTYPE_OK: dict[str, bool] = {}
-
+from ._dispatch import _is_dtensor, autocast_dtype, device_supports
 
 def fused_linear_reference(x: torch.Tensor, weights: Sequence[torch.Tensor],
                            biases: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
@@ -38,34 +37,23 @@ def fused_linear_reference(x: torch.Tensor, weights: Sequence[torch.Tensor],
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
-def _mm_out_dtype_ok(device: torch.device) -> bool:
-    key = str(device)
-    if key not in _MM_OUT_DTYPE_OK:
-        ok = False
-        if device.type == "cuda":
-            try:
-                a = torch.ones(16, 16, device=device, dtype=torch.bfloat16)
-                ok = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-            except Exception:  # older torch, or not for this device
-                ok = False
-        _MM_OUT_DTYPE_OK[key] = ok
-    return _MM_OUT_DTYPE_OK[key]
+def _mm_out_dtype_check(device: torch.device) -> bool:
+    a = torch.ones(16, 16, device=device, dtype=torch.bfloat16)
+    return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """a @ b written in ``out_dtype`` (fp32 straight from the GEMM's accumulator where supported)."""
     if out_dtype == a.dtype:
         return torch.mm(a, b)
-    if out_dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and _mm_out_dtype_ok(a.device):
+    if out_dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda \
+            and device_supports("mm_out_dtype", a.device, _mm_out_dtype_check):
         return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a, b).to(out_dtype)
 
 
 def _compute_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return torch.promote_types(x.dtype, w.dtype)
+    return autocast_dtype(x.device.type) or torch.promote_types(x.dtype, w.dtype)
 
 
 class _FusedLinear(torch.autograd.Function):
@@ -76,7 +64,7 @@ class _FusedLinear(torch.autograd.Function):
         cdt = _compute_dtype(x, w0)
         sizes = [w.shape[0] for w in weights]
         k = w0.shape[1]
-        n_out = sizes[0] if n_weights == 1 else sum(sizes)
+        n_out = sum(sizes)
         # Every operand below is already in cdt, so autocast (if on) changes nothing: no autocast-off context needed.
         if w_cast is not None and w_cast.dtype == cdt and w_cast.shape == (n_out, k):
             w = w_cast  # cast (and concatenated) once for the whole model by `cast_weights`
@@ -132,8 +120,6 @@ class _FusedLinear(torch.autograd.Function):
 
 
 def _plain_tensor(t: torch.Tensor | None) -> bool:
-    from ._dispatch import _is_dtensor
-
     # DeepSpeed ZeRO-3 parameters (``ds_id``) are only gathered inside their own module's forward
     return t is None or (not _is_dtensor(t) and not hasattr(t, "ds_id"))
 

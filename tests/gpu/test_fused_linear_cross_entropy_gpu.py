@@ -74,7 +74,7 @@ def test_bf16_llama3_vocab_vs_fp32_oracle():
     got = _grads(fused_linear_cross_entropy_triton, h, w, labels=labels)
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    print(f"litespark forward+backward peak above inputs: {peak:.2f} GiB; fused fp32 addmm: {impl._ADDMM_FP32_OK}")
+    print(f"litespark forward+backward peak above inputs: {peak:.2f} GiB; fused fp32 addmm: {impl._addmm_fp32_supported(torch.device('cuda'))}")
     assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.bfloat16
     # Peak = fp32 grad_W accumulator (0.98 GiB) + bf16 grad_W (0.49 GiB) at the final cast, plus the clones of h and w
     # that _grads makes after `base` was read (0.52 GiB); measured 2.05 GiB with 256 MiB chunks on an H100.

@@ -195,3 +195,45 @@ def test_dispatchers_use_triton_on_cuda():
         warnings.simplefilter("error")
         y = lk.rms_norm(x, w, 1e-6)
     torch.testing.assert_close(y, rms_norm_triton(x, w, 1e-6), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows,hidden", [(1000, 123), (8192, 2048)])
+def test_norms_writing_bf16_under_mixed_precision(rows, hidden):
+    """What the decoder layers run under bf16 autocast: RMSNorm of the fp32 residual stream written in bf16
+    (``out_dtype``), and the fused add of a bf16 branch output into the fp32 stream. Forward and gradients against
+    stock's path (fp32 reference, then autocast's cast to bf16), both measured against a float64 oracle."""
+    from litespark_kernels._rms_norm_triton import add_rms_norm_triton, rms_norm_triton
+    from litespark_kernels.rms_norm import add_rms_norm_reference, rms_norm_reference
+
+    bf = torch.bfloat16
+    cases = {
+        "rms_norm": (lambda x, w: rms_norm_triton(x, w, 1e-6, bf),
+                     lambda x, w: rms_norm_reference(x, w, 1e-6).to(bf),
+                     lambda x, w: rms_norm_reference(x, w, 1e-6),
+                     (rnd(rows, hidden, dtype=torch.float32), rnd(hidden, dtype=torch.float32, scale=0.2, shift=1.0))),
+        "add_rms_norm": (lambda x, r, w: add_rms_norm_triton(x, r, w, 1e-6, bf),
+                         lambda x, r, w: (lambda y, s: (y.to(bf), s))(*add_rms_norm_reference(x, r, w, 1e-6)),
+                         lambda x, r, w: add_rms_norm_reference(x, r, w, 1e-6),
+                         (rnd(rows, hidden, dtype=bf, seed=3), rnd(rows, hidden, dtype=torch.float32, seed=4),
+                          rnd(hidden, dtype=torch.float32, scale=0.2, shift=1.0, seed=5))),
+    }
+    slack = torch.finfo(bf).eps / 20
+    for name, (kern, ref, oracle, ins) in cases.items():
+        ik = [t.clone().requires_grad_(True) for t in ins]
+        ir = [t.clone().requires_grad_(True) for t in ins]
+        io = [t.double().requires_grad_(True) for t in ins]
+        ok, orf, oo = kern(*ik), ref(*ir), oracle(*io)
+        ok, orf, oo = [o if isinstance(o, tuple) else (o,) for o in (ok, orf, oo)]
+        assert ok[0].dtype == bf and all(a.dtype == b.dtype for a, b in zip(ok, orf))
+        gen = torch.Generator(device="cuda").manual_seed(7)
+        gouts = [torch.randn(o.shape, device="cuda", generator=gen, dtype=torch.float64) for o in oo]
+        gk = torch.autograd.grad(ok, ik, [g.to(o.dtype) for g, o in zip(gouts, ok)])
+        gr = torch.autograd.grad(orf, ir, [g.to(o.dtype) for g, o in zip(gouts, orf)])
+        go = torch.autograd.grad(oo, io, gouts)
+        pairs = [(f"out{j}", a, b, c) for j, (a, b, c) in enumerate(zip(ok, orf, oo))]
+        pairs += [(f"grad{j}", a, b, c) for j, (a, b, c) in enumerate(zip(gk, gr, go))]
+        for label, a, b, c in pairs:
+            assert a.dtype == b.dtype and a.shape == b.shape, (name, label)
+            ek, er = rel_err(a, c), rel_err(b, c)
+            print(f"{name} {rows}x{hidden} {label}: kernel {ek:.2e} stock {er:.2e}")
+            assert ek <= 2 * er + slack, (name, label, ek, er)
