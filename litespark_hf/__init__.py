@@ -9,6 +9,7 @@ layers; the trainer classes (``SFTConfig``/``SFTTrainer``, ``DPOConfig``/``DPOTr
 from .architectures import ARCHITECTURES, SUPPORTED_MODEL_TYPES
 from .attention import ATTENTION_NAME, register
 from .config import LitesparkConfig
+from .optim import LitesparkAdamW
 from .patching import UnsupportedArchitectureError, apply, is_applied, restore, swapped_counts
 
 __version__ = "0.1.0"
@@ -19,7 +20,7 @@ _TRAINER_NAMES = ("DPOConfig", "DPOTrainer", "LitesparkArguments", "SFTConfig", 
                   "TrainingArguments")
 
 __all__ = [
-    "ARCHITECTURES", "ATTENTION_NAME", "LitesparkConfig", "SUPPORTED_MODEL_TYPES", "UnsupportedArchitectureError",
+    "ARCHITECTURES", "ATTENTION_NAME", "LitesparkAdamW", "LitesparkConfig", "SUPPORTED_MODEL_TYPES", "UnsupportedArchitectureError",
     "apply", "is_applied", "register", "restore", "swapped_counts", *_TRAINER_NAMES,
 ]
 

@@ -31,8 +31,18 @@ class LitesparkConfig:
         metadata={
             "help": "Trainers only: fold gradient-norm clipping (max_grad_norm) into torch's fused Adam/AdamW step "
             "(the clip factor becomes the optimizer's grad_scale) instead of a separate pass over all gradients. "
-            "Used on one device or DDP without a GradScaler and with a fused torch Adam/AdamW; otherwise the "
-            "Trainer clips as usual."
+            "Used on one device or DDP without a GradScaler and with LitesparkAdamW or a fused torch Adam/AdamW; "
+            "otherwise the Trainer clips as usual."
+        },
+    )
+    fused_optimizer: bool = field(
+        default=True,
+        metadata={
+            "help": "Trainers only: replace torch's AdamW (optim adamw_torch / adamw_torch_fused) by LitesparkAdamW: "
+            "the same update in one Triton launch per parameter group, which also writes next forward's bf16/fp16 "
+            "copy of each fused projection weight (so the forward casts nothing) and leaves the gradients unwritten. "
+            "Used for fp32 weights on one CUDA device or DDP (not FSDP/DeepSpeed); otherwise the Trainer's optimizer "
+            "is kept."
         },
     )
     sync_free_nan_filter: bool = field(

@@ -18,6 +18,7 @@ import transformers
 import trl
 
 from .config import LitesparkConfig
+from .optim import LitesparkAdamW
 from .patching import apply
 from .sat import SATCallback
 from .sat import is_enabled as sat_is_enabled
@@ -98,8 +99,8 @@ class LitesparkTrainerMixin:
                 or getattr(acc, "scaler", None) is not None:
             return None
         opt = getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's AcceleratedOptimizer
-        if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) \
-                or not all(g.get("fused") for g in opt.param_groups):
+        if not isinstance(opt, LitesparkAdamW) and (not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW))
+                                                    or not all(g.get("fused") for g in opt.param_groups)):
             return None
         from litespark_kernels._dispatch import _is_dtensor
 
@@ -113,6 +114,47 @@ class LitesparkTrainerMixin:
             opt.register_step_post_hook(lambda o, args, kwargs: o.__dict__.pop("grad_scale", None))
             opt.__dict__["_litespark_clip_hook"] = True
         return total
+
+    def create_optimizer(self, *args, **kwargs):
+        made_here = self.optimizer is None
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if made_here and getattr(self.args, "use_litespark", False) and self._litespark_config().fused_optimizer:
+            swapped = self._litespark_adamw(optimizer)
+            if swapped is not None:
+                self.optimizer = optimizer = swapped
+        return optimizer
+
+    def _litespark_adamw(self, optimizer):
+        """`LitesparkAdamW` in place of the Trainer's torch AdamW (`LitesparkConfig.fused_optimizer`), or None.
+
+        Only for exactly ``torch.optim.AdamW`` without amsgrad/maximize/capturable/differentiable, fp32 trainable
+        weights on one CUDA device, on one process or DDP (FSDP and DeepSpeed shard the weights and own the step).
+        """
+        if type(optimizer) is not torch.optim.AdamW or getattr(self, "is_deepspeed_enabled", False) \
+                or getattr(self, "is_fsdp_enabled", False):
+            return None
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU):
+            return None
+        groups = optimizer.param_groups
+        if any(g.get("amsgrad") or g.get("maximize") or g.get("capturable") or g.get("differentiable")
+               or isinstance(g.get("lr"), torch.Tensor) for g in groups):
+            return None
+        params = [p for g in groups for p in g["params"]]
+        from litespark_kernels._dispatch import _is_dtensor
+
+        if not params or any(p.dtype != torch.float32 or not p.is_cuda or _is_dtensor(p) for p in params) \
+                or len({p.device for p in params}) != 1:
+            return None
+        from .patching import unwrap_model
+
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        keys = ("params", "lr", "betas", "eps", "weight_decay")
+        new_groups = [{k: g[k] for k in keys if k in g} for g in groups]
+        d = optimizer.defaults
+        return LitesparkAdamW(new_groups, lr=d["lr"], betas=d["betas"], eps=d["eps"],
+                              weight_decay=d["weight_decay"], model=unwrap_model(self.model), shadow_dtype=dtype)
 
     def call_model_init(self, trial=None):
         return self._apply_litespark(super().call_model_init(trial))

@@ -150,7 +150,10 @@ def _addmm_fp32_check(device: torch.device) -> bool:
     c = torch.randn(48, 56, device=device, generator=gen)
     want = c + a.float() @ b.float()
     torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
-    return bool(torch.allclose(c, want, rtol=1e-3, atol=1e-2))
+    first = torch.full_like(c, float("nan"))  # beta=0 must ignore the accumulator (the first chunk's write)
+    torch.addmm(first, a, b, beta=0.0, out_dtype=torch.float32, out=first)
+    return bool(torch.allclose(c, want, rtol=1e-3, atol=1e-2)
+                and torch.allclose(first, a.float() @ b.float(), rtol=1e-3, atol=1e-2))
 
 
 def _addmm_fp32_supported(device: torch.device) -> bool:
@@ -158,12 +161,19 @@ def _addmm_fp32_supported(device: torch.device) -> bool:
     return device.type == "cuda" and device_supports("addmm_fp32", device, _addmm_fp32_check)
 
 
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fused_fp32: bool) -> None:
-    """acc += a @ b, where acc may be fp32 while a, b are bf16/fp16."""
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fused_fp32: bool,
+                   first: bool = False) -> None:
+    """acc += a @ b (acc = a @ b when ``first``: acc may be uninitialised), acc may be fp32 while a, b are bf16/fp16.
+
+    ``first`` uses beta=0, with which addmm ignores acc's contents (NaN and inf included): the accumulator needs no
+    zero-fill (for the LM head's weight gradient, a vocab x hidden fp32 memset per step)."""
+    beta = 0.0 if first else 1.0
     if acc.dtype == a.dtype:
-        acc.addmm_(a, b)
+        torch.addmm(acc, a, b, beta=beta, out=acc)
     elif fused_fp32:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        torch.addmm(acc, a, b, beta=beta, out_dtype=acc.dtype, out=acc)
+    elif first:
+        acc.copy_(torch.mm(a, b))
     else:
         acc.add_(torch.mm(a, b))
 
@@ -219,7 +229,8 @@ def _flce_compute(hidden2d, weight, bias, target, ignore_index, num_items_in_bat
         grad_hidden = (torch.zeros if gather else torch.empty)((n, hidden2d.shape[1]), dtype=cdt, device=device)
     if need_gw:
         acc_dtype = accum_dtype or (torch.float32 if cdt in (torch.bfloat16, torch.float16) else cdt)
-        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=device)
+        # written by the first chunk's GEMM (beta=0); zeros only if no row is counted
+        grad_weight = (torch.empty if n_valid else torch.zeros)(weight.shape, dtype=acc_dtype, device=device)
         fused_fp32 = acc_dtype != cdt and _addmm_fp32_supported(device)
     if need_gb:
         grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device)
@@ -252,7 +263,7 @@ def _flce_compute(hidden2d, weight, bias, target, ignore_index, num_items_in_bat
                 else:
                     torch.mm(logits, weight, out=grad_hidden[start:end])
             if need_gw:
-                _accumulate_mm(grad_weight, logits.t(), h, fused_fp32)
+                _accumulate_mm(grad_weight, logits.t(), h, fused_fp32, first=start == 0)
             if need_gb:
                 grad_bias.add_(logits.sum(0, dtype=torch.float32))
     loss = losses.sum() / denom

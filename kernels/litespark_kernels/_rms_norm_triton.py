@@ -76,10 +76,10 @@ def _rms_fwd_kernel(
 
 @triton.jit
 def _rms_bwd_kernel(
-    DY, DS, X, W, RSTD, DX, DW_PART,
-    stride_dy, stride_ds, stride_x, stride_dx,
+    DY, DS, X, W, RSTD, DX, DX2, DW_PART,
+    stride_dy, stride_ds, stride_x, stride_dx, stride_dx2,
     n_rows, n_cols, rows_per_program,
-    HAS_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DS: tl.constexpr, HAS_DX2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Persistent: this program walks rows [pid * rows_per_program, ...) one BLOCK_M tile at a time, loading the
     next tile before computing the current one, and writes its dweight partial sum to DW_PART[pid]."""
@@ -130,6 +130,8 @@ def _rms_bwd_kernel(
         if HAS_DS:
             dx += ds.to(tl.float32)
         tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DX2:
+            tl.store(DX2 + rows64 * stride_dx2 + cols[None, :], dx.to(DX2.dtype.element_ty), mask=mask)
         x, dy, rstd, ds = x_next, dy_next, rstd_next, ds_next
     tl.store(DW_PART + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
 
@@ -176,10 +178,10 @@ def _rms_fwd_looped_kernel(
 
 @triton.jit
 def _rms_bwd_dx_looped_kernel(
-    DY, DS, X, W, RSTD, DX,
-    stride_dy, stride_ds, stride_x, stride_dx,
+    DY, DS, X, W, RSTD, DX, DX2,
+    stride_dy, stride_ds, stride_x, stride_dx, stride_dx2,
     n_cols,
-    HAS_DS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DS: tl.constexpr, HAS_DX2: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -201,6 +203,8 @@ def _rms_bwd_dx_looped_kernel(
         if HAS_DS:
             dx += tl.load(DS + row * stride_ds + c0 + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + row * stride_dx + c0 + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DX2:
+            tl.store(DX2 + row * stride_dx2 + c0 + cols, dx.to(DX2.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -312,19 +316,25 @@ def rms_norm_backward(
     rstd: torch.Tensor,
     *,
     dx_dtype: torch.dtype | None = None,
+    dx2_dtype: torch.dtype | None = None,
     block_m: int | None = None,
     num_warps: int | None = None,
     programs_per_sm: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+):
     """Launch the backward on 2D row views (x is the normalised input: s for the fused add).
 
     Returns (dx [M, N] in ``dx_dtype`` (default x.dtype), dweight in weight.dtype); ``ds`` is added to dx.
+    With ``dx2_dtype``, also a second copy of dx rounded once from fp32 to that dtype (the fused add's gradient for
+    a low-precision x next to a fp32 residual): (dx, dweight, dx2).
     """
     n_rows, n_cols = x.shape
     dx = torch.empty((n_rows, n_cols), dtype=dx_dtype or x.dtype, device=x.device)
+    dx2 = torch.empty((n_rows, n_cols), dtype=dx2_dtype, device=x.device) if dx2_dtype is not None else None
     if n_rows == 0:
-        return dx, torch.zeros_like(weight)
+        return (dx, torch.zeros_like(weight)) + ((dx2,) if dx2 is not None else ())
     has_ds = ds is not None
+    has_dx2 = dx2 is not None
+    dx2_arg, stride_dx2 = (dx2, dx2.stride(0)) if has_dx2 else (dx, 0)
     ds_arg, stride_ds = (ds, ds.stride(0)) if has_ds else (dy, 0)
     sms = _sm_count(x.device)
     if triton.next_power_of_2(n_cols) <= MAX_FUSED_BLOCK:
@@ -334,18 +344,18 @@ def rms_norm_backward(
         grid = triton.cdiv(n_rows, rows_per_program)
         dw_part = torch.empty((grid, n_cols), dtype=torch.float32, device=x.device)
         _rms_bwd_kernel[(grid,)](
-            dy, ds_arg, x, weight, rstd, dx, dw_part,
-            dy.stride(0), stride_ds, x.stride(0), dx.stride(0),
+            dy, ds_arg, x, weight, rstd, dx, dx2_arg, dw_part,
+            dy.stride(0), stride_ds, x.stride(0), dx.stride(0), stride_dx2,
             n_rows, n_cols, rows_per_program,
-            HAS_DS=has_ds, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
+            HAS_DS=has_ds, HAS_DX2=has_dx2, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
         )
     else:
         bn = min(LOOP_BLOCK, triton.next_power_of_2(n_cols))
         _rms_bwd_dx_looped_kernel[(n_rows,)](
-            dy, ds_arg, x, weight, rstd, dx,
-            dy.stride(0), stride_ds, x.stride(0), dx.stride(0),
+            dy, ds_arg, x, weight, rstd, dx, dx2_arg,
+            dy.stride(0), stride_ds, x.stride(0), dx.stride(0), stride_dx2,
             n_cols,
-            HAS_DS=has_ds, BLOCK_N=bn, num_warps=8,
+            HAS_DS=has_ds, HAS_DX2=has_dx2, BLOCK_N=bn, num_warps=8,
         )
         bm, bn = 8, min(512, triton.next_power_of_2(n_cols))
         col_blocks = triton.cdiv(n_cols, bn)
@@ -359,7 +369,8 @@ def rms_norm_backward(
             n_rows, n_cols, rows_per_program,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
         )
-    return dx, dw_part.sum(0).to(weight.dtype)
+    dw = dw_part.sum(0).to(weight.dtype)
+    return (dx, dw) if dx2 is None else (dx, dw, dx2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -413,12 +424,16 @@ class AddRMSNormFunction(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 dw = torch.zeros_like(weight)
         else:
-            dsum2, dw = rms_norm_backward(
-                _as_rows(dy), None if ds is None else _as_rows(ds), s, weight, rstd
-            )
-            dsum = dsum2.view(ctx.shape)
-            if not ctx.needs_input_grad[2]:
-                dw = None
+            x_dtype, r_dtype = ctx.dtypes
+            # x in bf16/fp16 next to a residual in s's dtype (the attention/MLP output added to the fp32 stream):
+            # the kernel writes x's gradient rounded once from fp32 as well, instead of a separate cast pass
+            two = ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and x_dtype != s.dtype and r_dtype == s.dtype
+            out = rms_norm_backward(_as_rows(dy), None if ds is None else _as_rows(ds), s, weight, rstd,
+                                    dx2_dtype=x_dtype if two else None)
+            dw = out[1] if ctx.needs_input_grad[2] else None
+            dsum = out[0].view(ctx.shape)
+            if two:
+                return out[2].view(ctx.shape), dsum, dw, None, None
         x_dtype, r_dtype = ctx.dtypes
         dx = dsum.to(x_dtype) if ctx.needs_input_grad[0] else None
         dr = dsum.to(r_dtype) if ctx.needs_input_grad[1] else None

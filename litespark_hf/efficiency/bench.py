@@ -109,6 +109,26 @@ def _timer_callback(time_from: int, steps: int, cuda: bool, progress: bool, mete
             self.window = None
             self._t = None
             self.bar = None
+            self.gc_events = []  # (generation, pause s, end time) of Python's garbage collections during training
+            self._gc_t0 = None
+
+        def _gc_hook(self, phase, info):
+            now = time.perf_counter()
+            if phase == "start":
+                self._gc_t0 = now
+            elif self._gc_t0 is not None:
+                self.gc_events.append((info.get("generation"), now - self._gc_t0, now))
+                self._gc_t0 = None
+
+        def gc_summary(self):
+            """Collections that ended inside the timed window: count per generation, total and longest pause."""
+            w = self.window or {}
+            if "t1" not in w:
+                return None
+            inside = [(g, d) for g, d, t in self.gc_events if w["t0"] <= t <= w["t1"]]
+            return {"collections": {str(g): sum(1 for x, _ in inside if x == g) for g in (0, 1, 2)},
+                    "pause_ms_total": 1e3 * sum(d for _, d in inside),
+                    "pause_ms_max": 1e3 * max((d for _, d in inside), default=0.0)}
 
         def _sync(self):
             if cuda:
@@ -118,6 +138,7 @@ def _timer_callback(time_from: int, steps: int, cuda: bool, progress: bool, mete
             return meter.read() if meter is not None else None
 
         def on_train_begin(self, args, state, control, **kw):
+            gc.callbacks.append(self._gc_hook)
             if progress:
                 try:
                     from tqdm.auto import tqdm
@@ -146,6 +167,8 @@ def _timer_callback(time_from: int, steps: int, cuda: bool, progress: bool, mete
                 self.losses.append(float(logs["loss"]))
 
         def on_train_end(self, args, state, control, **kw):
+            if self._gc_hook in gc.callbacks:
+                gc.callbacks.remove(self._gc_hook)
             if self.bar is not None:
                 self.bar.close()
 
@@ -276,6 +299,7 @@ def run_variant(config_name: str, variant: str, steps: int, time_from: int, seed
         "power_w": joules / window_s if joules and window_s else None,
         "losses": timer.losses, "final_loss": timer.losses[-1] if timer.losses else None,
         "build_s": build_s, "train_wall_s": wall, "litespark_swapped": swapped,
+        "python_gc_timed": timer.gc_summary(),
     })
     if eff is not None and eff.report:
         tr, en = eff.report["training"], eff.report.get("energy") or {}

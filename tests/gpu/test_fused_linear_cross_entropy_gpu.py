@@ -115,6 +115,28 @@ def test_fp32_master_weights_under_autocast_with_bias_and_num_items():
     _compare(got, bf16_ref, oracle, "autocast fp32 weights + bias + num_items")
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 300])
+def test_weight_gradient_buffer_needs_no_zero_fill(chunk_rows):
+    """grad_weight is allocated uninitialised and written by the first chunk's GEMM with beta=0 (no memset): with
+    the allocator's free blocks full of NaN first, the weight gradient is still the reference's, over one chunk and
+    over several (300 rows: 7 chunks for 2000 tokens, a partial last one)."""
+    n_tok, hidden, vocab = 2000, 256, 5000
+    h, w, _, labels = _inputs(n_tok, hidden, vocab, torch.float32, seed=3, ignored=0.2)
+    poison = [torch.full((vocab, hidden), float("nan"), device="cuda") for _ in range(4)]
+    del poison  # freed into the caching allocator, NaN-filled, the size grad_weight asks for
+
+    def call(hh, ww, **kw):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return fused_linear_cross_entropy_triton(hh, ww, _options={"chunk_rows": chunk_rows}, **kw)
+
+    got = _grads(call, h, w, labels=labels)
+    ref = _grads(lambda hh, ww, **kw: fused_linear_cross_entropy_reference(hh.bfloat16().float(),
+                                                                          ww.bfloat16().float(), **kw),
+                 h, w, labels=labels)
+    assert torch.isfinite(got[2]).all()
+    assert _rel(got[2], ref[2]) < 1e-2 and _rel(got[1], ref[1]) < 1e-2
+
+
 def test_fp32_exact_and_frozen_weight():
     n_tok, hidden, vocab = 1024, 256, 5003  # odd vocabulary
     h, w, _, labels = _inputs(n_tok, hidden, vocab, torch.float32, seed=2)

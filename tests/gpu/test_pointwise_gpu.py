@@ -237,3 +237,6 @@ def test_norms_writing_bf16_under_mixed_precision(rows, hidden):
             ek, er = rel_err(a, c), rel_err(b, c)
             print(f"{name} {rows}x{hidden} {label}: kernel {ek:.2e} stock {er:.2e}")
             assert ek <= 2 * er + slack, (name, label, ek, er)
+        if name == "add_rms_norm":
+            # the bf16 branch's gradient is written by the kernel itself: the residual's fp32 gradient rounded once
+            assert torch.equal(gk[0], gk[1].to(bf))

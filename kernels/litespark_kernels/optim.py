@@ -1,0 +1,107 @@
+"""AdamW (Loshchilov & Hutter 2019) over many tensors in one launch, optionally writing a low-precision copy of
+each updated weight.
+
+Per element, in fp32, exactly the update of ``torch.optim.AdamW`` (decoupled weight decay, bias correction,
+``amsgrad=False``, ``maximize=False``):
+
+    g  = grad / grad_scale                        (grad_scale: a device scalar, e.g. a folded clip factor; or 1)
+    p  = p * (1 - lr * weight_decay)
+    m  = m + (1 - beta1) * (g - m)                (= beta1 * m + (1 - beta1) * g)
+    v  = beta2 * v + (1 - beta2) * g * g
+    p  = p - lr / (1 - beta1^step) * m / (sqrt(v) / sqrt(1 - beta2^step) + eps)
+    shadow = low_precision(p)                     (when a shadow tensor is given)
+
+The shadow is what autocast would cast the weight to in the next forward: writing it here, while ``p`` is in
+registers, replaces a separate pass that reads every fp32 weight again (see `litespark_hf.optim.LitesparkAdamW`).
+The gradients are read, never written (torch's fused AdamW writes back grad / grad_scale).
+
+`adamw_step` runs the Triton kernel (`_adamw_triton`) on CUDA tensors and `adamw_step_reference` (torch ops, one
+tensor at a time) elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ._dispatch import run_triton, use_triton
+
+
+def _check(params, grads, exp_avgs, exp_avg_sqs, shadows):
+    n = len(params)
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == n) or (shadows is not None and len(shadows) != n):
+        raise ValueError("params, grads, exp_avgs, exp_avg_sqs (and shadows) must have the same length")
+    for i in range(n):
+        p = params[i]
+        for name, t in (("grad", grads[i]), ("exp_avg", exp_avgs[i]), ("exp_avg_sq", exp_avg_sqs[i]),
+                        ("shadow", shadows[i] if shadows is not None else None)):
+            if t is not None and t.shape != p.shape:
+                raise ValueError(f"{name} of shape {tuple(t.shape)} for a parameter of shape {tuple(p.shape)}")
+
+
+def adamw_step_reference(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                         exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], *, lr: float,
+                         beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+                         grad_scale: torch.Tensor | None = None,
+                         shadows: Sequence[torch.Tensor | None] | None = None) -> None:
+    """One AdamW step in place, torch ops per tensor (the specification and the CPU path)."""
+    _check(params, grads, exp_avgs, exp_avg_sqs, shadows)
+    bc1 = 1.0 - beta1 ** step
+    bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            cdt = torch.promote_types(p.dtype, torch.float32)  # fp32 math (float64 for an oracle)
+            g = grads[i].to(cdt)
+            if grad_scale is not None:
+                g = g / grad_scale.to(cdt)
+            pf = p.to(cdt)
+            m, v = exp_avgs[i], exp_avg_sqs[i]
+            pf = pf * (1.0 - lr * weight_decay)
+            m.add_((g - m) * (1.0 - beta1))
+            v.mul_(beta2).add_(g * g * (1.0 - beta2))
+            pf = pf - (lr / bc1) * m / (v.sqrt() / bc2_sqrt + eps)
+            p.copy_(pf)
+            if shadows is not None and shadows[i] is not None:
+                shadows[i].copy_(pf)
+
+
+def adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
+               exp_avg_sqs: Sequence[torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
+               weight_decay: float, step: int, grad_scale: torch.Tensor | None = None,
+               shadows: Sequence[torch.Tensor | None] | None = None, cache: dict | None = None) -> None:
+    """One AdamW step in place over every tensor (all at the same ``step``); see the module docstring.
+
+    ``shadows``: per parameter a bf16/fp16 tensor of the same shape (or None) that receives the updated weight.
+    ``cache``: a dict kept by the caller between steps (the kernel's block and address tables).
+    The Triton kernel takes contiguous fp32 parameters, gradients and moments on one CUDA device; anything else
+    runs the reference.
+    """
+    _check(params, grads, exp_avgs, exp_avg_sqs, shadows)
+    if not params:
+        return
+    kw = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+              weight_decay=float(weight_decay), step=int(step), grad_scale=grad_scale, shadows=shadows)
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    if use_triton("adamw", params[0], grads[0]) and _kernel_takes(params, grads, exp_avgs, exp_avg_sqs, shadows):
+        run_triton("_adamw_triton", "adamw_step_triton", params, grads, exp_avgs, exp_avg_sqs,
+                   cache=cache if cache is not None else {}, **kw)
+        return
+    adamw_step_reference(params, grads, exp_avgs, exp_avg_sqs, **kw)
+
+
+def _kernel_takes(params, grads, exp_avgs, exp_avg_sqs, shadows) -> bool:
+    device = params[0].device
+    for i, p in enumerate(params):
+        for t in (p, grads[i], exp_avgs[i], exp_avg_sqs[i]):
+            if t.dtype != torch.float32 or t.device != device or not t.is_contiguous():
+                return False
+        s = shadows[i] if shadows is not None else None
+        if s is not None and (s.dtype not in (torch.bfloat16, torch.float16) or s.device != device
+                              or not s.is_contiguous()):
+            return False
+    if shadows is not None and len({s.dtype for s in shadows if s is not None}) > 1:
+        return False
+    return True

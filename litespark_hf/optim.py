@@ -1,0 +1,122 @@
+"""`LitesparkAdamW`: torch's AdamW update in one Triton launch per parameter group, writing next forward's casts.
+
+Under ``bf16=True`` (autocast) the weights stay fp32 and every forward casts them to bf16. torch's fused AdamW
+reads and writes every fp32 weight, then the next forward reads each weight again to cast it. Here the update
+kernel (`litespark_kernels.optim`) also writes the bf16 copy while the new weight is in registers, into the
+model's `CastShadow` (`litespark_hf.modules`), which the Litespark forward uses instead of casting. It also leaves
+the gradients untouched (torch's fused kernel writes back grad / grad_scale), and takes the folded gradient clip
+(``grad_scale``) that the Trainer integration sets.
+
+Same update as ``torch.optim.AdamW(amsgrad=False, maximize=False)``, same ``state_dict`` layout (``step``,
+``exp_avg``, ``exp_avg_sq``; ``step`` kept on the CPU), so checkpoints load either way. Parameters that the
+kernel does not take (not fp32, not contiguous, not on CUDA) are updated by the reference (torch ops).
+"""
+
+from __future__ import annotations
+
+import torch
+from litespark_kernels.optim import adamw_step
+
+from .modules import CastShadow, attach_cast_shadow
+
+
+class LitesparkAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay), one fused launch per parameter group; see the module docstring.
+
+    Args:
+        params: parameters or parameter groups, as for any torch optimizer.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (same defaults).
+        model: a Litespark-patched model whose fused projection weights are among ``params``: the optimizer keeps
+            their low-precision copies current (`CastShadow`) so that its training forward casts nothing.
+        shadow_dtype: the autocast dtype of the training forward (``torch.bfloat16`` under ``bf16=True``,
+            ``torch.float16`` under ``fp16=True``); no copies without it.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, model: torch.nn.Module | None = None,
+                 shadow_dtype: torch.dtype | None = None):
+        if isinstance(lr, torch.Tensor):
+            raise ValueError("lr as a tensor is not supported by LitesparkAdamW; pass a float")
+        if not lr >= 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not eps >= 0.0:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid betas: {betas}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self._caches: dict = {}
+        self.shadow: CastShadow | None = None
+        if model is not None and shadow_dtype is not None:
+            shadow = attach_cast_shadow(model, shadow_dtype)
+            if shadow is not None:
+                mine = {p for g in self.param_groups for p in g["params"]}
+                if all(p in mine for p in shadow.params):
+                    self.shadow = shadow
+                else:  # weights this optimizer does not update would go stale in the copy
+                    from .modules import detach_cast_shadow
+
+                    detach_cast_shadow(model)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = self.__dict__.get("grad_scale")  # the folded clip (litespark_hf.trainer) sets it per step
+        shadow = self.shadow
+        if shadow is not None and not shadow.alive:
+            shadow = self.shadow = None
+        live = shadow is not None and shadow.consistent()
+        views = shadow.param_views if live else None
+        updated: list[torch.Tensor] = []
+        for gi, group in enumerate(self.param_groups):
+            ps, gs, ms, vs, ss, steps = [], [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("LitesparkAdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                elif state["step"].device.type != "cpu":  # loaded from a fused/capturable torch optimizer
+                    state["step"] = state["step"].detach().to("cpu", torch.float32)
+                ps.append(p)
+                gs.append(p.grad)
+                ms.append(state["exp_avg"])
+                vs.append(state["exp_avg_sq"])
+                ss.append(views.get(p) if views is not None else None)
+                steps.append(state["step"])
+            if not ps:
+                continue
+            torch._foreach_add_(steps, 1.0)
+            values = torch.stack(steps).tolist()
+            buckets: dict[float, list[int]] = {}
+            for i, s in enumerate(values):
+                buckets.setdefault(s, []).append(i)
+            beta1, beta2 = group["betas"]
+            for bi, (s, idx) in enumerate(sorted(buckets.items())):
+                sub = idx if len(buckets) > 1 else None
+
+                def pick(xs, sub=sub):
+                    return xs if sub is None else [xs[i] for i in sub]
+
+                sh = pick(ss)
+                adamw_step(pick(ps), pick(gs), pick(ms), pick(vs), lr=group["lr"], beta1=beta1, beta2=beta2,
+                           eps=group["eps"], weight_decay=group["weight_decay"], step=int(s), grad_scale=grad_scale,
+                           shadows=sh if any(x is not None for x in sh) else None,
+                           cache=self._caches.setdefault((gi, bi), {}))
+            updated.extend(ps)
+        if updated:
+            torch.autograd.graph.increment_version(updated)  # the kernel wrote them without torch seeing it
+        if shadow is not None:
+            if live:
+                shadow.stepped()
+            else:
+                shadow.fill()
+        return loss
