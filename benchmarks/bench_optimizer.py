@@ -43,6 +43,7 @@ def llama_1b_shapes():
 def run(reps: int = 20) -> list[dict]:
     from litespark_hf.optim import LitesparkAdamW
     from litespark_kernels import cast_weights
+    from litespark_kernels.linear import weight_views
 
     torch.manual_seed(0)
     shapes, proj = llama_1b_shapes()
@@ -59,10 +60,7 @@ def run(reps: int = 20) -> list[dict]:
 
         def __init__(self):
             views = cast_weights(groups, torch.bfloat16)
-            self.param_views = {}
-            for g, v in zip(groups, views):
-                for w, part in zip(g, v.split([w.shape[0] for w in g])):
-                    self.param_views[w] = part
+            self.param_views = dict(zip([w for g in groups for w in g], weight_views(views, groups)))
 
         def consistent(self):
             return True

@@ -18,7 +18,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import litespark_kernels as lk
 from litespark_kernels._dispatch import autocast_dtype, warn_once
-from litespark_kernels.linear import _plain_tensor
+from litespark_kernels.linear import _plain_tensor, weight_views
 
 GELUTanh = hf_activations.GELUTanh
 SiLUActivation = getattr(hf_activations, "SiLUActivation", nn.SiLU)  # not in every transformers 5.x
@@ -233,7 +233,7 @@ def unlink_cast_owners(model: nn.Module) -> None:
 
 
 def _cast_slots(model: nn.Module):
-    """([(module, slot)], [weights per slot], device) of every fused projection group, or None when the weights are
+    """([(module, slot)], [linears per slot], device) of every fused projection group, or None when the weights are
     spread over devices (device_map), sharded (FSDP/ZeRO-3), of mixed dtypes, or there are none."""
     owners = model.__dict__.get("_litespark_cast_owners")
     if not owners:
@@ -248,10 +248,14 @@ def _cast_slots(model: nn.Module):
             if any(w.device != device or w.dtype != dtype or not _plain_tensor(w) for w in ws):
                 return None
             slots.append((m, slot))
-            groups.append(ws)
+            groups.append(linears)
     if device is None:
         return None
     return slots, groups, device
+
+
+def _weights(linear_groups) -> list[list[torch.Tensor]]:
+    return [[lin.weight for lin in g] for g in linear_groups]
 
 
 def _give_casts(slots, views) -> list[nn.Module]:
@@ -276,11 +280,12 @@ def cast_projection_weights(model: nn.Module, device_type: str) -> list[nn.Modul
     them), its views are handed out instead: no cast at all (gradient checkpointing included, the buffer lives
     anyway). Returns the modules given casts; `drop_casts` must clear them after the forward.
     """
-    if not torch.is_autocast_enabled(device_type) or torch.compiler.is_compiling():
+    dtype = autocast_dtype(device_type)
+    if dtype is None or torch.compiler.is_compiling():
         return []
     shadow = model.__dict__.get("_litespark_shadow")
     if shadow is not None:
-        if shadow.usable(model, torch.get_autocast_dtype(device_type), device_type):
+        if shadow.usable(model, dtype, device_type):
             if not shadow.consistent():  # a weight changed outside LitesparkAdamW (load_state_dict, ...)
                 shadow.fill()
             return _give_casts(shadow.slots, shadow.views)
@@ -292,7 +297,7 @@ def cast_projection_weights(model: nn.Module, device_type: str) -> list[nn.Modul
     if found is None or found[2].type != device_type:
         return []  # spread over devices (device_map), sharded, or mixed dtypes: per-call casts
     slots, groups, _ = found
-    return _give_casts(slots, lk.cast_weights(groups, torch.get_autocast_dtype(device_type)))
+    return _give_casts(slots, lk.cast_weights(_weights(groups), dtype))
 
 
 class CastShadow:
@@ -315,21 +320,15 @@ class CastShadow:
         found = _cast_slots(model)
         if found is None:
             raise ValueError("no fused projection weights on one device to shadow")
-        self.slots, groups, self.device = found
+        self.slots, linear_groups, self.device = found
         self.dtype = dtype
         self.owners = model.__dict__.get("_litespark_cast_owners")
-        self.views = lk.cast_weights(groups, dtype)
+        self._groups = _weights(linear_groups)
+        self.views = lk.cast_weights(self._groups, dtype)
         self.flat = self.views[0]._base if self.views[0]._base is not None else self.views[0]
-        self.params: list[torch.Tensor] = []
-        self._linears: list[tuple[nn.Module, torch.Tensor]] = []
-        self.param_views: dict[torch.Tensor, torch.Tensor] = {}
-        for (m, slot), view in zip(self.slots, self.views):
-            linears = m.litespark_cast_groups()[slot]
-            parts = view.split([lin.weight.shape[0] for lin in linears]) if len(linears) > 1 else [view]
-            for lin, part in zip(linears, parts):
-                self.params.append(lin.weight)
-                self._linears.append((lin, lin.weight))
-                self.param_views[lin.weight] = part
+        self.params: list[torch.Tensor] = [w for g in self._groups for w in g]
+        self._linears = [(lin, lin.weight) for g in linear_groups for lin in g]
+        self.param_views = dict(zip(self.params, weight_views(self.views, self._groups)))
         self.alive = True
         self._versions: list[int] | None = None
         self._record()
@@ -354,8 +353,7 @@ class CastShadow:
 
     def fill(self) -> None:
         """Copy every weight into its shadow (in place; a graph that saved the old values will refuse to run)."""
-        with torch.no_grad():
-            torch._foreach_copy_(list(self.param_views.values()), list(self.param_views.keys()))
+        lk.cast_weights(self._groups, self.dtype, out=self.views)
         self._record()
 
     def stepped(self) -> None:
@@ -423,10 +421,14 @@ class LitesparkGatedMLP:
 class LitesparkGeluMLP:
     """StarCoder2's MLP: ``dropout(c_proj(gelu_tanh(c_fc(x))))`` with c_fc's bias fused into the activation."""
 
+    def _fused_fc(self) -> bool:
+        """c_fc runs through `fused_linear` with its bias fused into the GELU kernel (else: stock order)."""
+        return type(self.c_fc) is nn.Linear and isinstance(self.act, GELUTanh)
+
     def litespark_cast_groups(self) -> dict[str, list[nn.Linear]]:
         """The projections forward runs through `fused_linear` (for `cast_projection_weights`)."""
         groups = {}
-        if type(self.c_fc) is nn.Linear and isinstance(self.act, GELUTanh):
+        if self._fused_fc():
             groups["c_fc"] = [self.c_fc]
         if plain_linears(self.c_proj):
             groups["c_proj"] = [self.c_proj]
@@ -434,7 +436,7 @@ class LitesparkGeluMLP:
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         c_fc = self.c_fc
-        if type(c_fc) is nn.Linear and isinstance(self.act, GELUTanh):
+        if self._fused_fc():
             h = lk.gelu_tanh_bias(lk.fused_linear(hidden_states, [c_fc.weight], cast=_cast_of(self, "c_fc")),
                                   c_fc.bias)
         else:  # LoRA-wrapped c_fc or another activation: stock order, nothing fused
@@ -468,7 +470,7 @@ class LitesparkAttention:
     def litespark_cast_groups(self) -> dict[str, list[nn.Linear]]:
         """The projection groups forward runs through `fused_linear` (for `cast_projection_weights`)."""
         groups = {}
-        if plain_linears(self.q_proj, self.k_proj, self.v_proj):
+        if self.litespark_casts_input():
             groups["qkv"] = [self.q_proj, self.k_proj, self.v_proj]
         if plain_linears(self.o_proj):
             groups["o"] = [self.o_proj]
@@ -477,7 +479,7 @@ class LitesparkAttention:
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        if plain_linears(self.q_proj, self.k_proj, self.v_proj):  # one GEMM for q, k and v
+        if self.litespark_casts_input():  # one GEMM for q, k and v
             sizes = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
             query_states, key_states, value_states = project(
                 hidden_states, self.q_proj, self.k_proj, self.v_proj, cast=_cast_of(self, "qkv")).split(sizes, dim=-1)

@@ -100,15 +100,11 @@ class LitesparkAdamW(torch.optim.Optimizer):
             for i, s in enumerate(values):
                 buckets.setdefault(s, []).append(i)
             beta1, beta2 = group["betas"]
-            for bi, (s, idx) in enumerate(sorted(buckets.items())):
-                sub = idx if len(buckets) > 1 else None
-
-                def pick(xs, sub=sub):
-                    return xs if sub is None else [xs[i] for i in sub]
-
-                sh = pick(ss)
-                adamw_step(pick(ps), pick(gs), pick(ms), pick(vs), lr=group["lr"], beta1=beta1, beta2=beta2,
-                           eps=group["eps"], weight_decay=group["weight_decay"], step=int(s), grad_scale=grad_scale,
+            for bi, (s, idx) in enumerate(sorted(buckets.items())):  # one bucket unless a weight missed a step
+                sh = [ss[i] for i in idx]
+                adamw_step([ps[i] for i in idx], [gs[i] for i in idx], [ms[i] for i in idx], [vs[i] for i in idx],
+                           lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                           weight_decay=group["weight_decay"], step=int(s), grad_scale=grad_scale,
                            shadows=sh if any(x is not None for x in sh) else None,
                            cache=self._caches.setdefault((gi, bi), {}))
             updated.extend(ps)

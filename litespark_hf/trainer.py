@@ -75,6 +75,14 @@ class LitesparkTrainerMixin:
             self.callback_handler.callbacks.insert(0, SATCallback(cfg))
         return model
 
+    def _litespark_full_weights(self) -> bool:
+        """One process or DDP (every process holds whole weights and runs its own optimizer step); not FSDP or
+        DeepSpeed, which shard the weights and own the step."""
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU) \
+            and not getattr(self, "is_deepspeed_enabled", False) and not getattr(self, "is_fsdp_enabled", False)
+
     def _clip_grad_norm(self, model):
         folded = self._litespark_folded_clip(model)
         return folded if folded is not None else super()._clip_grad_norm(model)
@@ -84,19 +92,15 @@ class LitesparkTrainerMixin:
 
         The Trainer's clip is a norm over all gradients, then a pass that multiplies every gradient by
         min(1, max_norm / (norm + 1e-6)). Here the norm is the same (`torch.nn.utils.get_total_norm`) and the factor
-        is handed to torch's fused optimizer as ``grad_scale`` (it divides each gradient by it as it reads it, and
-        stores the clipped gradient), which saves one read and one write of every gradient per step. Returns the
-        pre-clip norm like the Trainer's clip, or None where it does not apply.
+        is handed to the optimizer as ``grad_scale``: it divides each gradient by it as it reads it (torch's fused
+        kernel then stores the clipped gradient; `LitesparkAdamW` does not write gradients), which saves a pass over
+        every gradient per step. Returns the pre-clip norm like the Trainer's clip, or None where it does not apply.
         """
         if not getattr(self.args, "use_litespark", False):
             return None
         if not self._litespark_config().fused_grad_clip:
             return None
-        from accelerate.utils import DistributedType
-
-        acc = self.accelerator
-        if acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU) \
-                or getattr(acc, "scaler", None) is not None:
+        if not self._litespark_full_weights() or getattr(self.accelerator, "scaler", None) is not None:
             return None
         opt = getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's AcceleratedOptimizer
         if not isinstance(opt, LitesparkAdamW) and (not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW))
@@ -130,12 +134,7 @@ class LitesparkTrainerMixin:
         Only for exactly ``torch.optim.AdamW`` without amsgrad/maximize/capturable/differentiable, fp32 trainable
         weights on one CUDA device, on one process or DDP (FSDP and DeepSpeed shard the weights and own the step).
         """
-        if type(optimizer) is not torch.optim.AdamW or getattr(self, "is_deepspeed_enabled", False) \
-                or getattr(self, "is_fsdp_enabled", False):
-            return None
-        from accelerate.utils import DistributedType
-
-        if self.accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU):
+        if type(optimizer) is not torch.optim.AdamW or not self._litespark_full_weights():
             return None
         groups = optimizer.param_groups
         if any(g.get("amsgrad") or g.get("maximize") or g.get("capturable") or g.get("differentiable")

@@ -133,13 +133,15 @@ def test_add_rms_norm_forward_backward(dtype, use_s):
         check_close(ours, ref, orc, slack_for(dtype))
 
 
-def test_add_rms_norm_mixed_dtypes_as_in_a_decoder_layer():
+@pytest.mark.parametrize("hidden", [123, 20000])
+def test_add_rms_norm_mixed_dtypes_as_in_a_decoder_layer(hidden):
     """A bf16 attention output plus the fp32 residual stream, fp32 weight, output written in bf16 (what the decoder
     layer's fused path does under autocast): the sum is stock's ``residual + x`` bit for bit, the output is the
-    reference's fp32 output rounded once, and the input gradients come back in each input's dtype."""
+    reference's fp32 output rounded once, and the input gradients come back in each input's dtype (the bf16 one
+    written by the backward kernel itself). Hidden 20000: the looped kernels (rows wider than 16384)."""
     torch.manual_seed(4)
-    x = leaf(torch.randn(2, 5, 123).to(torch.bfloat16))
-    r, w = leaf(torch.randn(2, 5, 123)), leaf(1.0 + 0.3 * torch.randn(123))
+    x = leaf(torch.randn(2, 5, hidden).to(torch.bfloat16))
+    r, w = leaf(torch.randn(2, 5, hidden)), leaf(1.0 + 0.3 * torch.randn(hidden))
     y, s = rms_mod.add_rms_norm_triton(x, r, w, 1e-6, torch.bfloat16)
     xr, rr, wr = (leaf(t.detach()) for t in (x, r, w))
     yr, sr = add_rms_norm_reference(xr, rr, wr, 1e-6)

@@ -62,7 +62,7 @@ def _adamw_update(P, G, M, V, S, SCALE, offs, n, has_s, decay, one_minus_beta1, 
 
 
 @triton.jit
-def _adamw_kernel(TABLE, BLOCK_TENSOR, BLOCK_START, SCALE, DUMMY_S, decay, one_minus_beta1, beta2, one_minus_beta2,
+def _adamw_kernel(TABLE, BLOCK_TENSOR, BLOCK_START, SCALE, decay, one_minus_beta1, beta2, one_minus_beta2,
                   step_size, bc2_sqrt, eps, HAS_SCALE: tl.constexpr, S_FP16: tl.constexpr, ALIGNED: tl.constexpr,
                   BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -76,7 +76,10 @@ def _adamw_kernel(TABLE, BLOCK_TENSOR, BLOCK_START, SCALE, DUMMY_S, decay, one_m
     V = tl.load(row + 3).to(tl.pointer_type(tl.float32))
     s_addr = tl.load(row + 4)
     has_s = s_addr != 0
-    S = s_addr.to(DUMMY_S.dtype)  # DUMMY_S only gives the shadow's pointer type (bf16 or fp16)
+    if S_FP16:
+        S = s_addr.to(tl.pointer_type(tl.float16))
+    else:
+        S = s_addr.to(tl.pointer_type(tl.bfloat16))
     if ALIGNED:  # every address a multiple of 16 bytes (checked on the host): 128-bit accesses
         P = tl.multiple_of(P, 16)
         G = tl.multiple_of(G, 16)
@@ -127,20 +130,16 @@ def adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2,
 
     def build_table():
         host = torch.tensor(addrs, dtype=torch.int64)
-        if device.type == "cuda":
-            return host.pin_memory().to(device, non_blocking=True)
-        return host.to(device)
+        table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+        return table, all(a % 16 == 0 for i, a in enumerate(addrs) if i % 6 != 5)
 
-    table = _memo(cache, "table", key, build_table)
-    aligned = all(a % 16 == 0 for i, a in enumerate(addrs) if i % 6 != 5)
+    table, aligned = _memo(cache, "table", key, build_table)
     scale = grad_scale.to(device=device, dtype=torch.float32) if grad_scale is not None else table
-    s_dtype = s_dtype or torch.bfloat16
-    dummy = _memo(cache, "dummy", (s_dtype, device), lambda: torch.empty(16, dtype=s_dtype, device=device))
     bc1 = 1.0 - beta1 ** step
     bc2_sqrt = (1.0 - beta2 ** step) ** 0.5
     grid = (block_tensor.numel(),)
     _adamw_kernel[grid](
-        table, block_tensor, block_start, scale, dummy, 1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2,
+        table, block_tensor, block_start, scale, 1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2,
         lr / bc1, bc2_sqrt, eps, HAS_SCALE=grad_scale is not None, S_FP16=s_dtype == torch.float16,
         ALIGNED=aligned, BLOCK=block, num_warps=num_warps,
     )

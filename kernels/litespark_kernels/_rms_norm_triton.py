@@ -417,6 +417,7 @@ class AddRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor | None, ds: torch.Tensor | None):
         s, weight, rstd = ctx.saved_tensors
+        x_dtype, r_dtype = ctx.dtypes
         dw = None
         if dy is None:  # only s was used downstream
             dsum = ds if ds is not None else torch.zeros(ctx.shape, dtype=s.dtype, device=s.device)
@@ -424,7 +425,6 @@ class AddRMSNormFunction(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 dw = torch.zeros_like(weight)
         else:
-            x_dtype, r_dtype = ctx.dtypes
             # x in bf16/fp16 next to a residual in s's dtype (the attention/MLP output added to the fp32 stream):
             # the kernel writes x's gradient rounded once from fp32 as well, instead of a separate cast pass
             two = ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and x_dtype != s.dtype and r_dtype == s.dtype
@@ -434,7 +434,6 @@ class AddRMSNormFunction(torch.autograd.Function):
             dsum = out[0].view(ctx.shape)
             if two:
                 return out[2].view(ctx.shape), dsum, dw, None, None
-        x_dtype, r_dtype = ctx.dtypes
         dx = dsum.to(x_dtype) if ctx.needs_input_grad[0] else None
         dr = dsum.to(r_dtype) if ctx.needs_input_grad[1] else None
         return dx, dr, dw, None, None

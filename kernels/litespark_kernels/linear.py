@@ -153,33 +153,34 @@ def fused_linear(x: torch.Tensor, weights: Sequence[torch.Tensor],
     return _FusedLinear.apply(x, n, cast, *weights, *biases)
 
 
-def cast_weights(groups: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype) -> list[torch.Tensor]:
+def weight_views(views: Sequence[torch.Tensor], groups: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+    """The row block of each weight inside its group's view (as `cast_weights` lays them out), in group order."""
+    out = []
+    for view, g in zip(views, groups):
+        out.extend(view.split([w.shape[0] for w in g]) if len(g) > 1 else (view,))
+    return out
+
+
+def cast_weights(groups: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype,
+                 out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Each group of weights cast to ``dtype`` and concatenated along the output dimension, all in one buffer.
 
     Returns one ``[sum(rows), in]`` view per group (for `fused_linear`'s ``cast``). One allocation and one
     ``_foreach_copy_`` for the whole list, instead of a cast (or cast-and-concatenate) per projection per forward:
     the same values as autocast's casts, far fewer kernel launches. The views are fresh on every call, so a graph
-    that saved an earlier call's views is never overwritten.
+    that saved an earlier call's views is never overwritten. ``out``: the views of an earlier call to write into
+    instead (in place: refilling a persistent copy).
     """
-    flat_sizes, shapes = [], []
-    for g in groups:
-        k = g[0].shape[1]
-        rows = sum(w.shape[0] for w in g)
-        flat_sizes.append(rows * k)
-        shapes.append((rows, k))
     if not groups:
         return []
-    device = groups[0][0].device
-    flat = torch.empty(sum(flat_sizes), dtype=dtype, device=device)
-    views = [c.view(shape) for c, shape in zip(flat.split(flat_sizes), shapes)]
-    dsts, srcs = [], []
-    for view, g in zip(views, groups):
-        if len(g) == 1:
-            dsts.append(view)
-            srcs.append(g[0])
-        else:
-            dsts.extend(view.split([w.shape[0] for w in g]))
-            srcs.extend(g)
+    if out is None:
+        flat_sizes, shapes = [], []
+        for g in groups:
+            rows, k = sum(w.shape[0] for w in g), g[0].shape[1]
+            flat_sizes.append(rows * k)
+            shapes.append((rows, k))
+        flat = torch.empty(sum(flat_sizes), dtype=dtype, device=groups[0][0].device)
+        out = [c.view(shape) for c, shape in zip(flat.split(flat_sizes), shapes)]
     with torch.no_grad():
-        torch._foreach_copy_(dsts, srcs)
-    return views
+        torch._foreach_copy_(weight_views(out, groups), [w for g in groups for w in g])
+    return list(out)

@@ -29,25 +29,35 @@ import torch
 from ._dispatch import run_triton, use_triton
 
 
-def _check(params, grads, exp_avgs, exp_avg_sqs, shadows):
+def _inspect(params, grads, exp_avgs, exp_avg_sqs, shadows) -> bool:
+    """Validate the lists (ValueError on a length or shape mismatch) in one pass; returns whether the Triton kernel
+    takes them (contiguous fp32 tensors on one device; shadows bf16 or fp16, all of one dtype)."""
     n = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == n) or (shadows is not None and len(shadows) != n):
         raise ValueError("params, grads, exp_avgs, exp_avg_sqs (and shadows) must have the same length")
+    device = params[0].device if n else None
+    kernel_ok, s_dtype = True, None
     for i in range(n):
         p = params[i]
-        for name, t in (("grad", grads[i]), ("exp_avg", exp_avgs[i]), ("exp_avg_sq", exp_avg_sqs[i]),
-                        ("shadow", shadows[i] if shadows is not None else None)):
-            if t is not None and t.shape != p.shape:
+        s = shadows[i] if shadows is not None else None
+        for name, t in (("param", p), ("grad", grads[i]), ("exp_avg", exp_avgs[i]), ("exp_avg_sq", exp_avg_sqs[i]),
+                        ("shadow", s)):
+            if t is None:
+                continue
+            if t.shape != p.shape:
                 raise ValueError(f"{name} of shape {tuple(t.shape)} for a parameter of shape {tuple(p.shape)}")
+            if t is s:
+                s_dtype = s_dtype or s.dtype
+                wanted_dtype = s_dtype if s_dtype in (torch.bfloat16, torch.float16) else None
+            else:
+                wanted_dtype = torch.float32
+            if kernel_ok and (t.dtype != wanted_dtype or t.device != device or not t.is_contiguous()):
+                kernel_ok = False
+    return kernel_ok
 
 
-def adamw_step_reference(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-                         exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], *, lr: float,
-                         beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
-                         grad_scale: torch.Tensor | None = None,
-                         shadows: Sequence[torch.Tensor | None] | None = None) -> None:
-    """One AdamW step in place, torch ops per tensor (the specification and the CPU path)."""
-    _check(params, grads, exp_avgs, exp_avg_sqs, shadows)
+def _reference(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, step, grad_scale,
+               shadows) -> None:
     bc1 = 1.0 - beta1 ** step
     bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
     with torch.no_grad():
@@ -67,6 +77,17 @@ def adamw_step_reference(params: Sequence[torch.Tensor], grads: Sequence[torch.T
                 shadows[i].copy_(pf)
 
 
+def adamw_step_reference(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                         exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], *, lr: float,
+                         beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+                         grad_scale: torch.Tensor | None = None,
+                         shadows: Sequence[torch.Tensor | None] | None = None) -> None:
+    """One AdamW step in place, torch ops per tensor (the specification and the CPU path)."""
+    _inspect(params, grads, exp_avgs, exp_avg_sqs, shadows)
+    _reference(params, grads, exp_avgs, exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+               weight_decay=weight_decay, step=step, grad_scale=grad_scale, shadows=shadows)
+
+
 def adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
                exp_avg_sqs: Sequence[torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
                weight_decay: float, step: int, grad_scale: torch.Tensor | None = None,
@@ -78,30 +99,15 @@ def adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ex
     The Triton kernel takes contiguous fp32 parameters, gradients and moments on one CUDA device; anything else
     runs the reference.
     """
-    _check(params, grads, exp_avgs, exp_avg_sqs, shadows)
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    kernel_ok = _inspect(params, grads, exp_avgs, exp_avg_sqs, shadows)
     if not params:
         return
     kw = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
               weight_decay=float(weight_decay), step=int(step), grad_scale=grad_scale, shadows=shadows)
-    if step < 1:
-        raise ValueError(f"step must be >= 1, got {step}")
-    if use_triton("adamw", params[0], grads[0]) and _kernel_takes(params, grads, exp_avgs, exp_avg_sqs, shadows):
+    if kernel_ok and use_triton("adamw", params[0], grads[0]):
         run_triton("_adamw_triton", "adamw_step_triton", params, grads, exp_avgs, exp_avg_sqs,
                    cache=cache if cache is not None else {}, **kw)
         return
-    adamw_step_reference(params, grads, exp_avgs, exp_avg_sqs, **kw)
-
-
-def _kernel_takes(params, grads, exp_avgs, exp_avg_sqs, shadows) -> bool:
-    device = params[0].device
-    for i, p in enumerate(params):
-        for t in (p, grads[i], exp_avgs[i], exp_avg_sqs[i]):
-            if t.dtype != torch.float32 or t.device != device or not t.is_contiguous():
-                return False
-        s = shadows[i] if shadows is not None else None
-        if s is not None and (s.dtype not in (torch.bfloat16, torch.float16) or s.device != device
-                              or not s.is_contiguous()):
-            return False
-    if shadows is not None and len({s.dtype for s in shadows if s is not None}) > 1:
-        return False
-    return True
+    _reference(params, grads, exp_avgs, exp_avg_sqs, **kw)

@@ -197,7 +197,7 @@ def test_dispatchers_use_triton_on_cuda():
     torch.testing.assert_close(y, rms_norm_triton(x, w, 1e-6), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("rows,hidden", [(1000, 123), (8192, 2048)])
+@pytest.mark.parametrize("rows,hidden", [(1000, 123), (8192, 2048), (64, 20000)])
 def test_norms_writing_bf16_under_mixed_precision(rows, hidden):
     """What the decoder layers run under bf16 autocast: RMSNorm of the fp32 residual stream written in bf16
     (``out_dtype``), and the fused add of a bf16 branch output into the fp32 stream. Forward and gradients against
