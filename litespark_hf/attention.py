@@ -13,6 +13,7 @@ own 4D boolean mask and go through SDPA.
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -54,6 +55,78 @@ def litespark_mask(
     return attention_mask
 
 
+class _OwnPositions:
+    """``position_ids`` that Litespark made itself, so known to hold no packed documents without looking at them.
+
+    When the caller passes no ``position_ids`` (the Trainer's usual batch: ``input_ids``, ``labels``, maybe an
+    ``attention_mask``), transformers' model makes ``arange(seq)`` and then asks whether that tensor holds packed
+    documents: ``find_packed_sequence_indices`` in the mask creation, and this backend's own segment detection,
+    each read a device value on the host. Those two waits drain the GPU's queue at the start of every forward, so
+    the host can never run ahead of the GPU across steps. `position_pre_hook` (on the patched decoder stack) makes
+    the same ``arange`` instead and remembers it here; both checks then answer "not packed" for it (and its views)
+    without a sync. Anything else (packed ``position_ids`` from a padding-free collator) is checked as before."""
+
+    def __init__(self) -> None:
+        self._ref = None
+        self._version = -1
+
+    @staticmethod
+    def _root(t: torch.Tensor) -> torch.Tensor:
+        return t._base if t._base is not None else t
+
+    def mark(self, positions: torch.Tensor) -> None:
+        root = self._root(positions)
+        self._ref, self._version = weakref.ref(root), root._version
+
+    def holds(self, t) -> bool:
+        """``t`` is the marked tensor or a view of it (``expand``), unchanged since it was made."""
+        own = self._ref() if self._ref is not None else None
+        if own is None or not isinstance(t, torch.Tensor):
+            return False
+        return self._root(t) is own and own._version == self._version
+
+
+_own_positions = _OwnPositions()
+
+
+def position_pre_hook(module, args, kwargs):
+    """Forward pre-hook for the decoder stack: supply ``position_ids = arange(seq)[None]`` when the caller gave
+    none and no cache or packing arguments (exactly what the model would make), marked as not packed."""
+    if torch.compiler.is_compiling() or kwargs.get("position_ids") is not None or len(args) > 2:
+        return None
+    if any(kwargs.get(k) is not None for k in ("past_key_values", "cache_position", "cu_seq_lens_q",
+                                                 "cu_seq_lens_k", "seq_idx")):
+        return None
+    ref = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ref, torch.Tensor):
+        ref = kwargs.get("inputs_embeds")
+        if not isinstance(ref, torch.Tensor) or ref.dim() != 3:
+            return None
+    elif ref.dim() != 2:
+        return None
+    positions = torch.arange(ref.shape[1], device=ref.device)[None]
+    _own_positions.mark(positions)
+    return args, {**kwargs, "position_ids": positions}
+
+
+def _install_packed_check_skip() -> None:
+    """Make transformers' packed-sequence detection answer None, without a host sync, for `_OwnPositions`."""
+    import transformers.masking_utils as mu
+
+    original = getattr(mu, "find_packed_sequence_indices", None)
+    if original is None or getattr(original, "_litespark_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def find_packed_sequence_indices(position_ids, *args, **kwargs):
+        if not torch.compiler.is_compiling() and _own_positions.holds(position_ids):
+            return None
+        return original(position_ids, *args, **kwargs)
+
+    find_packed_sequence_indices._litespark_wrapped = True
+    mu.find_packed_sequence_indices = find_packed_sequence_indices
+
+
 class _SegmentMemo:
     """Packed-document segment ids computed once per forward (all layers share the same position_ids tensor)."""
 
@@ -67,6 +140,9 @@ class _SegmentMemo:
             return segment_ids_from_position_ids(position_ids)
         if self._ref is not None and self._ref() is position_ids and self._version == position_ids._version:
             return self._value
+        if _own_positions.holds(position_ids):  # made by position_pre_hook: one document per row, no sync
+            self._ref, self._version, self._value = weakref.ref(position_ids), position_ids._version, None
+            return None
         segments = segment_ids_from_position_ids(position_ids)
         # One host sync per forward, as transformers' own packed-sequence detection does.
         value = None if bool((segments[:, -1] == 0).all()) else segments
@@ -131,6 +207,7 @@ def register() -> None:
     """Register the backend and its mask function (idempotent; done at `import litespark_hf`)."""
     AttentionInterface.register(ATTENTION_NAME, litespark_attention_forward)
     AttentionMaskInterface.register(ATTENTION_NAME, litespark_mask)
+    _install_packed_check_skip()
 
 
 def is_registered() -> bool:

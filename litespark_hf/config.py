@@ -53,6 +53,14 @@ class LitesparkConfig:
             "backward to finish on every step. Same logged values."
         },
     )
+    non_blocking_batches: bool = field(
+        default=True,
+        metadata={
+            "help": "Trainers only, on CUDA with dataloader_pin_memory (the default): copy each batch to the GPU "
+            "with non_blocking=True (accelerate's dataloader option) instead of a copy that first waits for all "
+            "queued GPU work, so the host can prepare the next step while the GPU finishes this one."
+        },
+    )
     allow_partial: bool = field(
         default=False,
         metadata={

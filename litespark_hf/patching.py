@@ -13,7 +13,7 @@ import warnings
 import torch.nn as nn
 
 from .architectures import SUPPORTED_MODEL_TYPES, SWAP_KINDS, get_architecture
-from .attention import ATTENTION_NAME, register
+from .attention import ATTENTION_NAME, position_pre_hook, register
 from .config import LitesparkConfig
 from .modules import (
     LitesparkLMHead, link_cast_owners, link_decoder_layers, link_norm_consumers, original_class, swapped_class,
@@ -24,6 +24,7 @@ from .modules import (
 logger = logging.getLogger(__name__)
 
 _STATE_ATTR = "_litespark_state"
+_HOOK_ATTR = "_litespark_position_hook"
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -98,6 +99,11 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
         link_norm_consumers(base)
         link_cast_owners(base)
         link_decoder_layers(base)
+        if cfg.attention and _HOOK_ATTR not in base.__dict__:
+            # positions made by us need no packed-document check (a host sync per forward; see _OwnPositions)
+            stack = getattr(base, "base_model", None)
+            stack = stack if isinstance(stack, nn.Module) else base
+            base.__dict__[_HOOK_ATTR] = stack.register_forward_pre_hook(position_pre_hook, with_kwargs=True)
     if cfg.sat_omission_rate_mlp > 0 or cfg.sat_omission_rate_heads > 0:
         from .sat import enable_sat  # Sparsity-Accelerated Training on top of the Litespark layers
 
@@ -118,6 +124,9 @@ def restore(model: nn.Module) -> nn.Module:
     unlink_norm_consumers(base)
     unlink_cast_owners(base)
     unlink_decoder_layers(base)
+    hook = base.__dict__.pop(_HOOK_ATTR, None)
+    if hook is not None:
+        hook.remove()
     for module in base.modules():
         original = original_class(module)
         if original is not None:

@@ -163,19 +163,28 @@ class LitesparkTrainerMixin:
         ref_model = getattr(self, "ref_model", None)  # DPO with a separate reference model
         if ref_model is not None:
             self._apply_litespark(ref_model, sat=False)
-        own_filter = (getattr(self.args, "use_litespark", False) and self.args.logging_nan_inf_filter
-                      and self._litespark_config().sync_free_nan_filter)
-        if not own_filter:
-            return super().train(*args, **kwargs)
-        # The Trainer's filter (``isnan(loss) or isinf(loss)`` on the host) waits for every backward to finish;
-        # training_step below applies the same rule on the GPU. The flag is put back when train() returns.
-        self.__dict__["_litespark_nan_filter"] = True
-        self.args.logging_nan_inf_filter = False
-        try:
+        on = getattr(self.args, "use_litespark", False)
+        own_filter = on and self.args.logging_nan_inf_filter and self._litespark_config().sync_free_nan_filter
+        # A blocking copy of each batch to the GPU waits for everything queued (the previous step's backward and
+        # optimizer) first; from pinned memory a non-blocking copy is safe and lets the host run ahead.
+        loader = getattr(getattr(self, "accelerator", None), "dataloader_config", None)
+        async_batches = (on and loader is not None and not loader.non_blocking and self.args.dataloader_pin_memory
+                         and torch.cuda.is_available() and self._litespark_config().non_blocking_batches)
+        if async_batches:
+            loader.non_blocking = True
+        if own_filter:
+            # The Trainer's filter (``isnan(loss) or isinf(loss)`` on the host) waits for every backward to finish;
+            # training_step below applies the same rule on the GPU.
+            self.__dict__["_litespark_nan_filter"] = True
+            self.args.logging_nan_inf_filter = False
+        try:  # both put back when train() returns
             return super().train(*args, **kwargs)
         finally:
-            self.__dict__.pop("_litespark_nan_filter", None)
-            self.args.logging_nan_inf_filter = True
+            if own_filter:
+                self.__dict__.pop("_litespark_nan_filter", None)
+                self.args.logging_nan_inf_filter = True
+            if async_batches:
+                loader.non_blocking = False
 
     def training_step(self, model, inputs, *args, **kwargs):
         loss = super().training_step(model, inputs, *args, **kwargs)

@@ -5,9 +5,11 @@ Variants (``--variants``, in this order by default): ``sdpa`` (HF default, the b
 (``use_litespark=True`` through `litespark_hf.TrainingArguments`/`Trainer`), ``litespark_compile``.
 
 Method (as in shared/docs/baselines.md): random-init model from a config, random token ids (every token real),
-``bf16=True`` (fp32 master weights, AdamW fused), constant learning rate, the Trainer's usual loop. Each step ends
-with a device sync; tokens/s = tokens per step / median step time over the timed steps (``--time-from`` to
-``--steps``, both 1-based and included); MFU with ``6N + 12 L d T`` (`litespark_hf.efficiency.flops`); peak memory =
+``bf16=True`` (fp32 master weights, AdamW fused), constant learning rate, the Trainer's usual loop, logging once at
+the end. No step waits for the GPU (as in a run that logs every few steps): the timed window (``--time-from`` to
+``--steps``, both 1-based and included) starts and ends with one device sync, each step's time is the GPU time
+between CUDA events recorded at its begin and end, and the losses stay on the device until the run ends. Tokens/s =
+tokens per step / median step time over the timed steps; MFU with ``6N + 12 L d T`` (`litespark_hf.efficiency.flops`); peak memory =
 ``torch.cuda.max_memory_allocated``; energy per token = NVML total-energy counter (all visible GPUs) over the timed
 steps / their tokens, or, without NVML, CodeCarbon's offline estimate (flagged). Each variant runs in its own
 subprocess by default (``--no-isolate`` to run in-process): Liger's and torch.compile's global patches and caches
@@ -106,6 +108,9 @@ def _timer_callback(time_from: int, steps: int, cuda: bool, progress: bool, mete
     class Timer(TrainerCallback):
         def __init__(self):
             self.times, self.losses = [], []
+            self.marks = []  # (host t0, host t1, begin event, end event) per step
+            self.loss_tensors = []
+            self._ev = None
             self.window = None
             self._t = None
             self.bar = None
@@ -134,6 +139,13 @@ def _timer_callback(time_from: int, steps: int, cuda: bool, progress: bool, mete
             if cuda:
                 torch.cuda.synchronize()
 
+        def _event(self):
+            if not cuda:
+                return None
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+
         def _energy(self):
             return meter.read() if meter is not None else None
 
@@ -148,23 +160,31 @@ def _timer_callback(time_from: int, steps: int, cuda: bool, progress: bool, mete
                     self.bar = None
 
         def on_step_begin(self, args, state, control, **kw):
-            self._sync()
+            if state.global_step + 1 == time_from:  # the timed window starts on an idle GPU (one sync)
+                self._sync()
+                self.window = {"t0": time.perf_counter(), "e0": self._energy()}
             self._t = time.perf_counter()
-            if state.global_step + 1 == time_from:
-                self.window = {"t0": self._t, "e0": self._energy()}
+            self._ev = self._event()
 
         def on_step_end(self, args, state, control, **kw):
-            self._sync()
             t = time.perf_counter()
-            self.times.append(t - self._t)
-            if state.global_step == steps and self.window is not None:
-                self.window.update(t1=t, e1=self._energy())
+            self.marks.append((self._t, t, self._ev, self._event()))
+            if state.global_step == steps and self.window is not None:  # ... and ends when the GPU is done
+                self._sync()
+                self.window.update(t1=time.perf_counter(), e1=self._energy())
             if self.bar is not None:
                 self.bar.update(1)
 
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
+        def record_loss(self, loss):
+            self.loss_tensors.append(loss.detach())
+
+        def finish(self):
+            """Per-step times (GPU time between the step's begin and end events; host time on CPU) and losses."""
+            self._sync()
+            self.times = [b.elapsed_time(e) / 1e3 if b is not None else t1 - t0 for t0, t1, b, e in self.marks]
+            if self.loss_tensors:
+                self.losses = [float(v) for v in torch.stack([x.float().reshape(()) for x in
+                                                              self.loss_tensors]).cpu().tolist()]
 
         def on_train_end(self, args, state, control, **kw):
             if self._gc_hook in gc.callbacks:
@@ -241,7 +261,7 @@ def run_variant(config_name: str, variant: str, steps: int, time_from: int, seed
     n_params = F.num_parameters(model)
     data = _Data(steps * cfg["batch"], cfg["seq"], hf_cfg.vocab_size, seed)
     common = dict(output_dir=work, per_device_train_batch_size=cfg["batch"], max_steps=steps, learning_rate=1e-4,
-                  lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=1,
+                  lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=steps,
                   save_strategy="no", report_to=[], bf16=bf16, gradient_checkpointing=cfg["gradient_checkpointing"],
                   gradient_checkpointing_kwargs={"use_reentrant": False} if cfg["gradient_checkpointing"] else None,
                   dataloader_num_workers=0, disable_tqdm=True, seed=seed, data_seed=seed, use_cpu=not cuda,
@@ -253,6 +273,14 @@ def run_variant(config_name: str, variant: str, steps: int, time_from: int, seed
     args = TrainingArguments(**common, **overrides)
     timer = _timer_callback(time_from, steps, cuda, progress, meter)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[timer, *(callbacks or [])])
+    training_step = trainer.training_step
+
+    def _training_step(*a, **kw):  # keep each step's loss on the device: reading it would wait for the GPU
+        loss = training_step(*a, **kw)
+        timer.record_loss(loss)
+        return loss
+
+    trainer.training_step = _training_step
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # no per-step log lines
@@ -265,6 +293,7 @@ def run_variant(config_name: str, variant: str, steps: int, time_from: int, seed
     t_train = time.perf_counter()
     try:
         trainer.train()
+        timer.finish()
     finally:
         meter.close()
     wall = time.perf_counter() - t_train
@@ -297,6 +326,7 @@ def run_variant(config_name: str, variant: str, steps: int, time_from: int, seed
         "timed_energy_j": joules,
         "joules_per_token": joules / (tokens_step * n_timed) if joules else None,
         "power_w": joules / window_s if joules and window_s else None,
+        "window_s": window_s, "tokens_per_second_window": tokens_step * n_timed / window_s if window_s else None,
         "losses": timer.losses, "final_loss": timer.losses[-1] if timer.losses else None,
         "build_s": build_s, "train_wall_s": wall, "litespark_swapped": swapped,
         "python_gc_timed": timer.gc_summary(),

@@ -9,8 +9,9 @@ end) reads the batch the Trainer passes to ``model(**inputs)`` and counts, on th
 - else: every token of ``input_ids`` / ``inputs_embeds``.
 
 Only forwards that train are counted (``module.training`` and grad enabled): DPO's reference pass, evaluation and
-generation are not. The counters are read once per optimizer step (``on_step_end``, which also waits for the GPU so
-the step times are exact) and summed over ranks when logging. Should the hook see nothing (a trainer that bypasses
+generation are not. Nothing waits for the GPU per step: at ``on_step_end`` the counters are copied to pinned
+memory behind a CUDA event, and a step's time is the GPU time between events recorded at ``on_step_begin`` and
+``on_step_end``; they are read when logging (one wait) and summed over ranks there. Should the hook see nothing (a trainer that bypasses
 ``model.__call__``), the Trainer's own ``state.num_input_tokens_seen`` is used when it is on.
 
 Logged (prefix ``efficiency/``, per logging interval): ``tokens_per_second``, ``step_time_s``, ``mfu``,
@@ -46,7 +47,8 @@ FORMULA = ("FLOPs/token = 6*N + 12*L*d*T (PaLM app. B / nanoGPT; N = all paramet
 
 
 def _count_tokens(args, kwargs):
-    """(tokens, sum of squared sequence lengths) of one forward's inputs, as int64 tensors on the inputs' device."""
+    """(tokens, sum of squared sequence lengths) of one forward's inputs: a pair of ints when the shapes tell, else
+    an int64 tensor on the inputs' device (never a host-to-device copy: a blocking one would wait for the GPU)."""
     def pick(name, index):
         v = kwargs.get(name)
         if v is None and len(args) > index and isinstance(args[index], torch.Tensor):
@@ -70,8 +72,9 @@ def _count_tokens(args, kwargs):
         p = pos.to(torch.int64)
         if p.dim() == 3:  # multimodal rope: [3, batch, seq]
             p = p[0]
-        return torch.stack([torch.tensor(p.numel(), device=p.device), (2 * p + 1).sum()])
-    return torch.tensor([rows * cols, rows * cols * cols], dtype=torch.int64, device=ref.device)
+        span = (2 * p + 1).sum()
+        return torch.stack([torch.full_like(span, p.numel()), span])
+    return (rows * cols, rows * cols * cols)
 
 
 def load_baseline(baseline) -> dict | None:
@@ -137,10 +140,13 @@ class EfficiencyCallback(TrainerCallback):
     def _reset(self):
         self._sat = False
         self._hook = None
-        self._acc: torch.Tensor | None = None
+        self._acc: torch.Tensor | None = None  # device counters (masks, position_ids)
+        self._host_acc = (0, 0)  # counts known from the shapes
         self._acc_read = (0, 0)
         self._steps: list[dict] = []
+        self._pending: list[dict] = []
         self._step_t0: float | None = None
+        self._begin_ev = None
         self._log_cursor = 0
         self._t_train0 = None
         self._t_last_log = None
@@ -193,17 +199,36 @@ class EfficiencyCallback(TrainerCallback):
                 counts = _count_tokens(args, kwargs)
             except Exception:  # noqa: BLE001 - counting must never break a forward
                 counts = None
-            if counts is not None:
+            if isinstance(counts, tuple):  # known on the host
+                cb._host_acc = (cb._host_acc[0] + counts[0], cb._host_acc[1] + counts[1])
+            elif counts is not None:
                 cb._acc = counts if cb._acc is None or cb._acc.device != counts.device else cb._acc + counts
             return None
 
         return hook
 
-    def _read_acc(self) -> tuple[int, int]:
-        if self._acc is None:
-            return 0, 0
-        tokens, sumsq = (int(v) for v in self._acc.tolist())
-        return tokens, sumsq
+    def _drain(self, wait: bool) -> None:
+        """Turn pending steps into figures: all of them (``wait``: one wait for the last step's GPU work, at logging
+        time), or only those whose GPU work has finished (no waiting)."""
+        while self._pending:
+            p = self._pending[0]
+            if p["end_ev"] is not None:
+                if wait:
+                    self._pending[-1]["end_ev"].synchronize()
+                elif not p["end_ev"].query():
+                    return
+            self._pending.pop(0)
+            counts, (h_tokens, h_sumsq) = p["counts"], p["host_counts"]
+            tokens, sumsq = (int(v) for v in counts.tolist()) if counts is not None else (0, 0)
+            tokens, sumsq = tokens + h_tokens, sumsq + h_sumsq  # running totals
+            if p["end_ev"] is not None:  # GPU time from the step's start to its end, as the stream ran them
+                elapsed = p["begin_ev"].elapsed_time(p["end_ev"]) / 1e3
+            else:
+                elapsed = p["end"] - p["t0"]
+            self._steps.append({"step": p["step"], "time": elapsed, "end": p["end"],
+                                "tokens": tokens - self._acc_read[0], "sumsq": sumsq - self._acc_read[1],
+                                "executed_fraction": p["executed_fraction"]})
+            self._acc_read = (tokens, sumsq)
 
     # -- events -------------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -228,19 +253,31 @@ class EfficiencyCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_t0 = time.perf_counter()
+        if self._cuda:
+            self._begin_ev = torch.cuda.Event(enable_timing=True)
+            self._begin_ev.record()
 
     def on_step_end(self, args, state, control, **kwargs):
+        # Nothing here waits for the GPU: a wait per step would drain its queue, and the host could not prepare the
+        # next step while the GPU finishes this one. The step's end is a CUDA event and its token counters are
+        # copied to pinned memory behind it; both are read once the GPU got there (at the latest when logging).
         frac = self._executed_fraction(kwargs.get("model"))
-        tokens, sumsq = self._read_acc()  # reading the device counters waits for the step's GPU work
-        if self._cuda and self._acc is None:
-            torch.cuda.synchronize()
         now = time.perf_counter()
         t0 = self._step_t0 if self._step_t0 is not None else now
-        self._steps.append({"step": state.global_step, "time": now - t0, "end": now,
-                            "tokens": tokens - self._acc_read[0], "sumsq": sumsq - self._acc_read[1],
-                            "executed_fraction": frac})
-        self._acc_read = (tokens, sumsq)
-        self._step_t0 = None
+        acc, counts, end_ev = self._acc, None, None
+        if acc is not None and acc.device.type == "cuda":
+            counts = torch.empty(acc.shape, dtype=acc.dtype, pin_memory=True).copy_(acc, non_blocking=True)
+        elif acc is not None:
+            counts = acc.to("cpu", copy=True)
+        if self._cuda and self._begin_ev is not None:
+            end_ev = torch.cuda.Event(enable_timing=True)
+            end_ev.record()
+        self._pending.append({"step": state.global_step, "t0": t0, "end": now, "begin_ev": self._begin_ev,
+                              "end_ev": end_ev, "counts": counts, "host_counts": self._host_acc,
+                              "executed_fraction": frac})
+        self._step_t0 = self._begin_ev = None
+        if len(self._pending) > 64:  # a long logging interval: take in what has finished, without waiting
+            self._drain(wait=False)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or self._t_train0 is None or self._finalized:
@@ -325,6 +362,7 @@ class EfficiencyCallback(TrainerCallback):
         return self._safe(self._meter.sample, "energy sampling") if self._meter is not None else None
 
     def _interval(self, args, state) -> dict | None:
+        self._drain(wait=True)
         steps = self._steps[self._log_cursor:]
         self._log_cursor = len(self._steps)
         now = time.perf_counter()
@@ -424,6 +462,7 @@ class EfficiencyCallback(TrainerCallback):
             self._hook.remove()
             self._hook = None
         # figures of the steps not yet logged
+        self._drain(wait=True)
         if self._log_cursor < len(self._steps) or self._timeline == []:
             self._interval(args, state)
         total_time = time.perf_counter() - self._t_train0
