@@ -40,7 +40,7 @@ def llama_1b_shapes():
     return shapes, proj
 
 
-def run(reps: int = 20) -> list[dict]:
+def run(reps: int = 20, sweep: bool = False) -> list[dict]:
     from litespark_hf.optim import LitesparkAdamW
     from litespark_kernels import cast_weights
     from litespark_kernels.linear import weight_views
@@ -133,6 +133,50 @@ def run(reps: int = 20) -> list[dict]:
     base = rows[0]["gpu_ms"]
     for r in rows:
         r["speedup_vs_torch_fused+cast"] = base / r["gpu_ms"]
+    if sweep:
+        rows += _sweep(params, _Shadow(), scale, kw, reps, n, n_proj, base)
+    return rows
+
+
+SWEEP = [(2048, 4, False), (2048, 4, True), (2048, 8, False), (4096, 4, False), (4096, 8, False), (4096, 8, True),
+         (8192, 8, False), (8192, 16, False), (1024, 4, False), (1024, 2, False)]
+
+
+def _sweep(params, shadow, scale, kw, reps, n, n_proj, base) -> list[dict]:
+    """GPU time of the AdamW kernel alone (with shadow and grad_scale) per launch configuration."""
+    from litespark_kernels._adamw_triton import adamw_step_triton
+
+    grads = [p.grad for p in params]
+    ms_, vs_ = [torch.zeros_like(p) for p in params], [torch.rand_like(p) * 1e-6 for p in params]
+    shadows = [shadow.param_views.get(p) for p in params]
+    rows = []
+    for block, warps, evict in SWEEP:
+        cache = {}
+
+        def step():
+            adamw_step_triton(params, grads, ms_, vs_, lr=kw["lr"], beta1=kw["betas"][0], beta2=kw["betas"][1],
+                              eps=kw["eps"], weight_decay=kw["weight_decay"], step=3, grad_scale=scale,
+                              shadows=shadows, cache=cache, block=block, num_warps=warps, evict=evict)
+
+        for _ in range(3):
+            step()
+        times = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            torch.cuda._sleep(20_000_000)
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            step()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e))
+        gpu_ms = statistics.median(times)
+        nbytes = 28 * n + 2 * n_proj
+        name = f"kernel BLOCK={block} warps={warps}" + (" evict" if evict else "")
+        rows.append({"variant": name, "ms": gpu_ms, "gpu_ms": gpu_ms, "min_bytes": nbytes,
+                     "gbps": nbytes / gpu_ms * 1e-6, "params": n, "projection_params": n_proj,
+                     "speedup_vs_torch_fused+cast": base / gpu_ms, "sweep": True})
+        print(f"  {name}: {gpu_ms:.3f} ms, {nbytes / gpu_ms * 1e-6:.0f} GB/s", flush=True)
     return rows
 
 
@@ -166,11 +210,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--sweep", action="store_true", help="also time the AdamW kernel's launch configurations")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_optimizer needs a CUDA GPU")
         return 1
-    rows = run(args.reps)
+    rows = run(args.reps, args.sweep)
     print(table(rows))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "optimizer.json"), "w") as fh:

@@ -539,13 +539,27 @@ class LitesparkLMHead:
     parameters around its forward (DeepSpeed ZeRO-3, FSDP) see the weight used; without labels it is a plain linear.
     """
 
-    def forward(self, input, labels=None, shift_labels=None, num_items_in_batch=None, label_count=None):
+    def forward(self, input, labels=None, shift_labels=None, num_items_in_batch=None, label_count=None,
+                tied_grad=None):
         if labels is None and shift_labels is None:
             return F.linear(input, self.weight, self.bias)
         return lk.fused_linear_cross_entropy(
             input, self.weight, labels, bias=self.bias, shift_labels=shift_labels,
-            num_items_in_batch=num_items_in_batch, label_count=label_count,
+            num_items_in_batch=num_items_in_batch, label_count=label_count, tied_grad=tied_grad,
         )
+
+
+class LitesparkEmbedding:
+    """Input embedding tied to a Litespark LM head: in a fused-loss training forward its weight gradient is added
+    into the loss's weight gradient in place instead of being built as a second dense matrix and summed
+    (`litespark_kernels.tied_embedding`). Every other call is the stock lookup."""
+
+    def forward(self, input):
+        slot = self.__dict__.get("_litespark_tied")
+        if (slot is None or not torch.is_grad_enabled() or not self.weight.requires_grad or self.max_norm is not None
+                or self.scale_grad_by_freq or self.sparse or torch.compiler.is_compiling()):
+            return super().forward(input)
+        return lk.tied_embedding(input, self.weight, self.padding_idx, slot)
 
 
 class LitesparkCausalLM:
@@ -577,6 +591,10 @@ class LitesparkCausalLM:
         # started before the decoder so that the loss reads a finished copy instead of syncing (LabelCount)
         label_count = lk.count_labels(shift_labels) if shift_labels.is_cuda else None
         given = cast_projection_weights(self, self.lm_head.weight.device.type)
+        embed = self.get_input_embeddings()
+        tied = None
+        if isinstance(embed, LitesparkEmbedding) and embed.weight is self.lm_head.weight:
+            tied = embed.__dict__["_litespark_tied"] = lk.TiedGrad()  # this forward's hand-over slot
         try:
             outputs = self.model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -584,9 +602,11 @@ class LitesparkCausalLM:
             )
         finally:
             drop_casts(given)
+            if tied is not None:
+                embed.__dict__.pop("_litespark_tied", None)
         loss = self.lm_head(
             outputs.last_hidden_state, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
-            label_count=label_count,
+            label_count=label_count, tied_grad=tied,
         )
         return CausalLMOutputWithPast(
             loss=loss, logits=None, past_key_values=outputs.past_key_values,

@@ -16,7 +16,7 @@ from .architectures import SUPPORTED_MODEL_TYPES, SWAP_KINDS, get_architecture
 from .attention import ATTENTION_NAME, position_pre_hook, register
 from .config import LitesparkConfig
 from .modules import (
-    LitesparkLMHead, link_cast_owners, link_decoder_layers, link_norm_consumers, original_class, swapped_class,
+    LitesparkEmbedding, LitesparkLMHead, link_cast_owners, link_decoder_layers, link_norm_consumers, original_class, swapped_class,
     unlink_cast_owners,
     unlink_decoder_layers, unlink_norm_consumers,
 )
@@ -96,6 +96,10 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
             counts[kind] = counts.get(kind, 0) + 1
             if kind == "causal_lm" and type(module.lm_head) is nn.Linear:
                 module.lm_head.__class__ = swapped_class(LitesparkLMHead, nn.Linear)
+                embed = module.get_input_embeddings()
+                if type(embed) is nn.Embedding and embed.weight is module.lm_head.weight:  # tied
+                    embed.__class__ = swapped_class(LitesparkEmbedding, nn.Embedding)
+                    counts["tied_embedding"] = counts.get("tied_embedding", 0) + 1
         link_norm_consumers(base)
         link_cast_owners(base)
         link_decoder_layers(base)

@@ -7,6 +7,7 @@ shadow Hugging Face's ``kernels`` package).
 
 from .activations import geglu, geglu_packed, gelu_tanh_bias, swiglu, swiglu_packed
 from .attention import attention, attention_reference, attention_sdpa
+from .embedding import TiedGrad, tied_embedding
 from .fused_linear_cross_entropy import (
     LabelCount, count_labels, fused_linear_cross_entropy, fused_linear_cross_entropy_reference, shifted_labels,
 )
@@ -20,5 +21,5 @@ __all__ = [
     "attention_sdpa", "cast_weights", "count_labels", "fused_linear", "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_reference", "fused_linear_reference", "gelu_tanh_bias", "geglu", "geglu_packed",
     "layer_norm", "layer_norm_reference", "rms_norm", "rms_norm_reference", "shifted_labels", "swiglu",
-    "swiglu_packed",
+    "swiglu_packed", "TiedGrad", "tied_embedding",
 ]

@@ -274,6 +274,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, num_items_in_batch, compute_dtype, options):
         need_gh, need_gw, need_gb = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        options = dict(options)
+        tied = options.pop("tied_grad", None)
         h2d = hidden.reshape(-1, hidden.shape[-1]).to(compute_dtype)
         w = weight.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
@@ -286,6 +288,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             gw = gw.to(weight.dtype)
         if gb is not None and gb.dtype != bias.dtype:
             gb = gb.to(bias.dtype)
+        ctx.tied = (tied, weight) if tied is not None else None
         ctx.grads = (gh, gw, gb)
         return loss
 
@@ -298,6 +301,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             gh, gw, gb = (_scale_unless_one(t, g) for t in (gh, gw, gb))
         else:  # Triton's CPU interpreter (tests)
             gh, gw, gb = (t * g.to(t.dtype) if t is not None else None for t in (gh, gw, gb))
+        if ctx.tied is not None:  # the tied embedding's backward (run next) adds its rows into the gw returned here
+            tied, weight = ctx.tied
+            ctx.tied = None
+            tied.offer(gw, weight)
         return gh, gw, gb, None, None, None, None, None
 
 
@@ -311,6 +318,7 @@ def fused_linear_cross_entropy_triton(
     ignore_index: int = -100,
     num_items_in_batch: torch.Tensor | int | None = None,
     label_count: LabelCount | None = None,
+    tied_grad=None,
     _options: dict | None = None,
 ) -> torch.Tensor:
     """Chunked fused linear + cross-entropy; same loss and gradients as ``fused_linear_cross_entropy_reference``.
@@ -336,6 +344,8 @@ def fused_linear_cross_entropy_triton(
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     if needs_grad:
+        if tied_grad is not None:
+            options["tied_grad"] = tied_grad
         return _FusedLinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, num_items_in_batch,
                                               compute_dtype, options)
     h2d = hidden.reshape(-1, hidden.shape[-1]).to(compute_dtype)

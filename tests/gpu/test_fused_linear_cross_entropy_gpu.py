@@ -149,3 +149,48 @@ def test_fp32_exact_and_frozen_weight():
     assert w.grad is None
     assert abs(lt.item() - lr.item()) < 1e-5 * lr.item()
     assert _rel(ht.grad, hr.grad) < 1e-4
+
+
+def test_tied_embedding_gradient_added_into_the_fused_loss_gradient():
+    """Tied Llama (fp32 weights, bf16 autocast): the lookup's gradient goes into the fused loss's weight gradient in
+    place (no dense embedding gradient, no extra add); every gradient equal to the same model's with the stock
+    lookup up to fp32 summation order (relative 1e-5), over two accumulated micro-batches."""
+    import copy
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import litespark_hf
+    from tiny_models import tiny_model
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    base = tiny_model("llama", attn_implementation="sdpa", hidden_size=256, intermediate_size=512,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
+                      pad_token_id=0).cuda()
+    fast = litespark_hf.apply(copy.deepcopy(base))
+    plain = litespark_hf.apply(copy.deepcopy(base))
+    plain.model.embed_tokens.__class__ = torch.nn.Embedding  # the stock lookup and its dense gradient
+    assert type(fast.model.embed_tokens).__name__ == "LitesparkEmbedding"
+    g = torch.Generator().manual_seed(0)
+    for step in range(2):
+        ids = torch.randint(1, 128, (2, 1000), generator=g).cuda()
+        ids[0, :50] = 0
+        for m in (fast, plain):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = m(input_ids=ids, labels=ids).loss
+            with Ops() as ops:
+                loss.backward()
+            if m is fast:
+                assert "embedding_dense_backward" not in ops.seen and "index_put_" in ops.seen
+            else:
+                assert "embedding_dense_backward" in ops.seen
+    for (name, pa), pb in zip(plain.named_parameters(), fast.parameters()):
+        err = ((pb.grad - pa.grad).norm() / pa.grad.norm()).item()
+        assert err <= 1e-5, (name, err)
