@@ -138,8 +138,8 @@ def run(reps: int = 20, sweep: bool = False) -> list[dict]:
     return rows
 
 
-SWEEP = [(2048, 4, False), (2048, 4, True), (2048, 8, False), (4096, 4, False), (4096, 8, False), (4096, 8, True),
-         (8192, 8, False), (8192, 16, False), (1024, 4, False), (1024, 2, False)]
+SWEEP = [(1024, 4, False), (1024, 4, True), (1024, 8, False), (1024, 2, False), (512, 2, False), (512, 4, False),
+         (2048, 4, False), (2048, 8, False), (4096, 4, False), (4096, 8, False)]
 
 
 def _sweep(params, shadow, scale, kw, reps, n, n_proj, base) -> list[dict]:

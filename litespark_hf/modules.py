@@ -539,6 +539,10 @@ class LitesparkLMHead:
     parameters around its forward (DeepSpeed ZeRO-3, FSDP) see the weight used; without labels it is a plain linear.
     """
 
+    def litespark_cast_groups(self) -> dict[str, list[nn.Linear]]:
+        """The weight whose low-precision copy the fused loss reads (for `cast_projection_weights`)."""
+        return {"lm_head": [self]}
+
     def forward(self, input, labels=None, shift_labels=None, num_items_in_batch=None, label_count=None,
                 tied_grad=None):
         if labels is None and shift_labels is None:
@@ -546,6 +550,7 @@ class LitesparkLMHead:
         return lk.fused_linear_cross_entropy(
             input, self.weight, labels, bias=self.bias, shift_labels=shift_labels,
             num_items_in_batch=num_items_in_batch, label_count=label_count, tied_grad=tied_grad,
+            weight_cast=_cast_of(self, "lm_head"),
         )
 
 
@@ -600,14 +605,14 @@ class LitesparkCausalLM:
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
             )
+            loss = self.lm_head(
+                outputs.last_hidden_state, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
+                label_count=label_count, tied_grad=tied,
+            )
         finally:
             drop_casts(given)
             if tied is not None:
                 embed.__dict__.pop("_litespark_tied", None)
-        loss = self.lm_head(
-            outputs.last_hidden_state, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
-            label_count=label_count, tied_grad=tied,
-        )
         return CausalLMOutputWithPast(
             loss=loss, logits=None, past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states, attentions=outputs.attentions,

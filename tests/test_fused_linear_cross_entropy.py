@@ -184,3 +184,22 @@ def test_label_count_made_early_gives_the_same_loss_and_gradients(ignored):
     _check(got, want, 2e-5)
     with pytest.raises(ValueError, match="other labels"):
         _triton(h[:, :10], w, shift_labels=shift[:, :10], label_count=count)
+
+
+def test_weight_cast_is_read_instead_of_casting_and_ignored_when_it_does_not_fit():
+    """``weight_cast`` (the optimizer's low-precision copy of the weight) is what the loss multiplies by; the
+    gradient still goes to ``weight``. A copy of another dtype or shape is ignored."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 9, 16, generator=g, requires_grad=True)
+    weight = torch.randn(37, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 37, (2, 9), generator=g)
+    other = (weight.detach() * 2.0).contiguous()  # a stand-in copy that differs, to see which one is read
+    got = fused_linear_cross_entropy_triton(hidden, weight, labels, weight_cast=other)
+    want = fused_linear_cross_entropy_reference(hidden.detach(), other, labels)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got.backward()
+    assert weight.grad is not None and weight.grad.shape == weight.shape
+    plain = fused_linear_cross_entropy_reference(hidden.detach(), weight.detach(), labels)
+    for bad in (other.to(torch.float64), other[:, :8]):
+        torch.testing.assert_close(fused_linear_cross_entropy_triton(hidden, weight, labels, weight_cast=bad), plain,
+                                   rtol=1e-5, atol=1e-6)

@@ -171,7 +171,8 @@ def test_cast_shadow_tracks_the_weights_and_feeds_the_forward():
     opt_plain = LitesparkAdamW(plain.parameters(), lr=1e-2)
     shadow = opt.shadow
     assert shadow is not None and model.__dict__["_litespark_shadow"] is shadow
-    assert len(shadow.params) == 2 * 7  # per layer: q, k, v, o, gate, up, down
+    # per layer: q, k, v, o, gate, up, down; and the LM head (the fused loss reads its copy)
+    assert len(shadow.params) == 2 * 7 + 1 and shadow.params[-1] is model.lm_head.weight
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
     for _ in range(3):
         la, lb = _loss(model, ids), _loss(plain, ids)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 2048
+BLOCK = 1024
 NUM_WARPS = 4
 EVICT = False  # streaming cache hints on the unmasked path (benchmarks/bench_optimizer.py --sweep)
 

@@ -276,8 +276,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         need_gh, need_gw, need_gb = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         options = dict(options)
         tied = options.pop("tied_grad", None)
+        w = options.pop("weight_cast", None)
         h2d = hidden.reshape(-1, hidden.shape[-1]).to(compute_dtype)
-        w = weight.to(compute_dtype)
+        w = w if w is not None else weight.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             loss, gh, gw, gb = _flce_compute(h2d, w, b, target, ignore_index, num_items_in_batch,
@@ -319,6 +320,7 @@ def fused_linear_cross_entropy_triton(
     num_items_in_batch: torch.Tensor | int | None = None,
     label_count: LabelCount | None = None,
     tied_grad=None,
+    weight_cast: torch.Tensor | None = None,
     _options: dict | None = None,
 ) -> torch.Tensor:
     """Chunked fused linear + cross-entropy; same loss and gradients as ``fused_linear_cross_entropy_reference``.
@@ -341,16 +343,22 @@ def fused_linear_cross_entropy_triton(
             raise ValueError("label_count was made from other labels (count_labels(shift_labels) of these labels)")
         options["label_count"] = label_count
     compute_dtype = autocast_dtype(hidden.device.type) or hidden.dtype
+    if weight_cast is not None and (weight_cast.dtype != compute_dtype or weight_cast.shape != weight.shape
+                                    or weight_cast.device != weight.device):
+        weight_cast = None
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     if needs_grad:
         if tied_grad is not None:
             options["tied_grad"] = tied_grad
+        if weight_cast is not None:
+            options["weight_cast"] = weight_cast
         return _FusedLinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, num_items_in_batch,
                                               compute_dtype, options)
     h2d = hidden.reshape(-1, hidden.shape[-1]).to(compute_dtype)
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         loss, _, _, _ = _flce_compute(
-            h2d, weight.to(compute_dtype), bias.to(compute_dtype) if bias is not None else None, target,
+            h2d, weight_cast if weight_cast is not None else weight.to(compute_dtype),
+            bias.to(compute_dtype) if bias is not None else None, target,
             ignore_index, num_items_in_batch, False, False, False, **options)
     return loss

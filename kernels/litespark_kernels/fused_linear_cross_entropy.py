@@ -88,18 +88,22 @@ def fused_linear_cross_entropy(
     num_items_in_batch: torch.Tensor | int | None = None,
     label_count: LabelCount | None = None,
     tied_grad=None,
+    weight_cast: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same loss and gradients as the reference; chunked Triton path on CUDA, reference elsewhere.
 
     ``label_count``: optional `count_labels(shift_labels)` of the same (shifted) labels, made early so that the
     Triton path needs no host sync. ``tied_grad``: the `TiedGrad` of a `tied_embedding` lookup of this same
     ``weight`` in this forward; the Triton path hands it the weight gradient (see `litespark_kernels.embedding`).
+    ``weight_cast``: ``weight`` already in the compute dtype (e.g. a `CastShadow` view), used by the Triton path
+    instead of casting it; ignored unless its dtype and shape fit.
     """
     if use_triton("fused_linear_cross_entropy", hidden, weight):
         return run_triton(
             "_fused_linear_cross_entropy_triton", "fused_linear_cross_entropy_triton",
             hidden, weight, labels, bias=bias, shift_labels=shift_labels, ignore_index=ignore_index,
             num_items_in_batch=num_items_in_batch, label_count=label_count, tied_grad=tied_grad,
+            weight_cast=weight_cast,
         )
     return fused_linear_cross_entropy_reference(
         hidden, weight, labels, bias=bias, shift_labels=shift_labels, ignore_index=ignore_index,
