@@ -129,11 +129,6 @@ def run() -> list[dict]:
         base = dict(S=S, B=B, D=D, Hq=Hq, Hkv=Hkv, causal=True)
         hf = _inputs(B, S, Hq, Hkv, D, True)
         _try(rows, name, "litespark_triton", _litespark(causal=True), hf, fwd_flops, **base)
-        # the same attention given segment ids of one document per row (what a padding mask without padding
-        # becomes): the cost of the kernels' segment path when it changes nothing
-        one_doc = torch.zeros(B, S, dtype=torch.int32, device="cuda")
-        _try(rows, name, "litespark_one_doc_segments", _litespark(causal=True, q_segment_ids=one_doc,
-                                                                  kv_segment_ids=one_doc), hf, fwd_flops, **base)
         del hf
         plain = _inputs(B, S, Hq, Hkv, D, False)
         _try(rows, name, "sdpa_flash", _sdpa_backend(SDPBackend.FLASH_ATTENTION), plain, fwd_flops, **base)
