@@ -138,8 +138,7 @@ def run(reps: int = 20, sweep: bool = False) -> list[dict]:
     return rows
 
 
-SWEEP = [(1024, 4, False), (1024, 4, True), (1024, 8, False), (1024, 2, False), (512, 2, False), (512, 4, False),
-         (2048, 4, False), (2048, 8, False), (4096, 4, False), (4096, 8, False)]
+SWEEP = [(1024, 4), (1024, 8), (1024, 2), (512, 2), (512, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8)]
 
 
 def _sweep(params, shadow, scale, kw, reps, n, n_proj, base) -> list[dict]:
@@ -150,13 +149,13 @@ def _sweep(params, shadow, scale, kw, reps, n, n_proj, base) -> list[dict]:
     ms_, vs_ = [torch.zeros_like(p) for p in params], [torch.rand_like(p) * 1e-6 for p in params]
     shadows = [shadow.param_views.get(p) for p in params]
     rows = []
-    for block, warps, evict in SWEEP:
+    for block, warps in SWEEP:
         cache = {}
 
         def step():
             adamw_step_triton(params, grads, ms_, vs_, lr=kw["lr"], beta1=kw["betas"][0], beta2=kw["betas"][1],
                               eps=kw["eps"], weight_decay=kw["weight_decay"], step=3, grad_scale=scale,
-                              shadows=shadows, cache=cache, block=block, num_warps=warps, evict=evict)
+                              shadows=shadows, cache=cache, block=block, num_warps=warps)
 
         for _ in range(3):
             step()
@@ -172,7 +171,7 @@ def _sweep(params, shadow, scale, kw, reps, n, n_proj, base) -> list[dict]:
             times.append(s.elapsed_time(e))
         gpu_ms = statistics.median(times)
         nbytes = 28 * n + 2 * n_proj
-        name = f"kernel BLOCK={block} warps={warps}" + (" evict" if evict else "")
+        name = f"kernel BLOCK={block} warps={warps}"
         rows.append({"variant": name, "ms": gpu_ms, "gpu_ms": gpu_ms, "min_bytes": nbytes,
                      "gbps": nbytes / gpu_ms * 1e-6, "params": n, "projection_params": n_proj,
                      "speedup_vs_torch_fused+cast": base / gpu_ms, "sweep": True})

@@ -16,9 +16,8 @@ from .architectures import SUPPORTED_MODEL_TYPES, SWAP_KINDS, get_architecture
 from .attention import ATTENTION_NAME, position_pre_hook, register
 from .config import LitesparkConfig
 from .modules import (
-    LitesparkEmbedding, LitesparkLMHead, link_cast_owners, link_decoder_layers, link_norm_consumers, original_class, swapped_class,
-    unlink_cast_owners,
-    unlink_decoder_layers, unlink_norm_consumers,
+    LitesparkEmbedding, LitesparkLMHead, link_cast_owners, link_decoder_layers, link_norm_consumers, original_class,
+    swapped_class, unlink_cast_owners, unlink_decoder_layers, unlink_norm_consumers,
 )
 
 logger = logging.getLogger(__name__)

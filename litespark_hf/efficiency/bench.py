@@ -9,8 +9,8 @@ Method (as in shared/docs/baselines.md): random-init model from a config, random
 the end. No step waits for the GPU (as in a run that logs every few steps): the timed window (``--time-from`` to
 ``--steps``, both 1-based and included) starts and ends with one device sync, each step's time is the GPU time
 between CUDA events recorded at its begin and end, and the losses stay on the device until the run ends. Tokens/s =
-tokens per step / median step time over the timed steps; MFU with ``6N + 12 L d T`` (`litespark_hf.efficiency.flops`); peak memory =
-``torch.cuda.max_memory_allocated``; energy per token = NVML total-energy counter (all visible GPUs) over the timed
+tokens per step / median step time over the timed steps; MFU with ``6N + 12 L d T``
+(`litespark_hf.efficiency.flops`); peak memory = ``torch.cuda.max_memory_allocated``; energy per token = NVML total-energy counter (all visible GPUs) over the timed
 steps / their tokens, or, without NVML, CodeCarbon's offline estimate (flagged). Each variant runs in its own
 subprocess by default (``--no-isolate`` to run in-process): Liger's and torch.compile's global patches and caches
 cannot leak into the next variant, and an out-of-memory or a crash is recorded and the run goes on.

@@ -11,8 +11,8 @@ end) reads the batch the Trainer passes to ``model(**inputs)`` and counts, on th
 Only forwards that train are counted (``module.training`` and grad enabled): DPO's reference pass, evaluation and
 generation are not. Nothing waits for the GPU per step: at ``on_step_end`` the counters are copied to pinned
 memory behind a CUDA event, and a step's time is the GPU time between events recorded at ``on_step_begin`` and
-``on_step_end``; they are read when logging (one wait) and summed over ranks there. Should the hook see nothing (a trainer that bypasses
-``model.__call__``), the Trainer's own ``state.num_input_tokens_seen`` is used when it is on.
+``on_step_end``; they are read when logging (one wait) and summed over ranks there. Should the hook see nothing (a
+trainer that bypasses ``model.__call__``), the Trainer's own ``state.num_input_tokens_seen`` is used when it is on.
 
 Logged (prefix ``efficiency/``, per logging interval): ``tokens_per_second``, ``step_time_s``, ``mfu``,
 ``peak_memory_gib``, ``power_w``, ``energy_kwh``, ``tokens_seen``; at the end the totals with ``emissions_g``
