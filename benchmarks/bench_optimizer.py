@@ -40,6 +40,21 @@ def llama_1b_shapes():
     return shapes, proj
 
 
+def _elapsed_ms(step, spin: bool) -> float:
+    """Milliseconds between CUDA events around one ``step()``. ``spin``: GPU time alone - a ~10 ms spin kernel
+    first, so the host has queued the whole step before the GPU reaches it (as in training, where the host runs
+    ahead during the backward); else host launch time included."""
+    torch.cuda.synchronize()
+    if spin:
+        torch.cuda._sleep(20_000_000)
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    step()
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e)
+
+
 def run(reps: int = 20, sweep: bool = False) -> list[dict]:
     from litespark_hf.optim import LitesparkAdamW
     from litespark_kernels import cast_weights
@@ -108,20 +123,8 @@ def run(reps: int = 20, sweep: bool = False) -> list[dict]:
         torch.cuda.synchronize()
         times, gpu_times = [], []
         for _ in range(reps):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            step()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-            # GPU time alone: a ~10 ms spin first, so the host has queued the whole step before the GPU reaches it
-            # (as in training, where the host runs ahead during the backward)
-            torch.cuda._sleep(20_000_000)
-            s.record()
-            step()
-            e.record()
-            torch.cuda.synchronize()
-            gpu_times.append(s.elapsed_time(e))
+            times.append(_elapsed_ms(step, spin=False))
+            gpu_times.append(_elapsed_ms(step, spin=True))
         ms = statistics.median(times)
         gpu_ms = statistics.median(gpu_times)
         shadow_bytes = 2 * n_proj if name != "litespark_noshadow" else 0
@@ -159,17 +162,7 @@ def _sweep(params, shadow, scale, kw, reps, n, n_proj, base) -> list[dict]:
 
         for _ in range(3):
             step()
-        times = []
-        for _ in range(reps):
-            torch.cuda.synchronize()
-            torch.cuda._sleep(20_000_000)
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            step()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-        gpu_ms = statistics.median(times)
+        gpu_ms = statistics.median(_elapsed_ms(step, spin=True) for _ in range(reps))
         nbytes = 28 * n + 2 * n_proj
         name = f"kernel BLOCK={block} warps={warps}"
         rows.append({"variant": name, "ms": gpu_ms, "gpu_ms": gpu_ms, "min_bytes": nbytes,

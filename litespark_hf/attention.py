@@ -141,7 +141,6 @@ class _SegmentMemo:
         if self._ref is not None and self._ref() is position_ids and self._version == position_ids._version:
             return self._value
         if _own_positions.holds(position_ids):  # made by position_pre_hook: one document per row, no sync
-            self._ref, self._version, self._value = weakref.ref(position_ids), position_ids._version, None
             return None
         segments = segment_ids_from_position_ids(position_ids)
         # One host sync per forward, as transformers' own packed-sequence detection does.

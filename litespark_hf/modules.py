@@ -270,7 +270,8 @@ def _give_casts(slots, views) -> list[nn.Module]:
 
 
 def cast_projection_weights(model: nn.Module, device_type: str) -> list[nn.Module]:
-    """Cast every fused projection group's weights to the autocast dtype at once (`litespark_kernels.cast_weights`).
+    """Cast every fused projection group's weights (and the Litespark LM head's) to the autocast dtype at once
+    (`litespark_kernels.cast_weights`).
 
     Stock autocast casts each Linear's fp32 weight when the Linear runs (one kernel launch per projection per
     forward, ~112 for a 16-layer Llama); this makes one buffer and one ``_foreach_copy_`` at the start of the
@@ -301,7 +302,8 @@ def cast_projection_weights(model: nn.Module, device_type: str) -> list[nn.Modul
 
 
 class CastShadow:
-    """Low-precision copies of the fused projection weights that persist across steps.
+    """Low-precision copies of the fused projection weights (and the Litespark LM head's, read by the fused loss)
+    that persist across steps.
 
     `LitesparkAdamW` writes ``bf16(w)`` (or fp16) into them as it updates each weight, so the next forward reads
     them instead of casting every weight again (`cast_projection_weights`). They are trusted only while every weight

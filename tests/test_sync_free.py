@@ -9,28 +9,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import litespark_hf
 from litespark_hf import attention as A
-from tiny_models import FAMILIES, random_batch, tiny_model
-
-
-class ScalarReads(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
+from tiny_models import FAMILIES, OpLog, random_batch, tiny_model
 
 
 def _reads(stack, **inputs) -> tuple[int, torch.Tensor]:
-    with ScalarReads() as mode:
+    with OpLog() as ops:
         out = stack(**inputs).last_hidden_state
-    return mode.count, out
+    return ops.counts["_local_scalar_dense"] + ops.counts["is_nonzero"], out
 
 
 @pytest.mark.parametrize("family", FAMILIES)

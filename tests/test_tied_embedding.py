@@ -10,25 +10,14 @@ import copy
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import litespark_hf
-from tiny_models import tiny_model
+from tiny_models import OpLog, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 SIZE = dict(hidden_size=128, intermediate_size=160, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
             num_hidden_layers=1, tie_word_embeddings=True, pad_token_id=0)
-
-
-class Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.add(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 def rel_err(a, b):
@@ -59,7 +48,7 @@ def test_fused_loss_path_adds_into_the_loss_gradient_and_matches_stock(monkeypat
         ids = _batch(step)
         stock(input_ids=ids, labels=ids).loss.backward()
         loss = lit(input_ids=ids, labels=ids).loss
-        with Ops() as ops:
+        with OpLog() as ops:
             loss.backward()
         assert "embedding_dense_backward" not in ops.seen and "index_put_" in ops.seen
     w = stock.model.embed_tokens.weight

@@ -50,3 +50,34 @@ def tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", bos_token="t1", eos_token="t2",
                                    unk_token="t3")
+
+
+class OpLog:
+    """Context manager recording every aten op that runs inside it (``counts``: op name -> calls), e.g. to assert
+    that a path never builds a dense gradient or never reads a device value on the host (``_local_scalar_dense``)."""
+
+    def __init__(self):
+        from collections import Counter
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        log = self
+        self.counts = Counter()
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                log.counts[func.overloadpacket.__name__] += 1
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+
+    @property
+    def seen(self) -> set[str]:
+        return set(self.counts)
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)

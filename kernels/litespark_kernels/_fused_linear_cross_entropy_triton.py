@@ -272,13 +272,11 @@ def _flce_compute(hidden2d, weight, bias, target, ignore_index, num_items_in_bat
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, ignore_index, num_items_in_batch, compute_dtype, options):
+    def forward(ctx, hidden, weight, bias, target, ignore_index, num_items_in_batch, compute_dtype, options,
+                weight_cast, tied):
         need_gh, need_gw, need_gb = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        options = dict(options)
-        tied = options.pop("tied_grad", None)
-        w = options.pop("weight_cast", None)
         h2d = hidden.reshape(-1, hidden.shape[-1]).to(compute_dtype)
-        w = w if w is not None else weight.to(compute_dtype)
+        w = weight_cast if weight_cast is not None else weight.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             loss, gh, gw, gb = _flce_compute(h2d, w, b, target, ignore_index, num_items_in_batch,
@@ -306,7 +304,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             tied, weight = ctx.tied
             ctx.tied = None
             tied.offer(gw, weight)
-        return gh, gw, gb, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy_triton(
@@ -349,12 +347,8 @@ def fused_linear_cross_entropy_triton(
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     if needs_grad:
-        if tied_grad is not None:
-            options["tied_grad"] = tied_grad
-        if weight_cast is not None:
-            options["weight_cast"] = weight_cast
         return _FusedLinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, num_items_in_batch,
-                                              compute_dtype, options)
+                                              compute_dtype, options, weight_cast, tied_grad)
     h2d = hidden.reshape(-1, hidden.shape[-1]).to(compute_dtype)
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         loss, _, _, _ = _flce_compute(

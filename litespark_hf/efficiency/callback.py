@@ -210,13 +210,12 @@ class EfficiencyCallback(TrainerCallback):
     def _drain(self, wait: bool) -> None:
         """Turn pending steps into figures: all of them (``wait``: one wait for the last step's GPU work, at logging
         time), or only those whose GPU work has finished (no waiting)."""
+        if wait and self._pending and self._pending[-1]["end_ev"] is not None:
+            self._pending[-1]["end_ev"].synchronize()  # the last step's end: every earlier one has finished too
         while self._pending:
             p = self._pending[0]
-            if p["end_ev"] is not None:
-                if wait:
-                    self._pending[-1]["end_ev"].synchronize()
-                elif not p["end_ev"].query():
-                    return
+            if not wait and p["end_ev"] is not None and not p["end_ev"].query():
+                return
             self._pending.pop(0)
             counts, (h_tokens, h_sumsq) = p["counts"], p["host_counts"]
             tokens, sumsq = (int(v) for v in counts.tolist()) if counts is not None else (0, 0)
