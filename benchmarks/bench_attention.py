@@ -72,7 +72,7 @@ def _time_fwd_bwd(fn, q, k, v, do) -> tuple[float, float]:
 
 
 def _litespark(**kw):
-    from litespark_kernels._attention_triton import attention_triton
+    from litespark_kernels.ops._attention_triton import attention_triton
 
     return lambda q, k, v: attention_triton(q, k, v, **kw)
 
@@ -120,7 +120,7 @@ def run() -> list[dict]:
     """Benchmark rows: one dict per (shape, variant) with times in ms and TFLOP/s."""
     from torch.nn.attention import SDPBackend
 
-    from litespark_kernels.attention import segment_ids_from_cu_seqlens, visibility_mask
+    from litespark_kernels.ops.attention import segment_ids_from_cu_seqlens, visibility_mask
 
     rows: list[dict] = []
     for S, B, D, Hq, Hkv in SHAPES:
@@ -184,7 +184,7 @@ SWEEP_SHAPES = [(4096, 4, 64, 32, 8), (4096, 4, 128, 24, 8)]
 
 def _sweep_case(shape, kind, cfg, time_it: bool):
     """Run (and optionally time) one kernel configuration on one shape; compiles it on first use."""
-    from litespark_kernels import _attention_triton as at
+    from litespark_kernels.ops import _attention_triton as at
 
     S, B, D, Hq, Hkv = shape
     q, k, v, do = _inputs(B, S, Hq, Hkv, D, True, seed=1)
@@ -216,7 +216,7 @@ def _compile_only(job):
 
 
 def sweep() -> list[dict]:
-    """Time each kernel's launch configurations (litespark_kernels._attention_triton.CONFIGS) on SWEEP_SHAPES.
+    """Time each kernel's launch configurations (litespark_kernels.ops._attention_triton.CONFIGS) on SWEEP_SHAPES.
 
     The configurations are first compiled in parallel worker processes (filling Triton's on-disk cache), then
     timed one by one in this process. Backward rows time the whole backward (delta + dK/dV + dQ) with the other

@@ -37,7 +37,7 @@ NAME = "fused_linear_cross_entropy"
 
 
 def _variants():
-    from litespark_kernels._fused_linear_cross_entropy_triton import fused_linear_cross_entropy_triton
+    from litespark_kernels.ops._fused_linear_cross_entropy_triton import fused_linear_cross_entropy_triton
 
     def unfused(h, w, target):
         logits = F.linear(h, w).float()
@@ -70,7 +70,7 @@ def components(vocab: int = 128256, tokens: int = 8192, hidden: int = 2048, dtyp
     """Time of each step of litespark's chunk loop, scaled to all ``tokens`` (chunks of ``rows`` rows)."""
     import triton
 
-    from litespark_kernels import _fused_linear_cross_entropy_triton as impl
+    from litespark_kernels.ops import _fused_linear_cross_entropy_triton as impl
 
     device = torch.device("cuda")
     g = torch.Generator(device=device).manual_seed(1)

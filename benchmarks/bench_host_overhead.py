@@ -38,7 +38,7 @@ def breakdown(reps: int) -> dict:
 
     import litespark_kernels as lk
     from litespark_kernels import _dispatch
-    from litespark_kernels import _rms_norm_triton as rt
+    from litespark_kernels.ops import _rms_norm_triton as rt
 
     d = torch.device("cuda")
     x = torch.randn(16, 2048, device=d)

@@ -58,7 +58,7 @@ def _elapsed_ms(step, spin: bool) -> float:
 def run(reps: int = 20, sweep: bool = False) -> list[dict]:
     from litespark_hf.optim import LitesparkAdamW
     from litespark_kernels import cast_weights
-    from litespark_kernels.linear import weight_views
+    from litespark_kernels.ops.linear import weight_views
 
     torch.manual_seed(0)
     shapes, proj = llama_1b_shapes()
@@ -146,7 +146,7 @@ SWEEP = [(1024, 4), (1024, 8), (1024, 2), (512, 2), (512, 4), (2048, 4), (2048, 
 
 def _sweep(params, shadow, scale, kw, reps, n, n_proj, base) -> list[dict]:
     """GPU time of the AdamW kernel alone (with shadow and grad_scale) per launch configuration."""
-    from litespark_kernels._adamw_triton import adamw_step_triton
+    from litespark_kernels.ops._adamw_triton import adamw_step_triton
 
     grads = [p.grad for p in params]
     ms_, vs_ = [torch.zeros_like(p) for p in params], [torch.rand_like(p) * 1e-6 for p in params]

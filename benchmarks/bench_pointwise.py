@@ -130,12 +130,12 @@ def _inputs(op: str, p: dict, requires_grad: bool, gen: torch.Generator):
 
 def _providers(op: str, with_compile: bool) -> dict:
     import litespark_kernels as lk
-    from litespark_kernels import _activations_triton as act_t
-    from litespark_kernels import _layer_norm_triton as ln_t
-    from litespark_kernels import _rms_norm_triton as rms_t
-    from litespark_kernels import _rope_triton as rope_t
-    from litespark_kernels.activations import gelu_tanh_bias_reference, swiglu_reference
-    from litespark_kernels.rms_norm import add_rms_norm_reference
+    from litespark_kernels.ops import _activations_triton as act_t
+    from litespark_kernels.ops import _layer_norm_triton as ln_t
+    from litespark_kernels.ops import _rms_norm_triton as rms_t
+    from litespark_kernels.ops import _rope_triton as rope_t
+    from litespark_kernels.ops.activations import gelu_tanh_bias_reference, swiglu_reference
+    from litespark_kernels.ops.rms_norm import add_rms_norm_reference
 
     ours = {
         "rms_norm": rms_t.rms_norm_triton,
@@ -323,10 +323,10 @@ def _add_speedups(rows: list[dict]) -> None:
 
 def run_sweep(copy_gbps: float) -> list[dict]:
     """GPU time of launch configurations of the raw launchers (no autograd); informs the kernels' defaults."""
-    from litespark_kernels import _activations_triton as act_t
-    from litespark_kernels import _layer_norm_triton as ln_t
-    from litespark_kernels import _rms_norm_triton as rms_t
-    from litespark_kernels import _rope_triton as rope_t
+    from litespark_kernels.ops import _activations_triton as act_t
+    from litespark_kernels.ops import _layer_norm_triton as ln_t
+    from litespark_kernels.ops import _rms_norm_triton as rms_t
+    from litespark_kernels.ops import _rope_triton as rope_t
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     rows = []

@@ -24,7 +24,7 @@ PEAK = 989e12  # H100/H200 dense bf16 datasheet
 def mlp_micro(tokens=8192, hidden=2048, inter=8192, rates=(0.0, 0.25, 0.5)):
     import triton.testing
 
-    from litespark_kernels.sparse_mlp import sparse_gated_mlp
+    from litespark_kernels.ops.sparse_mlp import sparse_gated_mlp
 
     torch.manual_seed(0)
     dev = "cuda"

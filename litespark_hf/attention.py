@@ -22,7 +22,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import litespark_kernels as lk
-from litespark_kernels.attention import (
+from litespark_kernels.ops.attention import (
     segment_ids_from_cu_seqlens,
     segment_ids_from_padding_mask,
     segment_ids_from_position_ids,

@@ -18,7 +18,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import litespark_kernels as lk
 from litespark_kernels._dispatch import autocast_dtype, warn_once
-from litespark_kernels.linear import _plain_tensor, weight_views
+from litespark_kernels.ops.linear import _plain_tensor, weight_views
 
 GELUTanh = hf_activations.GELUTanh
 SiLUActivation = getattr(hf_activations, "SiLUActivation", nn.SiLU)  # not in every transformers 5.x

@@ -2,7 +2,7 @@
 
 Under ``bf16=True`` (autocast) the weights stay fp32 and every forward casts them to bf16. torch's fused AdamW
 reads and writes every fp32 weight, then the next forward reads each weight again to cast it. Here the update
-kernel (`litespark_kernels.optim`) also writes the bf16 copy while the new weight is in registers, into the
+kernel (`litespark_kernels.ops.optim`) also writes the bf16 copy while the new weight is in registers, into the
 model's `CastShadow` (`litespark_hf.modules`), which the Litespark forward uses instead of casting. It also leaves
 the gradients untouched (torch's fused kernel writes back grad / grad_scale), and takes the folded gradient clip
 (``grad_scale``) that the Trainer integration sets.
@@ -15,7 +15,7 @@ kernel does not take (not fp32, not contiguous, not on CUDA) are updated by the 
 from __future__ import annotations
 
 import torch
-from litespark_kernels.optim import adamw_step
+from litespark_kernels.ops.optim import adamw_step
 
 from .modules import CastShadow, attach_cast_shadow
 

@@ -7,8 +7,8 @@ persistent dbias reduction with several row tiles per program. The oracle is the
 import pytest
 import torch
 
-from litespark_kernels import _activations_triton as act
-from litespark_kernels.activations import geglu_reference, gelu_tanh_bias_reference, swiglu_reference
+from litespark_kernels.ops import _activations_triton as act
+from litespark_kernels.ops.activations import geglu_reference, gelu_tanh_bias_reference, swiglu_reference
 
 DTYPES = [torch.float32, torch.float16]
 

@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-from litespark_kernels._attention_triton import attention_triton
-from litespark_kernels.attention import attention, attention_reference
+from litespark_kernels.ops._attention_triton import attention_triton
+from litespark_kernels.ops.attention import attention, attention_reference
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
 
@@ -171,7 +171,7 @@ def test_dropout_falls_back_to_sdpa():
 @pytest.mark.parametrize("split", [True, False])
 def test_both_loop_structures(monkeypatch, split):
     # SPLIT=True: three specialised loops (masked / unmasked / masked); False: one loop with a runtime mask branch.
-    from litespark_kernels import _attention_triton as at
+    from litespark_kernels.ops import _attention_triton as at
 
     monkeypatch.setitem(at.INTERPRETER_CONFIGS, "short", (16, 16, 4, 1, split))
     seg = torch.tensor([[-1] * 6 + [0] * 40 + [1] * 30], dtype=torch.int32)
@@ -188,7 +188,7 @@ def test_window_covering_the_sequence_is_no_window():
     import importlib
     from unittest import mock
 
-    A = importlib.import_module("litespark_kernels.attention")  # the module (the package re-exports the function)
+    A = importlib.import_module("litespark_kernels.ops.attention")  # the module (the package re-exports the function)
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))

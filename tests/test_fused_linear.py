@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import litespark_kernels as lk
-from litespark_kernels.linear import fused_linear_reference
+from litespark_kernels.ops.linear import fused_linear_reference
 
 
 def rel(a, b):
@@ -90,7 +90,7 @@ def test_bad_inputs_raise():
 
 def test_zero3_style_parameter_takes_the_reference_path(monkeypatch):
     """A parameter that a sharding engine gathers only inside its own module (``ds_id``) is not fused."""
-    import litespark_kernels.linear as lin
+    import litespark_kernels.ops.linear as lin
 
     ws, _ = make([4, 4], 8, [0, 0])
     ws[0].ds_id = 3

@@ -7,8 +7,8 @@ The Triton path is called directly (conftest sets TRITON_INTERPRET=1 without CUD
 import pytest
 import torch
 
-from litespark_kernels._fused_linear_cross_entropy_triton import _chunk_rows, fused_linear_cross_entropy_triton
-from litespark_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy_reference
+from litespark_kernels.ops._fused_linear_cross_entropy_triton import _chunk_rows, fused_linear_cross_entropy_triton
+from litespark_kernels.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_reference
 
 # Small chunks and vocabulary blocks so that every test crosses chunk and block boundaries.
 OPTS = {"chunk_rows": 96, "block_v": 256}

@@ -8,10 +8,10 @@ inputs with odd hidden sizes (123), several rows, strided rows, and both the in-
 import pytest
 import torch
 
-from litespark_kernels import _layer_norm_triton as ln_mod
-from litespark_kernels import _rms_norm_triton as rms_mod
-from litespark_kernels.layer_norm import layer_norm_reference
-from litespark_kernels.rms_norm import add_rms_norm_reference, rms_norm_reference
+from litespark_kernels.ops import _layer_norm_triton as ln_mod
+from litespark_kernels.ops import _rms_norm_triton as rms_mod
+from litespark_kernels.ops.layer_norm import layer_norm_reference
+from litespark_kernels.ops.rms_norm import add_rms_norm_reference, rms_norm_reference
 
 DTYPES = [torch.float32, torch.float16]
 

@@ -9,7 +9,7 @@ import torch
 import litespark_hf
 from litespark_hf import LitesparkAdamW
 from litespark_hf.modules import cast_projection_weights, drop_casts
-from litespark_kernels.optim import adamw_step, adamw_step_reference
+from litespark_kernels.ops.optim import adamw_step, adamw_step_reference
 from tiny_models import tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from litespark_kernels._rope_triton import apply_rope_triton, rope_launch
-from litespark_kernels.rope import apply_rope_reference
+from litespark_kernels.ops._rope_triton import apply_rope_triton, rope_launch
+from litespark_kernels.ops.rope import apply_rope_reference
 
 
 def rel_err(a, b):

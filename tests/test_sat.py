@@ -13,8 +13,8 @@ from litespark_hf.sat import (
     SATCallback, controller, disable_sat, enable_sat, executed_flops_fraction, executed_flops_per_token,
     frozen_omitted, omission_rates, sat_step, scheduled_rate,
 )
-from litespark_kernels.sparse_attention_heads import head_rows
-from litespark_kernels.sparse_mlp import (
+from litespark_kernels.ops.sparse_attention_heads import head_rows
+from litespark_kernels.ops.sparse_mlp import (
     sparse_gated_mlp, sparse_gated_mlp_reference, sparse_mlp, sparse_mlp_reference,
 )
 from tiny_models import FAMILIES, random_batch, tiny_model
@@ -379,7 +379,7 @@ def test_head_rows_batched_equals_per_layer():
 
 
 def test_gather_weight_casts_once_under_autocast_and_zeroes_omitted_grads():
-    from litespark_kernels.sparse_mlp import gather_weight
+    from litespark_kernels.ops.sparse_mlp import gather_weight
 
     torch.manual_seed(0)
     w = torch.randn(37, 23, requires_grad=True)

@@ -5,16 +5,16 @@ Imported as ``litespark_kernels`` (the source folder is ``kernels/``; a top-leve
 shadow Hugging Face's ``kernels`` package).
 """
 
-from .activations import geglu, geglu_packed, gelu_tanh_bias, swiglu, swiglu_packed
-from .attention import attention, attention_reference, attention_sdpa
-from .embedding import TiedGrad, tied_embedding
-from .fused_linear_cross_entropy import (
+from .ops.activations import geglu, geglu_packed, gelu_tanh_bias, swiglu, swiglu_packed
+from .ops.attention import attention, attention_reference, attention_sdpa
+from .ops.embedding import TiedGrad, tied_embedding
+from .ops.fused_linear_cross_entropy import (
     LabelCount, count_labels, fused_linear_cross_entropy, fused_linear_cross_entropy_reference, shifted_labels,
 )
-from .layer_norm import layer_norm, layer_norm_reference
-from .linear import cast_weights, fused_linear, fused_linear_reference
-from .rms_norm import add_rms_norm, rms_norm, rms_norm_reference
-from .rope import apply_rope, apply_rope_reference
+from .ops.layer_norm import layer_norm, layer_norm_reference
+from .ops.linear import cast_weights, fused_linear, fused_linear_reference
+from .ops.rms_norm import add_rms_norm, rms_norm, rms_norm_reference
+from .ops.rope import apply_rope, apply_rope_reference
 
 __all__ = [
     "LabelCount", "add_rms_norm", "apply_rope", "apply_rope_reference", "attention", "attention_reference",

@@ -114,7 +114,7 @@ def _triton_entry(module: str, name: str):
     """The Triton module is imported on first use only (after TRITON_INTERPRET is set, and never on CPU-only runs)."""
     import importlib
 
-    return getattr(importlib.import_module(f"litespark_kernels.{module}"), name)
+    return getattr(importlib.import_module(f"litespark_kernels.ops.{module}"), name)
 
 
 @torch.compiler.disable

@@ -2,7 +2,7 @@
 
 Each optimizer step, per decoder layer, an importance score picks the MLP intermediate channels and the attention KV
 groups to keep; the others are left out of the forward *and* backward computation (real structured skipping:
-gathered weight rows/columns, smaller GEMMs; `litespark_kernels.sparse_mlp` / `sparse_attention_heads`). A ladder
+gathered weight rows/columns, smaller GEMMs; `litespark_kernels.ops.sparse_mlp` / `sparse_attention_heads`). A ladder
 schedule (LORS) lowers the omission rate in steps so training ends dense.
 
 Use::

@@ -8,7 +8,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from litespark_kernels.sparse_attention_heads import head_rows
+from litespark_kernels.ops.sparse_attention_heads import head_rows
 
 from ..config import LitesparkConfig
 from ..patching import unwrap_model

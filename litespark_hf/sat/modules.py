@@ -18,8 +18,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import litespark_kernels as lk
 from litespark_kernels._dispatch import warn_once
-from litespark_kernels.sparse_attention_heads import head_output_norms, sparse_o, sparse_qkv
-from litespark_kernels.sparse_mlp import mean_abs_per_channel, sparse_gated_mlp, sparse_mlp
+from litespark_kernels.ops.sparse_attention_heads import head_output_norms, sparse_o, sparse_qkv
+from litespark_kernels.ops.sparse_mlp import mean_abs_per_channel, sparse_gated_mlp, sparse_mlp
 
 from ..modules import GELUTanh, SiLUActivation, original_class
 

@@ -12,12 +12,12 @@ queries with no visible key output exactly 0.
 import pytest
 import torch
 
-from litespark_kernels.attention import attention, attention_reference, visibility_mask
+from litespark_kernels.ops.attention import attention, attention_reference, visibility_mask
 
 pytestmark = pytest.mark.gpu
 
 if torch.cuda.is_available():
-    from litespark_kernels._attention_triton import attention_triton
+    from litespark_kernels.ops._attention_triton import attention_triton
 
 
 def _lowp_reference(q, k, v, *, scale, causal, q_segment_ids=None, kv_segment_ids=None, sliding_window=None):

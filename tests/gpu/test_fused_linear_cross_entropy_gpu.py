@@ -15,8 +15,8 @@ Documented tolerances (bf16 inputs, Llama-3 vocabulary 128256, hidden 2048, 8192
 import pytest
 import torch
 
-from litespark_kernels._fused_linear_cross_entropy_triton import fused_linear_cross_entropy_triton
-from litespark_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy_reference
+from litespark_kernels.ops._fused_linear_cross_entropy_triton import fused_linear_cross_entropy_triton
+from litespark_kernels.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_reference
 
 pytestmark = pytest.mark.gpu
 
@@ -64,7 +64,7 @@ def _compare(got, bf16_ref, oracle, label, factor=1.5):
 
 
 def test_bf16_llama3_vocab_vs_fp32_oracle():
-    from litespark_kernels import _fused_linear_cross_entropy_triton as impl
+    from litespark_kernels.ops import _fused_linear_cross_entropy_triton as impl
 
     n_tok, hidden, vocab = 8192, 2048, 128256
     h, w, _, labels = _inputs(n_tok, hidden, vocab, torch.bfloat16, seed=0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import litespark_kernels as lk
-from litespark_kernels.linear import fused_linear_reference
+from litespark_kernels.ops.linear import fused_linear_reference
 
 pytestmark = pytest.mark.gpu
 

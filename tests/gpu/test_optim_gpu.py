@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from litespark_kernels.optim import adamw_step, adamw_step_reference
+from litespark_kernels.ops.optim import adamw_step, adamw_step_reference
 
 pytestmark = pytest.mark.gpu
 

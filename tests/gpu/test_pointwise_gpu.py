@@ -81,8 +81,8 @@ def rnd(*shape, dtype, scale=1.0, shift=0.0, seed=0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,hidden", [(8192, 4096), (2048, 3000), (256, 16384), (64, 32768)])
 def test_rms_norm(dtype, rows, hidden):
-    from litespark_kernels._rms_norm_triton import rms_norm_triton
-    from litespark_kernels.rms_norm import rms_norm_reference
+    from litespark_kernels.ops._rms_norm_triton import rms_norm_triton
+    from litespark_kernels.ops.rms_norm import rms_norm_reference
 
     x, w = rnd(rows, hidden, dtype=dtype), rnd(hidden, dtype=dtype, scale=0.2, shift=1.0, seed=1)
     check(f"rms_norm {rows}x{hidden}", rms_norm_triton, rms_norm_reference, (x, w, 1e-6), dtype, grad_idx=(0, 1))
@@ -91,8 +91,8 @@ def test_rms_norm(dtype, rows, hidden):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,hidden", [(4096, 2048), (64, 32768)])
 def test_add_rms_norm(dtype, rows, hidden):
-    from litespark_kernels._rms_norm_triton import add_rms_norm_triton
-    from litespark_kernels.rms_norm import add_rms_norm_reference
+    from litespark_kernels.ops._rms_norm_triton import add_rms_norm_triton
+    from litespark_kernels.ops.rms_norm import add_rms_norm_reference
 
     x, r = rnd(rows, hidden, dtype=dtype), rnd(rows, hidden, dtype=dtype, seed=2)
     w = rnd(hidden, dtype=dtype, scale=0.2, shift=1.0, seed=1)
@@ -103,8 +103,8 @@ def test_add_rms_norm(dtype, rows, hidden):
 def test_rms_norm_bf16_matches_reference_bits():
     """Same rounding order as LlamaRMSNorm: bf16 outputs are equal almost everywhere (rsqrt/summation order
     may flip a rare rounding by one ulp)."""
-    from litespark_kernels._rms_norm_triton import rms_norm_triton
-    from litespark_kernels.rms_norm import rms_norm_reference
+    from litespark_kernels.ops._rms_norm_triton import rms_norm_triton
+    from litespark_kernels.ops.rms_norm import rms_norm_reference
 
     x, w = rnd(4096, 4096, dtype=torch.bfloat16), rnd(4096, dtype=torch.bfloat16, scale=0.2, shift=1.0, seed=1)
     y, yr = rms_norm_triton(x, w, 1e-6), rms_norm_reference(x, w, 1e-6)
@@ -116,7 +116,7 @@ def test_rms_norm_bf16_matches_reference_bits():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,hidden,bias", [(8192, 3072, True), (8192, 3072, False), (64, 20000, True)])
 def test_layer_norm(dtype, rows, hidden, bias):
-    from litespark_kernels._layer_norm_triton import layer_norm_triton
+    from litespark_kernels.ops._layer_norm_triton import layer_norm_triton
 
     def ref(x, w, b, eps):
         return F.layer_norm(x, (x.shape[-1],), w, b, eps)
@@ -131,8 +131,8 @@ def test_layer_norm(dtype, rows, hidden, bias):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", [64, 128])
 def test_rope(dtype, D):
-    from litespark_kernels._rope_triton import apply_rope_triton
-    from litespark_kernels.rope import apply_rope_reference
+    from litespark_kernels.ops._rope_triton import apply_rope_triton
+    from litespark_kernels.ops.rope import apply_rope_reference
 
     B, S, Hq, Hkv = 2, 2048, 32, 8
     q = rnd(B, S, Hq, D, dtype=dtype).transpose(1, 2)
@@ -152,7 +152,7 @@ def test_rope(dtype, D):
 
     check(f"rope D{D}", kern, ref, (q, k, cos, sin), dtype, grad_idx=(0, 1))
     # every launch configuration computes the same values
-    from litespark_kernels._rope_triton import rope_launch
+    from litespark_kernels.ops._rope_triton import rope_launch
 
     base = rope_launch(q, k, cos, sin, False)
     for block_s, num_warps in ((1, 2), (16, 8)):
@@ -163,8 +163,8 @@ def test_rope(dtype, D):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", ["swiglu", "geglu"])
 def test_glu(dtype, op):
-    from litespark_kernels import _activations_triton as act
-    from litespark_kernels.activations import geglu_reference, swiglu_reference
+    from litespark_kernels.ops import _activations_triton as act
+    from litespark_kernels.ops.activations import geglu_reference, swiglu_reference
 
     kern, ref = {"swiglu": (act.swiglu_triton, swiglu_reference), "geglu": (act.geglu_triton, geglu_reference)}[op]
     g, u = rnd(8192, 8192, dtype=dtype, scale=2.0), rnd(8192, 8192, dtype=dtype, seed=4)
@@ -174,8 +174,8 @@ def test_glu(dtype, op):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_gelu_tanh_bias(dtype, bias):
-    from litespark_kernels._activations_triton import gelu_tanh_bias_triton
-    from litespark_kernels.activations import gelu_tanh_bias_reference
+    from litespark_kernels.ops._activations_triton import gelu_tanh_bias_triton
+    from litespark_kernels.ops.activations import gelu_tanh_bias_reference
 
     x = rnd(8192, 12288, dtype=dtype, scale=2.0)
     b = rnd(12288, dtype=dtype, scale=0.5, seed=5) if bias else None
@@ -188,7 +188,7 @@ def test_dispatchers_use_triton_on_cuda():
     import warnings
 
     import litespark_kernels as lk
-    from litespark_kernels._rms_norm_triton import rms_norm_triton
+    from litespark_kernels.ops._rms_norm_triton import rms_norm_triton
 
     x, w = rnd(64, 123, dtype=torch.bfloat16), rnd(123, dtype=torch.bfloat16, shift=1.0, seed=1)
     with warnings.catch_warnings():
@@ -202,8 +202,8 @@ def test_norms_writing_bf16_under_mixed_precision(rows, hidden):
     """What the decoder layers run under bf16 autocast: RMSNorm of the fp32 residual stream written in bf16
     (``out_dtype``), and the fused add of a bf16 branch output into the fp32 stream. Forward and gradients against
     stock's path (fp32 reference, then autocast's cast to bf16), both measured against a float64 oracle."""
-    from litespark_kernels._rms_norm_triton import add_rms_norm_triton, rms_norm_triton
-    from litespark_kernels.rms_norm import add_rms_norm_reference, rms_norm_reference
+    from litespark_kernels.ops._rms_norm_triton import add_rms_norm_triton, rms_norm_triton
+    from litespark_kernels.ops.rms_norm import add_rms_norm_reference, rms_norm_reference
 
     bf = torch.bfloat16
     cases = {

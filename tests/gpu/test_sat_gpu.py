@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from litespark_hf.sat import controller, enable_sat, frozen_omitted, sat_step
-from litespark_kernels.sparse_attention_heads import head_rows
-from litespark_kernels.sparse_mlp import sparse_gated_mlp, sparse_gated_mlp_reference
+from litespark_kernels.ops.sparse_attention_heads import head_rows
+from litespark_kernels.ops.sparse_mlp import sparse_gated_mlp, sparse_gated_mlp_reference
 from tiny_models import random_batch, tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::UserWarning")]

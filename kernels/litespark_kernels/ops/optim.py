@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._dispatch import run_triton, use_triton
+from .._dispatch import run_triton, use_triton
 
 
 def _inspect(params, grads, exp_avgs, exp_avg_sqs, shadows) -> bool:

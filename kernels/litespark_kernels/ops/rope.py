@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import run_triton, use_triton
+from .._dispatch import run_triton, use_triton
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

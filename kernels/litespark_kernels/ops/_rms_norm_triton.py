@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import as_rows as _as_rows
-from ._dispatch import sm_count as _sm_count
+from .._dispatch import as_rows as _as_rows
+from .._dispatch import sm_count as _sm_count
 
 # Widest row (in padded columns) that one program holds in registers; wider rows use the looped kernels.
 MAX_FUSED_BLOCK = 16384

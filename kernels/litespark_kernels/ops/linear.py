@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import _is_dtensor, autocast_dtype, device_supports
+from .._dispatch import _is_dtensor, autocast_dtype, device_supports
 
 def fused_linear_reference(x: torch.Tensor, weights: Sequence[torch.Tensor],
                            biases: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:

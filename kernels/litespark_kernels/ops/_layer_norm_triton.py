@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import as_rows as _as_rows
-from ._dispatch import sm_count as _sm_count
+from .._dispatch import as_rows as _as_rows
+from .._dispatch import sm_count as _sm_count
 
 MAX_FUSED_BLOCK = 16384
 LOOP_BLOCK = 4096

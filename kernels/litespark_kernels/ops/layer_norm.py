@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import run_triton, use_triton
+from .._dispatch import run_triton, use_triton
 
 
 def layer_norm_reference(

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import autocast_dtype, device_supports, sm_count
+from .._dispatch import autocast_dtype, device_supports, sm_count
 from .fused_linear_cross_entropy import LabelCount, shifted_labels
 
 _DEFAULT_CHUNK_MB = 512  # H100, V=128256: 512 MiB ran 7% faster than 256 MiB at the same peak (NOTES.md)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import run_triton, unsupported, use_triton
+from .._dispatch import run_triton, unsupported, use_triton
 
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
 

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting
+from .._dispatch import interpreting
 
 _LOG2E = math.log2(math.e)
 
