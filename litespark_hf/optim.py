@@ -3,7 +3,7 @@
 Under ``bf16=True`` (autocast) the weights stay fp32 and every forward casts them to bf16. torch's fused AdamW
 reads and writes every fp32 weight, then the next forward reads each weight again to cast it. Here the update
 kernel (`litespark_kernels.ops.optim`) also writes the bf16 copy while the new weight is in registers, into the
-model's `CastShadow` (`litespark_hf.modules`), which the Litespark forward uses instead of casting. It also leaves
+model's `CastShadow` (`litespark_hf.casting`), which the Litespark forward uses instead of casting. It also leaves
 the gradients untouched (torch's fused kernel writes back grad / grad_scale), and takes the folded gradient clip
 (``grad_scale``) that the Trainer integration sets.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from litespark_kernels.ops.optim import adamw_step
 
-from .modules import CastShadow, attach_cast_shadow
+from .casting import CastShadow, attach_cast_shadow, detach_cast_shadow
 
 
 class LitesparkAdamW(torch.optim.Optimizer):
@@ -55,8 +55,6 @@ class LitesparkAdamW(torch.optim.Optimizer):
                 if all(p in mine for p in shadow.params):
                     self.shadow = shadow
                 else:  # weights this optimizer does not update would go stale in the copy
-                    from .modules import detach_cast_shadow
-
                     detach_cast_shadow(model)
 
     @torch.no_grad()

@@ -14,10 +14,12 @@ import torch.nn as nn
 
 from .architectures import SUPPORTED_MODEL_TYPES, SWAP_KINDS, get_architecture
 from .attention import ATTENTION_NAME, position_pre_hook, register
+from .casting import link_cast_owners, unlink_cast_owners
 from .config import LitesparkConfig
+from .model_utils import unwrap_model
 from .modules import (
-    LitesparkEmbedding, LitesparkLMHead, link_cast_owners, link_decoder_layers, link_norm_consumers, original_class,
-    swapped_class, unlink_cast_owners, unlink_decoder_layers, unlink_norm_consumers,
+    LitesparkEmbedding, LitesparkLMHead, link_decoder_layers, link_norm_consumers, original_class, swapped_class,
+    unlink_decoder_layers, unlink_norm_consumers,
 )
 
 logger = logging.getLogger(__name__)
@@ -28,20 +30,6 @@ _HOOK_ATTR = "_litespark_position_hook"
 
 class UnsupportedArchitectureError(ValueError):
     """Raised by `apply` for a model type outside the architecture table (unless ``allow_partial=True``)."""
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside PEFT / DDP-style wrappers."""
-    seen = 0
-    while seen < 8:
-        seen += 1
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):
-            model = model.get_base_model()
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "config"):
-            model = model.module
-        else:
-            break
-    return model
 
 
 def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, **overrides) -> nn.Module:

@@ -60,7 +60,7 @@ def _recording_flce(hidden, weight, *args, **kwargs):
     return _flce(hidden, weight, *args, **kwargs)
 
 
-litespark_kernels.fused_linear_cross_entropy = _recording_flce  # modules.py calls lk.fused_linear_cross_entropy
+litespark_kernels.fused_linear_cross_entropy = _recording_flce  # modules/lm_head.py calls lk.fused_linear_cross_entropy
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

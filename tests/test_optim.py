@@ -8,7 +8,7 @@ import torch
 
 import litespark_hf
 from litespark_hf import LitesparkAdamW
-from litespark_hf.modules import cast_projection_weights, drop_casts
+from litespark_hf.casting import cast_projection_weights, drop_casts
 from litespark_kernels.ops.optim import adamw_step, adamw_step_reference
 from tiny_models import tiny_model
 

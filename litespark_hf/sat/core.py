@@ -11,7 +11,7 @@ import torch.nn as nn
 from litespark_kernels.ops.sparse_attention_heads import head_rows
 
 from ..config import LitesparkConfig
-from ..patching import unwrap_model
+from ..model_utils import unwrap_model
 from .modules import LayerState, SATAttention, SATGatedMLP, SATGeluMLP, base_class, is_sat_module, sat_class
 from .schedule import scheduled_rate
 

@@ -1,0 +1,86 @@
+"""The LM head and causal-LM forward that train on the fused linear cross-entropy (no logits)."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+import litespark_kernels as lk
+
+from ..casting import _cast_of, cast_projection_weights, drop_casts
+from .embedding import LitesparkEmbedding
+
+
+class LitesparkLMHead:
+    """``nn.Linear`` LM head that, given labels, returns the fused linear cross-entropy loss instead of logits.
+
+    The loss is computed inside the head's own ``forward`` so that sharding wrappers which gather a module's
+    parameters around its forward (DeepSpeed ZeRO-3, FSDP) see the weight used; without labels it is a plain linear.
+    """
+
+    def litespark_cast_groups(self) -> dict[str, list[nn.Linear]]:
+        """The weight whose low-precision copy the fused loss reads (for `cast_projection_weights`)."""
+        return {"lm_head": [self]}
+
+    def forward(self, input, labels=None, shift_labels=None, num_items_in_batch=None, label_count=None,
+                tied_grad=None):
+        if labels is None and shift_labels is None:
+            return F.linear(input, self.weight, self.bias)
+        return lk.fused_linear_cross_entropy(
+            input, self.weight, labels, bias=self.bias, shift_labels=shift_labels,
+            num_items_in_batch=num_items_in_batch, label_count=label_count, tied_grad=tied_grad,
+            weight_cast=_cast_of(self, "lm_head"),
+        )
+
+
+class LitesparkCausalLM:
+    """Causal-LM model whose training loss is the fused linear cross-entropy (no [tokens, vocab] logits).
+
+    Used only in training with labels and a Litespark LM head; evaluation, generation and any other call run the
+    stock forward (which returns logits). Honours ``shift_labels``, ``ignore_index=-100`` and ``num_items_in_batch``
+    exactly like transformers' ``ForCausalLMLoss``.
+    """
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        shift_labels = kwargs.get("shift_labels")
+        fused = (
+            self.training and (labels is not None or shift_labels is not None)
+            and isinstance(self.lm_head, LitesparkLMHead)
+        )
+        if not fused:
+            return super().forward(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                logits_to_keep=logits_to_keep, **kwargs,
+            )
+        shift_labels = kwargs.pop("shift_labels", None)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        kwargs.pop("ignore_index", None)
+        if shift_labels is None:
+            shift_labels = lk.shifted_labels(labels)
+        # started before the decoder so that the loss reads a finished copy instead of syncing (LabelCount)
+        label_count = lk.count_labels(shift_labels) if shift_labels.is_cuda else None
+        given = cast_projection_weights(self, self.lm_head.weight.device.type)
+        embed = self.get_input_embeddings()
+        tied = None
+        if isinstance(embed, LitesparkEmbedding) and embed.weight is self.lm_head.weight:
+            tied = embed.__dict__["_litespark_tied"] = lk.TiedGrad()  # this forward's hand-over slot
+        try:
+            outputs = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+            )
+            loss = self.lm_head(
+                outputs.last_hidden_state, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
+                label_count=label_count, tied_grad=tied,
+            )
+        finally:
+            drop_casts(given)
+            if tied is not None:
+                embed.__dict__.pop("_litespark_tied", None)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=None, past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+        )
