@@ -9,7 +9,7 @@ visible (query, key) pairs. Median times from ``triton.testing.do_bench``.
 litespark gets q/k/v as transformers hands them ([B, H, S, D] transposes of [B, S, H, D] tensors) and writes its
 output as [B, S, H, D]; SDPA gets contiguous [B, H, S, D] tensors (its natural layout, as in baselines.md).
 
-    python benchmarks/bench_attention.py [--out DIR] [--sweep]
+    python benchmarks/bench_attention.py [--out DIR] [--sweep]     # writes attention_<device>.json and .png
 
 ``run()`` returns the rows (list of dicts) for the combined benchmark runner; ``--sweep`` also times the launch
 configurations of each kernel (forward, backward dK/dV, backward dQ) on one shape per head dim.
@@ -303,9 +303,12 @@ def main(argv=None):
         result["sweep"] = sweep()
     rows = run()
     result["rows"] = rows
-    with open(os.path.join(args.out, "attention.json"), "w") as f:
+    from litespark_hf.efficiency.device import device_tag
+
+    stem = os.path.join(args.out, f"attention_{device_tag(env['device'])}")
+    with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
-    _plot([r for r in rows if "error" not in r], os.path.join(args.out, "attention.png"))
+    _plot([r for r in rows if "error" not in r], stem + ".png")
     print("\nTFLOP/s (" + env["device"] + ")\n" + _table(rows), flush=True)
 
 

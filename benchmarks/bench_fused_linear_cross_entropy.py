@@ -14,7 +14,8 @@ Memory: ``torch.cuda.max_memory_allocated`` during one forward+backward, minus t
 (inputs): this includes the gradients themselves (grad_W: 0.49 GiB in bf16, grad_hidden: 32 MiB).
 
 ``run() -> list[dict]``; ``python benchmarks/bench_fused_linear_cross_entropy.py [--out DIR]`` also prints a table
-and writes ``fused_linear_cross_entropy.json`` and ``.png`` to DIR (default benchmarks/results/).
+and writes ``fused_linear_cross_entropy_<device>.json``, ``.png`` and
+``fused_linear_cross_entropy_components_<device>.json`` to DIR (default benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -22,16 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 _ROOT = Path(__file__).resolve().parents[1]
-for _p in (_ROOT / "kernels", _ROOT):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
 
 NAME = "fused_linear_cross_entropy"
 
@@ -198,9 +195,12 @@ def print_table(results: list[dict]) -> str:
 
 
 def save(results: list[dict], out: str | os.PathLike) -> None:
+    from litespark_hf.efficiency.device import device_tag
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{NAME}.json").write_text(json.dumps(results, indent=2))
+    stem = f"{NAME}_{device_tag()}"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,7 +222,7 @@ def save(results: list[dict], out: str | os.PathLike) -> None:
         fig.suptitle(f"LM head + cross-entropy: {rows[0]['tokens']} tokens, hidden {rows[0]['hidden']}, "
                      f"vocab {rows[0]['vocab']}, {rows[0]['dtype']} ({rows[0]['device']})")
     fig.tight_layout()
-    fig.savefig(out / f"{NAME}.png", dpi=120)
+    fig.savefig(out / f"{stem}.png", dpi=120)
     plt.close(fig)
 
 
@@ -239,7 +239,9 @@ def main() -> None:
     print()
     print_table(results)
     save(results, args.out)
-    (Path(args.out) / f"{NAME}_components.json").write_text(json.dumps(parts, indent=2))
+    from litespark_hf.efficiency.device import device_tag
+
+    (Path(args.out) / f"{NAME}_components_{device_tag()}.json").write_text(json.dumps(parts, indent=2))
 
 
 if __name__ == "__main__":

@@ -24,8 +24,12 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--out", default="benchmarks/results/gemm_shapes.json")
+    p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/gemm_shapes_<device>.json)")
     a = p.parse_args(argv)
+    if a.out is None:
+        from litespark_hf.efficiency.device import device_tag
+
+        a.out = f"benchmarks/results/gemm_shapes_{device_tag()}.json"
     M, H, I = a.tokens, a.hidden, a.inter
     q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
     projs = {"q": (q, H), "k": (kv, H), "v": (kv, H), "o": (H, q), "gate": (I, H), "up": (I, H), "down": (H, I),

@@ -12,10 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _time(fn, reps: int) -> float:
@@ -104,11 +101,15 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=16)
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--out", default="benchmarks/results/host_overhead.json")
+    p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/host_overhead_<device>.json)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time each layer of one RMSNorm call (dispatcher, autograd.Function, launcher, raw "
                         "Triton launch, compiled-kernel launch) to see where an op's host time goes")
     a = p.parse_args(argv)
+    if a.out is None:
+        from litespark_hf.efficiency.device import device_tag
+
+        a.out = f"benchmarks/results/host_overhead_{device_tag()}.json"
     cfg = CONFIGS[a.config]
     hf = _hf_config(cfg)
     res = {"model": {}, "ops": {}}

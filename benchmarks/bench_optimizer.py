@@ -14,7 +14,8 @@ work one training step needs between the backward and the next forward's matmuls
 Times: medians over ``--reps`` steps with CUDA events around each step: ``gpu_ms`` with a spin kernel queued
 first, so that the host has launched the whole step before the GPU starts it (GPU work alone: in training the host
 prepares the step while the GPU runs the backward), and ``ms`` without (host preparation included). Bandwidth:
-minimum bytes per element (read p, g, m, v; write p, m, v; + bf16 copy for the projection weights) over gpu_ms. Prints a table, writes ``optimizer.json`` and ``optimizer.png`` into ``--out``.
+minimum bytes per element (read p, g, m, v; write p, m, v; + bf16 copy for the projection weights) over gpu_ms.
+Prints a table, writes ``optimizer_<device>.json`` and ``.png`` into ``--out``.
 
 ``python benchmarks/bench_optimizer.py [--reps 20] [--out benchmarks/results]``
 """
@@ -209,10 +210,13 @@ def main(argv=None) -> int:
         return 1
     rows = run(args.reps, args.sweep)
     print(table(rows))
+    from litespark_hf.efficiency.device import device_tag
+
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "optimizer.json"), "w") as fh:
+    stem = os.path.join(args.out, f"optimizer_{device_tag()}")
+    with open(stem + ".json", "w") as fh:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, fh, indent=1)
-    plot(rows, os.path.join(args.out, "optimizer.png"))
+    plot(rows, stem + ".png")
     return 0
 
 

@@ -12,7 +12,8 @@ Two times per row, both medians with L2 flushed before every call:
 - ``ms_with_launch``: ``triton.testing.do_bench`` as is (only the flush before each call): when a call's CPU-side
   cost (Python, autograd, launches) exceeds the flush's GPU time, this includes it.
 
-Run through ``benchmarks/run_kernel_benchmarks.py`` or alone: ``python benchmarks/bench_pointwise.py [--sweep]``.
+Run through ``benchmarks/run_kernel_benchmarks.py`` or alone: ``python benchmarks/bench_pointwise.py [--sweep]``
+(writes ``pointwise_<device>.json`` and ``.png`` to ``--out``).
 """
 
 from __future__ import annotations
@@ -449,9 +450,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     rows = run(with_compile=args.compile, sweep=args.sweep)
-    with open(os.path.join(args.out, "pointwise.json"), "w") as f:
+    from litespark_hf.efficiency.device import device_tag
+
+    stem = os.path.join(args.out, f"pointwise_{device_tag()}")
+    with open(stem + ".json", "w") as f:
         json.dump(rows, f, indent=1)
-    plot(rows, os.path.join(args.out, "pointwise.png"))
+    plot(rows, stem + ".png")
     print(table(rows))
     return 0
 

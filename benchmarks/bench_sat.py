@@ -5,7 +5,7 @@ Run on the device machine (one run, one GPU):
     PYTHONPATH=$PWD/kernels:$PWD python benchmarks/bench_sat.py --out $OUT [--profile]
 With a copy of the pre-change SAT package under ``build/sat_legacy/sat_legacy`` (``--legacy-dir``), the "before:"
 rows time it in the same process.
-Prints tables and writes bench_sat.json + bench_sat.png to --out.
+Prints tables and writes bench_sat_<device>.json + .png to --out.
 """
 
 from __future__ import annotations
@@ -220,7 +220,10 @@ def main():
         print(f"{r['variant']:30s} {r['step_ms']:8.1f} {r['tokens_per_s']:8.0f} {r['speedup']:8.2f} "
               f"{r['executed_flops_fraction']:10.3f} {r['mfu_executed']:9.1%} {r['mfu_dense_equivalent']:12.1%} "
               f"{r['peak_mem_gib']:8.1f}  {pg}  {ph}")
-    with open(os.path.join(args.out, "bench_sat.json"), "w") as f:
+    from litespark_hf.efficiency.device import device_tag
+
+    stem = os.path.join(args.out, f"bench_sat_{device_tag(dev)}")
+    with open(stem + ".json", "w") as f:
         json.dump({"device": dev, "torch": torch.__version__, "mlp_micro": micro, "e2e": rows}, f, indent=1)
     import matplotlib
 
@@ -239,7 +242,7 @@ def main():
     axes[1].set(xlabel="tokens/s", title=f"Llama-3.2-1B shape training step ({dev})")
     axes[1].invert_yaxis()
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "bench_sat.png"), dpi=120)
+    fig.savefig(stem + ".png", dpi=120)
 
 
 if __name__ == "__main__":

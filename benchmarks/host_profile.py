@@ -4,11 +4,7 @@ Usage (GPU): python benchmarks/host_profile.py [--backward] [--top 40]
 """
 import argparse
 import cProfile
-import os
 import pstats
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main():

@@ -4,7 +4,7 @@ Runs `litespark_hf.efficiency.bench.run_variant` (same model, data and settings 
 a profiler callback on steps ``--from``..``--to`` (1-based, inclusive), then prints per variant: wall time per
 step, GPU busy time per step (union of kernel intervals), idle time, and milliseconds per step by kernel group
 (GEMM, attention, fused linear CE, norms, RoPE, activations, optimizer, casts/copies, ...) plus the top kernels.
-Writes ``<out>/profile_<config>.json`` and, with ``--trace``, the Chrome traces.
+Writes ``<out>/profile_<config>_<device>.json`` and, with ``--trace``, the Chrome traces.
 
 Usage (GPU): ``python benchmarks/profile_step.py --config llama-1b --variants sdpa,litespark``
 """
@@ -17,8 +17,6 @@ import json
 import os
 import re
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 GROUPS = [  # first match wins; patterns on the kernel name, lower case
     ("attention", r"_attn_|_bwd_delta|flash|fmha|cudnn.*attn|sdpa|_segment_range"),
@@ -210,7 +208,9 @@ def main(argv=None):
         for k in info["top_kernels"][:25]:
             print(f"   {k['ms_per_step']:7.2f} ms {k['calls_per_step']:6.1f}x [{k['group']}] {k['name'][:100]}")
         sys.stdout.flush()
-    path = os.path.join(a.out, f"profile_{a.config}.json")
+    from litespark_hf.efficiency.device import device_tag
+
+    path = os.path.join(a.out, f"profile_{a.config}_{device_tag()}.json")
     with open(path, "w") as fh:
         json.dump(report, fh, indent=1)
     print("wrote", path)

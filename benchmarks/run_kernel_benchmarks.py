@@ -11,6 +11,8 @@ accepts (``with_compile``, ``sweep``) are passed to it. A module's own ``table``
 and ``plot``/``_plot`` are used when present; otherwise a generic table and bar chart are made from the rows.
 
     python benchmarks/run_kernel_benchmarks.py [--out benchmarks/results] [--only pointwise attention] [--compile]
+
+Writes ``kernel_benchmarks_<device>.json`` and ``<group>_<device>.png`` (device tag: ``h100``, ``h200``, ...).
 """
 
 from __future__ import annotations
@@ -132,6 +134,10 @@ def main(argv=None) -> int:
 
     env = _env()
     print("environment:", json.dumps(env), flush=True)
+    from litespark_hf.efficiency.device import device_tag
+
+    dev = device_tag(env["device"])
+    json_path = os.path.join(args.out, f"kernel_benchmarks_{dev}.json")
     result = dict(env=env, config=dict(vars(args), groups=args.only or list(GROUPS)), groups={})
     tables = []
     for group in args.only or list(GROUPS):
@@ -155,7 +161,7 @@ def main(argv=None) -> int:
             continue
         entry["rows"] = rows
         entry["seconds"] = round(time.time() - t0, 1)
-        with open(os.path.join(args.out, "kernel_benchmarks.json"), "w") as f:  # written after every group
+        with open(json_path, "w") as f:  # written after every group
             json.dump(result, f, indent=1, default=str)
         table_fn = next((getattr(mod, n) for n in ("table", "_table", "print_table") if hasattr(mod, n)), None)
         try:
@@ -165,7 +171,7 @@ def main(argv=None) -> int:
             text = None
         text = text if isinstance(text, str) else _generic_table(rows)
         tables.append((group, text))
-        png = os.path.join(args.out, f"{group}.png")
+        png = os.path.join(args.out, f"{group}_{dev}.png")
         plot_fn = next((getattr(mod, n) for n in ("plot", "_plot") if hasattr(mod, n)), None)
         try:
             if plot_fn is not None:
@@ -175,7 +181,7 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001
             print(f"{group}: plot failed ({type(e).__name__}: {e})", flush=True)
 
-    with open(os.path.join(args.out, "kernel_benchmarks.json"), "w") as f:
+    with open(json_path, "w") as f:
         json.dump(result, f, indent=1, default=str)
     print(f"\nDevice: {env.get('device')}; torch {env['torch']}, triton {env.get('triton')}, "
           f"liger-kernel {env.get('liger_kernel')}")
@@ -184,7 +190,7 @@ def main(argv=None) -> int:
     for group, entry in result["groups"].items():
         if entry["error"]:
             print(f"\n{group}: skipped ({entry['error']})")
-    print(f"\nwrote {os.path.join(args.out, 'kernel_benchmarks.json')} and PNG plots to {args.out}")
+    print(f"\nwrote {json_path} and PNG plots to {args.out}")
     return 0
 
 

@@ -150,8 +150,10 @@ def main():
     args = ap.parse_args()
     r = run(args.output_dir, args.quick, args.rate_mlp, args.rate_heads, args.schedule,
             pretrain_steps=args.pretrain_steps, sft_steps=args.sft_steps, n_eval=args.n_eval)
+    from litespark_hf.efficiency.device import device_tag
+
     os.makedirs(args.results, exist_ok=True)
-    stem = Path(args.results) / ("sat_sft_quality" + ("_quick" if args.quick else ""))
+    stem = Path(args.results) / ("sat_sft_quality" + ("_quick" if args.quick else "") + f"_{device_tag()}")
     stem.with_suffix(".json").write_text(json.dumps(r, indent=1, default=str))
     plot(r, stem.with_suffix(".png"))
     print("\n" + report(r))

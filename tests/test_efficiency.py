@@ -233,6 +233,7 @@ def test_callback_without_energy_and_plain_trainer_callbacks_list(tmp_path):
 # ------------------------------------------------------------------------------------------------ train_bench
 def test_train_bench_tiny_survives_a_failing_variant(tmp_path, monkeypatch):
     from litespark_hf.efficiency import bench
+    from litespark_hf.efficiency.device import device_tag
 
     monkeypatch.setitem(bench.VARIANTS, "broken", ("no_such_attention", {}, None))
     result = bench.run_bench("tiny", ["sdpa", "broken", "litespark"], steps=4, time_from=2, out_dir=str(tmp_path),
@@ -245,17 +246,19 @@ def test_train_bench_tiny_survives_a_failing_variant(tmp_path, monkeypatch):
     assert by["sdpa"]["joules_per_token"] is None or by["sdpa"]["joules_per_token"] > 0
     # same data, seed and model: the Litespark layers (reference paths on CPU) train the same losses
     assert by["litespark"]["losses"] == pytest.approx(by["sdpa"]["losses"], abs=1e-3)
-    saved = json.loads((tmp_path / "train_bench_tiny.json").read_text())
+    stem = f"train_bench_tiny_{device_tag()}"  # train_bench_tiny_cpu on a machine without CUDA
+    saved = json.loads((tmp_path / f"{stem}.json").read_text())
     assert [r["name"] for r in saved["variants"]] == ["sdpa", "broken", "litespark"]
     assert "| sdpa | ok |" in saved["table"]
-    assert (tmp_path / "train_bench_tiny.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_train_bench_cli_entry(tmp_path, capsys):
     from litespark_hf.cli import train_bench_main
+    from litespark_hf.efficiency.device import device_tag
 
     assert train_bench_main(["--tiny", "--variants", "eager", "--steps", "2", "--time-from", "1", "--no-isolate",
                              "--no-progress", "--out", str(tmp_path), "--tag", "cli"]) == 0
     out = capsys.readouterr().out
     assert "| eager | ok |" in out
-    assert (tmp_path / "train_bench_tiny_cli.json").exists()
+    assert (tmp_path / f"train_bench_tiny_{device_tag()}_cli.json").exists()

@@ -16,7 +16,8 @@ subprocess by default (``--no-isolate`` to run in-process): Liger's and torch.co
 cannot leak into the next variant, and an out-of-memory or a crash is recorded and the run goes on.
 
 Usage: ``litespark-train-bench --config llama-1b`` (or ``python benchmarks/train_bench.py ...``); ``--tiny`` is
-a CPU-sized config for tests.
+a CPU-sized config for tests. Writes ``train_bench_<config>_<device>.json`` and ``.png`` (device tag from
+`litespark_hf.efficiency.device.device_tag`: ``h100``, ``h200``, ``cpu``, ...; ``--tag`` appends a suffix) to ``--out``.
 """
 
 from __future__ import annotations
@@ -450,11 +451,12 @@ def run_bench(config_name: str, variants: list[str], steps: int, time_from: int,
               out_dir: str = "benchmarks/results", isolate: bool = True, progress: bool = True,
               variant_timeout: float | None = None, tag: str | None = None,
               callback_on: tuple[str, ...] = ()) -> dict:
+    from .device import device_tag
     from .plot import plot_bench
 
     os.makedirs(out_dir, exist_ok=True)
     env = _environment()
-    stem = f"train_bench_{config_name}" + (f"_{tag}" if tag else "")
+    stem = f"train_bench_{config_name}_{device_tag()}" + (f"_{tag}" if tag else "")
     result = {"config": {"name": config_name, **{k: v for k, v in CONFIGS[config_name].items()},
                          "steps": steps, "time_from": time_from, "seed": seed},
               "device": env["device"], "environment": env, "variants": [],
@@ -526,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-from", type=int, default=None, help="first timed step, 1-based (default 7; tiny 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and the PNG")
-    p.add_argument("--tag", default=None, help="suffix of the output file names")
+    p.add_argument("--tag", default=None,
+                   help="suffix of the output file names (train_bench_<config>_<device>_<tag>.json)")
     p.add_argument("--no-isolate", action="store_true", help="run the variants in this process")
     p.add_argument("--variant-timeout", type=float, default=None, help="seconds per isolated variant")
     p.add_argument("--no-progress", action="store_true")

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# The project's GPU runs, one command per device call (run from the repository root on a CUDA machine):
+#
+#   bash benchmarks/gpu_run.sh COMMAND[,COMMAND...] [OUT_DIR] [MAX_STEPS]
+#
+#   tests        the GPU correctness suite (bf16/fp16; `pytest -m gpu tests/gpu`): gpu_tests.log
+#   kernels      every kernel benchmark (benchmarks/run_kernel_benchmarks.py): kernel_bench.log (stdout),
+#                kernel_benchmarks_<device>.json and one <group>_<device>.png per kernel group
+#   recipes      the bf16 equivalence suite (equivalence_gpu.log); recipes/pretrain.py on the Llama-3.2-1B config
+#                through accelerate_configs/single_gpu.yaml with --use_litespark for MAX_STEPS steps (default 40;
+#                pretrain_1b.log, pretrain_recipe_llama-1b_<device>.json/.png: the run's efficiency.json/.png);
+#                a tiny pretrain through fsdp2.yaml with one process (pretrain_tiny_fsdp2.log)
+#   train        litespark-train-bench on the Llama-3.2-1B shape, every variant but eager (out of memory at batch
+#                4), 14 steps with 5-14 timed: train_bench.log, train_bench_llama-1b_<device>.json/.png
+#   fsdp2-probe  four tiny FSDP2 one-process pretrain runs that isolate the FSDP2 evaluate() failure (litespark
+#                on/off, untied embeddings, cpu_ram_efficient_loading off): summary on stdout, fsdp_lit_tied.log
+#   all          tests,kernels,recipes,train,fsdp2-probe
+#
+# OUT_DIR defaults to outputs/gpu_run. Every command also writes device.txt (GPU name, driver, power limit,
+# memory; torch/triton/transformers versions). A failing step is reported ("== STEP exit N") and the next step
+# still runs; the exit status is 1 when a step failed, 2 for a usage error. <device> is the short tag of
+# litespark_hf.efficiency.device.device_tag (h100, h200, ...). PYTHON picks the interpreter (default python3).
+set -euo pipefail
+
+usage() {
+  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
+}
+
+COMMANDS=${1:-}
+OUT_DIR=${2:-outputs/gpu_run}
+STEPS=${3:-40}
+PYTHON=${PYTHON:-python3}
+case "$COMMANDS" in
+  -h|--help) usage; exit 0 ;;
+  "") usage; exit 2 ;;
+  all) COMMANDS=tests,kernels,recipes,train,fsdp2-probe ;;
+esac
+IFS=, read -r -a CMDS <<< "$COMMANDS"
+for c in "${CMDS[@]}"; do
+  case "$c" in
+    tests|kernels|recipes|train|fsdp2-probe) ;;
+    *) echo "gpu_run.sh: unknown command '$c'" >&2; usage; exit 2 ;;
+  esac
+done
+
+mkdir -p "$OUT_DIR"
+export PYTHONPATH=${PYTHONPATH:-}:$PWD/kernels:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+FAILED=()
+
+step() {  # step NAME FUNCTION: run it, report its exit status; a failure is recorded and the run goes on
+  local name=$1 rc=0
+  shift
+  "$@" || rc=$?
+  echo "== $name exit $rc"
+  if (( rc != 0 )); then FAILED+=("$name"); fi
+}
+
+device_info() {
+  local rc=0
+  nvidia-smi --query-gpu=name,driver_version,power.limit,memory.total --format=csv > "$OUT_DIR/device.txt" || rc=$?
+  "$PYTHON" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" >> "$OUT_DIR/device.txt" || rc=$?
+  cat "$OUT_DIR/device.txt"
+  return $rc
+}
+
+gpu_tests() {
+  "$PYTHON" -m pytest -m gpu tests/gpu -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -25
+}
+
+kernel_benchmarks() {  # stdout to the log, stderr (tracebacks) on the console
+  local rc=0
+  "$PYTHON" benchmarks/run_kernel_benchmarks.py --out "$OUT_DIR" > "$OUT_DIR/kernel_bench.log" || rc=$?
+  tail -60 "$OUT_DIR/kernel_bench.log"
+  return $rc
+}
+
+equivalence_tests() {
+  "$PYTHON" -m pytest -m gpu tests/gpu/test_equivalence_gpu.py -q -rfE -p no:cacheprovider 2>&1 \
+    | tee "$OUT_DIR/equivalence_gpu.log" | tail -4
+}
+
+pretrain_1b() {
+  local rc=0 dev
+  accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/pretrain.py \
+    --config recipes/configs/pretrain_llama_1b.yaml --use_litespark --max_steps "$STEPS" --eval_steps 20 \
+    --logging_steps 5 --save_steps 100000 --corpus_max_train_chars 4000000 --corpus_max_eval_chars 100000 \
+    --disable_tqdm true --output_dir /tmp/pretrain_1b > "$OUT_DIR/pretrain_1b.log" 2>&1 || rc=$?
+  grep -E "'loss'|eval_loss|\[pretrain\]|Error|error" "$OUT_DIR/pretrain_1b.log" | tail -25 || true
+  dev=$("$PYTHON" -c "from litespark_hf.efficiency.device import device_tag; print(device_tag())" 2>/dev/null) || dev=gpu
+  cp /tmp/pretrain_1b/efficiency.json "$OUT_DIR/pretrain_recipe_llama-1b_$dev.json" 2>/dev/null || true
+  cp /tmp/pretrain_1b/efficiency.png "$OUT_DIR/pretrain_recipe_llama-1b_$dev.png" 2>/dev/null || true
+  return $rc
+}
+
+pretrain_tiny_fsdp2() {
+  local rc=0
+  accelerate launch --config_file accelerate_configs/fsdp2.yaml --num_processes 1 recipes/pretrain.py \
+    --config recipes/configs/pretrain_tiny.yaml --use_litespark --max_steps 30 --disable_tqdm true \
+    --output_dir /tmp/pretrain_fsdp2 > "$OUT_DIR/pretrain_tiny_fsdp2.log" 2>&1 || rc=$?
+  grep -E "\[pretrain\]|Error" "$OUT_DIR/pretrain_tiny_fsdp2.log" | tail -5 || true
+  return $rc
+}
+
+train_bench() {
+  local rc=0
+  "$PYTHON" benchmarks/train_bench.py --config llama-1b --variants sdpa,litespark,compile,litespark_compile,liger \
+    --steps 14 --time-from 5 --out "$OUT_DIR" --no-progress > "$OUT_DIR/train_bench.log" 2>&1 || rc=$?
+  tail -14 "$OUT_DIR/train_bench.log"
+  return $rc
+}
+
+fsdp2_run() {  # fsdp2_run NAME ACCELERATE-ARGS...: a 10-step tiny pretrain, its errors and held-out loss
+  local name=$1 rc=0
+  shift
+  accelerate launch "$@" --max_steps 10 --eval_on_start false --disable_tqdm true \
+    --output_dir "/tmp/fsdp_$name" > "/tmp/fsdp_$name.log" 2>&1 || rc=$?
+  grep -E "RuntimeError|Error:|\[pretrain\] held" "/tmp/fsdp_$name.log" | head -3 || true
+  return $rc
+}
+
+fsdp2_probe() {
+  local t=(recipes/pretrain.py --config recipes/configs/pretrain_tiny.yaml)
+  sed 's/fsdp_cpu_ram_efficient_loading: true/fsdp_cpu_ram_efficient_loading: false/' accelerate_configs/fsdp2.yaml \
+    > /tmp/fsdp2_noeff.yaml
+  step fsdp2-lit_tied fsdp2_run lit_tied --config_file accelerate_configs/fsdp2.yaml --num_processes 1 "${t[@]}" \
+    --use_litespark
+  step fsdp2-stock_tied fsdp2_run stock_tied --config_file accelerate_configs/fsdp2.yaml --num_processes 1 "${t[@]}"
+  step fsdp2-lit_untied fsdp2_run lit_untied --config_file accelerate_configs/fsdp2.yaml --num_processes 1 "${t[@]}" \
+    --use_litespark --tie_word_embeddings false
+  step fsdp2-lit_tied_noeff fsdp2_run lit_tied_noeff --config_file /tmp/fsdp2_noeff.yaml --num_processes 1 "${t[@]}" \
+    --use_litespark
+  tail -c 20000 /tmp/fsdp_lit_tied.log > "$OUT_DIR/fsdp_lit_tied.log" || true
+}
+
+step device-info device_info
+for c in "${CMDS[@]}"; do
+  case "$c" in
+    tests) step gpu-tests gpu_tests ;;
+    kernels) step kernel-benchmarks kernel_benchmarks ;;
+    recipes)
+      step equivalence-tests equivalence_tests
+      step pretrain-1b pretrain_1b
+      step pretrain-tiny-fsdp2 pretrain_tiny_fsdp2 ;;
+    train) step train-bench train_bench ;;
+    fsdp2-probe) step fsdp2-probe fsdp2_probe ;;
+  esac
+done
+if (( ${#FAILED[@]} )); then
+  echo "gpu_run.sh: failed steps: ${FAILED[*]} (logs in $OUT_DIR)"
+  exit 1
+fi
+echo "gpu_run.sh: all steps passed (logs in $OUT_DIR)"
