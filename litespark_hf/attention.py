@@ -28,6 +28,8 @@ from litespark_kernels.ops.attention import (
     segment_ids_from_position_ids,
 )
 
+from .unpadding import marked_segments
+
 ATTENTION_NAME = "litespark"
 
 
@@ -119,7 +121,8 @@ def _install_packed_check_skip() -> None:
 
     @functools.wraps(original)
     def find_packed_sequence_indices(position_ids, *args, **kwargs):
-        if not torch.compiler.is_compiling() and _own_positions.holds(position_ids):
+        if not torch.compiler.is_compiling() and (_own_positions.holds(position_ids)
+                                                  or marked_segments(position_ids) is not None):
             return None
         return original(position_ids, *args, **kwargs)
 
@@ -136,6 +139,9 @@ class _SegmentMemo:
         self._value = None
 
     def get(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        marked = marked_segments(position_ids)
+        if marked is not None:  # a padded batch packed by litespark_hf.unpadding: its rows are the documents
+            return marked
         if torch.compiler.is_compiling():  # no host sync under torch.compile: always pass the segment ids
             return segment_ids_from_position_ids(position_ids)
         if self._ref is not None and self._ref() is position_ids and self._version == position_ids._version:

@@ -61,6 +61,15 @@ class LitesparkConfig:
             "queued GPU work, so the host can prepare the next step while the GPU finishes this one."
         },
     )
+    unpad: bool = field(
+        default=True,
+        metadata={
+            "help": "Padded batches (a 2-D attention_mask with padding, no KV cache) run the decoder stack on their "
+            "real tokens only, packed into one row with one document per original row, and the output is scattered "
+            "back to the padded shape: a padded batch costs what the packed one does. Same values at every real "
+            "token; pad positions get zero hidden states. Needs the litespark attention backend."
+        },
+    )
     allow_partial: bool = field(
         default=False,
         metadata={

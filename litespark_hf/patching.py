@@ -12,6 +12,7 @@ import warnings
 
 import torch.nn as nn
 
+from . import unpadding
 from .architectures import SUPPORTED_MODEL_TYPES, SWAP_KINDS, get_architecture
 from .attention import ATTENTION_NAME, position_pre_hook, register
 from .casting import link_cast_owners, unlink_cast_owners
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 _STATE_ATTR = "_litespark_state"
 _HOOK_ATTR = "_litespark_position_hook"
+_UNPAD_ATTR = "_litespark_unpad_hooks"
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -95,6 +97,8 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
             stack = getattr(base, "base_model", None)
             stack = stack if isinstance(stack, nn.Module) else base
             base.__dict__[_HOOK_ATTR] = stack.register_forward_pre_hook(position_pre_hook, with_kwargs=True)
+            if cfg.unpad:  # padded batches: the decoder runs on the real tokens only (after the position hook)
+                base.__dict__[_UNPAD_ATTR] = unpadding.install(stack, base)
     if cfg.sat_omission_rate_mlp > 0 or cfg.sat_omission_rate_heads > 0:
         from .sat import enable_sat  # Sparsity-Accelerated Training on top of the Litespark layers
 
@@ -117,6 +121,8 @@ def restore(model: nn.Module) -> nn.Module:
     unlink_decoder_layers(base)
     hook = base.__dict__.pop(_HOOK_ATTR, None)
     if hook is not None:
+        hook.remove()
+    for hook in base.__dict__.pop(_UNPAD_ATTR, ()):
         hook.remove()
     for module in base.modules():
         original = original_class(module)

@@ -32,8 +32,16 @@ def padded_batch():
     mask = torch.ones_like(ids)
     mask[0, -5:] = 0  # right padding
     mask[1, :3] = 0  # left padding
+    return dict(input_ids=ids, attention_mask=mask, labels=padded_labels(ids, mask)), mask.bool()
+
+
+def padded_labels(ids, mask):
+    """Labels of a padded batch: no pad is a target, and no target is "predicted" from a pad (a left-padded row's
+    first real token; stock computes that term from the pad token's hidden state, which Litespark's unpadded decoder
+    does not compute: litespark_hf.unpadding ignores it)."""
     labels = ids.masked_fill(mask == 0, -100)
-    return dict(input_ids=ids, attention_mask=mask, labels=labels), mask.bool()
+    labels[:, 1:] = labels[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
+    return labels
 
 
 def packed_batch():
@@ -110,7 +118,7 @@ def test_twenty_training_steps_match_stock(family):
     for step in range(20):
         ids = data[step % 2]
         batch = dict(input_ids=ids, attention_mask=inputs["attention_mask"],
-                     labels=ids.masked_fill(inputs["attention_mask"] == 0, -100))
+                     labels=padded_labels(ids, inputs["attention_mask"]))
         for model, opt in ((stock, opt_a), (lit, opt_b)):
             opt.zero_grad()
             loss = model(**batch).loss
