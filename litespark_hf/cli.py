@@ -4,7 +4,15 @@ from __future__ import annotations
 
 
 def train_bench_main(argv: list[str] | None = None) -> int:
-    """``litespark-train-bench``: the side-by-side training benchmark (see `litespark_hf.efficiency.bench`)."""
+    """``litespark-train-bench``: the side-by-side training benchmark (see `litespark_hf.efficiency.bench`);
+    ``--suite post``: the post-training benchmark, TRL SFT/DPO (see `litespark_hf.efficiency.post_bench`)."""
+    from .efficiency.post_bench import split_suite
+
+    suite, rest = split_suite(argv)
+    if suite == "post":
+        from .efficiency.post_bench import main as post_main
+
+        return post_main(rest)
     from .efficiency.bench import main
 
-    return main(argv)
+    return main(rest)

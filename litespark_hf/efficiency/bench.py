@@ -520,6 +520,8 @@ def run_bench(config_name: str, variants: list[str], steps: int, time_from: int,
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="litespark-train-bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", default="train", choices=("train", "post"),
+                   help="post: the post-training benchmark (TRL SFT/DPO; see --suite post --help)")
     p.add_argument("--config", default="llama-1b", choices=sorted(CONFIGS))
     p.add_argument("--tiny", action="store_true", help="the tiny CPU config (same as --config tiny)")
     p.add_argument("--variants", default=",".join(VARIANTS),
@@ -542,6 +544,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .post_bench import main as post_main, split_suite
+
+    suite, argv = split_suite(argv)
+    if suite == "post":  # the post-training benchmark (litespark_hf.efficiency.post_bench)
+        return post_main(argv)
     a = build_parser().parse_args(argv)
     config = "tiny" if a.tiny else a.config
     cfg = CONFIGS[config]

@@ -18,6 +18,10 @@ For a batch of sequences of unequal lengths ``n_i`` (padding, packing) the atten
 Gradient checkpointing's recomputed forward is NOT counted (that is "model" FLOPs, not hardware FLOPs), and LoRA is
 charged the full ``6 N`` (the convention; frozen weights skip their weight gradient, about a third of it).
 
+`post_training_step_flops` is the mode-aware count of one SFT/DPO step (the post-training benchmark's MFU): LoRA
+without the frozen weights' weight gradient but with the adapters, DPO with its reference forward, the LM head over
+the positions that are scored; see its docstring.
+
 MFU = achieved FLOP/s / (peak FLOP/s per device * devices). The peak table holds dense (no sparsity) bf16 tensor-core
 figures from the vendors' datasheets; override it with ``peak_tflops=`` or ``LITESPARK_PEAK_TFLOPS``.
 """
@@ -29,7 +33,8 @@ import re
 
 __all__ = [
     "PEAK_BF16_TFLOPS", "attention_flops_coefficient", "flops_per_token", "mfu", "num_parameters",
-    "num_parameters_from_config", "peak_flops", "model_shape",
+    "num_parameters_from_config", "peak_flops", "model_shape", "lm_head_parameters", "lora_parameters",
+    "post_training_step_flops",
 ]
 
 # (regular expression on the lower-cased device name, dense bf16 TFLOP/s per device, label). First match wins, so
@@ -182,3 +187,100 @@ def mfu(flops_per_second: float, peak_flops_per_device: float | None, devices: i
     if not peak_flops_per_device:
         return None
     return flops_per_second / (peak_flops_per_device * max(1, devices))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Post-training (SFT / DPO, full or LoRA): FLOPs of one optimizer step, counted by what the step executes.
+
+
+def lm_head_parameters(config) -> int:
+    """``V * h``: the LM head matrix (the input embedding's matrix too when tied)."""
+    cfg = _text_config(config)
+    return int(cfg.vocab_size) * int(cfg.hidden_size)
+
+
+# Linear layers that peft's ``target_modules="all-linear"`` adapts (every nn.Linear but the output layer), per
+# decoder layer: name -> (in_features, out_features) as functions of (h, I, Hq*D, Hkv*D).
+_ALL_LINEAR = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "starcoder2": ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"),
+}
+_ALL_LINEAR.update(mistral=_ALL_LINEAR["llama"], qwen2=_ALL_LINEAR["llama"], qwen3=_ALL_LINEAR["llama"])
+
+
+def lora_parameters(config, r: int, target_modules="all-linear") -> int:
+    """Parameters of LoRA adapters of rank ``r``: ``r * (in + out)`` per adapted linear layer, over all layers.
+
+    ``target_modules``: ``"all-linear"`` (peft's: every linear layer of the decoder layers, not the LM head) or a list
+    of projection names (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj``;
+    StarCoder2: ``c_fc``, ``c_proj``). Llama-style and StarCoder2 configs.
+    """
+    cfg = _text_config(config)
+    mt = cfg.model_type
+    if mt not in _ALL_LINEAR:
+        raise ValueError(f"no LoRA count for model_type {mt!r}: count the adapters' parameters instead")
+    h, inter = int(cfg.hidden_size), int(cfg.intermediate_size)
+    hq = int(cfg.num_attention_heads)
+    hkv = int(getattr(cfg, "num_key_value_heads", None) or hq)
+    dh = int(getattr(cfg, "head_dim", None) or h // hq)
+    shapes = {"q_proj": (h, hq * dh), "k_proj": (h, hkv * dh), "v_proj": (h, hkv * dh), "o_proj": (hq * dh, h),
+              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h),
+              "c_fc": (h, inter), "c_proj": (inter, h)}
+    names = _ALL_LINEAR[mt] if target_modules == "all-linear" else tuple(target_modules)
+    unknown = [n for n in names if n not in _ALL_LINEAR[mt]]
+    if unknown:
+        raise ValueError(f"unknown target modules {unknown} for {mt!r}; choose from {_ALL_LINEAR[mt]}")
+    per_layer = sum(r * (shapes[n][0] + shapes[n][1]) for n in names)
+    return int(cfg.num_hidden_layers) * per_layer
+
+
+def post_training_step_flops(config, seq_lens, head_tokens: int, *, num_params: int | None = None,
+                             lora_params: int = 0, reference_forward: bool = False) -> dict:
+    """Model FLOPs of one post-training step (SFT or DPO, full fine-tuning or LoRA), counting what the step runs.
+
+    Convention (PaLM appendix B / Megatron's accounting of matmul FLOPs, made mode-aware): a weight matrix costs
+    2 FLOPs per token in the forward (multiply + add), 2 per token for the input gradient and 2 per token for the
+    weight gradient. So, with ``T = sum(seq_lens)`` real tokens, ``S2 = sum(n_i^2)``, ``H = head_tokens``:
+
+    - ``N_layers``: every parameter but the embedding and LM head matrices (``num_params - V h``, ``- 2 V h`` when
+      untied; ``num_params`` defaults to `num_parameters_from_config`); ``V h``: the LM head matrix. The input
+      embedding is a lookup (no FLOPs; its gradient is a scatter, not counted).
+    - forward: ``2 N_layers T + 2 P_lora T + 4 L d S2 + 2 V h H``. Attention scores ``Q K^T`` and ``P V`` over
+      each sequence's real length (non-causal, as PaLM / nanoGPT: ``4 L d n^2`` forward, ``8 L d n^2`` backward; a
+      packed or padding-free batch is charged per document, a padded one per row's real tokens only).
+    - the LM head over the ``H`` positions whose next-token label is not -100 (completion tokens), the ones TRL's
+      fused LM head projects on CUDA (on CPU it scores every position; the formula still counts ``H``, the useful ones).
+    - backward, input gradient: ``2 N_layers T + 2 P_lora T + 8 L d S2 + 2 V h H``, through every decoder layer (all
+      modes here train something in the first layer: full fine-tuning trains the embedding, LoRA ``all-linear`` adapts
+      layer 0, and PEFT with gradient checkpointing makes the embedding output require grad).
+    - backward, weight gradient: ``2`` per TRAINABLE weight per token: full fine-tuning (``lora_params == 0``)
+      ``2 N_layers T + 2 V h H`` (the tied LM head/embedding matrix gets its gradient from the head's ``H``
+      positions); LoRA ``2 P_lora T`` only (frozen base weights and LM head get none).
+    - ``reference_forward`` (DPO): the reference model's forward over the same tokens, ``2 N_layers T + 4 L d S2 +
+      2 V h H`` (a frozen copy, or the same model with its adapters disabled: no adapter FLOPs either way).
+    - gradient checkpointing's recomputed forward is NOT counted (model FLOPs, not hardware FLOPs); norms,
+      activations, RoPE, softmax and the optimizer are not counted either (norm weights sit in ``N_layers``).
+
+    For full SFT with ``H = T`` this is ``(6 N + 12 L d T) T``, the `flops_per_token` convention, for tied embeddings.
+    ``seq_lens``: real lengths of the sequences of the trained forward (DPO: chosen and rejected rows). Returns a dict
+    of ints: ``forward``, ``backward_input``, ``backward_weight``, ``reference_forward``, ``total`` (and ``tokens``,
+    ``head_tokens``, ``sum_sq_lengths``, ``layer_params``, ``lm_head_params``, ``lora_params``).
+    """
+    cfg = _text_config(config)
+    lens = [int(n) for n in seq_lens]
+    t = sum(lens)
+    s2 = sum(n * n for n in lens)
+    h = int(head_tokens)
+    n_all = num_parameters_from_config(config) if num_params is None else int(num_params)
+    vh = lm_head_parameters(config)
+    n_layers = n_all - vh * (1 if getattr(cfg, "tie_word_embeddings", False) else 2)
+    layers, d = model_shape(config)
+    p = int(lora_params)
+    attn_fwd = 4 * layers * d * s2
+    fwd = 2 * n_layers * t + 2 * p * t + attn_fwd + 2 * vh * h
+    bwd_in = 2 * n_layers * t + 2 * p * t + 2 * attn_fwd + 2 * vh * h
+    bwd_w = 2 * p * t if p else 2 * n_layers * t + 2 * vh * h
+    ref = 2 * n_layers * t + attn_fwd + 2 * vh * h if reference_forward else 0
+    return {"forward": fwd, "backward_input": bwd_in, "backward_weight": bwd_w, "reference_forward": ref,
+            "total": fwd + bwd_in + bwd_w + ref, "tokens": t, "head_tokens": h, "sum_sq_lengths": s2,
+            "layer_params": n_layers, "lm_head_params": vh, "lora_params": p}
