@@ -5,7 +5,8 @@ instance's ``__class__`` is pointed at that subclass: parameters, buffers, hooks
 keys stay exactly as they were (nothing is copied), and `restore` points ``__class__`` back.
 
 One file per module kind: `norms`, `decoder`, `mlp`, `attention`, `lm_head`, `embedding`; `_swap` builds the swapped
-classes. The weight casts the modules read live in `litespark_hf.casting` (re-exported here).
+classes; `lora` fuses PEFT LoRA projections into the attention's and MLP's projection groups. The weight casts the
+modules read live in `litespark_hf.casting` (re-exported here).
 """
 
 import litespark_kernels as lk  # noqa: F401  (``litespark_hf.modules.lk``: the kernels the modules call)
@@ -19,14 +20,16 @@ from .attention import LitesparkAttention, LitesparkConfigWindowAttention, Lites
 from .decoder import LitesparkDecoderLayer, link_decoder_layers, unlink_decoder_layers
 from .embedding import LitesparkEmbedding
 from .lm_head import LitesparkCausalLM, LitesparkLMHead
+from .lora import LoraGroup, LoraTerm, fused_bases, lora_group, lora_project
 from .mlp import GELUTanh, LitesparkGatedMLP, LitesparkGeluMLP, SiLUActivation, fused_gated_activation
 from .norms import LitesparkLayerNorm, LitesparkRMSNorm, link_norm_consumers, unlink_norm_consumers
 
 __all__ = [
     "CastShadow", "GELUTanh", "LitesparkAttention", "LitesparkCausalLM", "LitesparkConfigWindowAttention",
     "LitesparkDecoderLayer", "LitesparkEmbedding", "LitesparkGatedMLP", "LitesparkGeluMLP", "LitesparkLMHead",
-    "LitesparkLayerNorm", "LitesparkLayerWindowAttention", "LitesparkRMSNorm", "SiLUActivation", "attach_cast_shadow",
-    "cast_projection_weights", "detach_cast_shadow", "drop_casts", "fused_gated_activation", "link_cast_owners",
-    "link_decoder_layers", "link_norm_consumers", "original_class", "plain_linears", "project", "swapped_class",
-    "unlink_cast_owners", "unlink_decoder_layers", "unlink_norm_consumers",
+    "LitesparkLayerNorm", "LitesparkLayerWindowAttention", "LitesparkRMSNorm", "LoraGroup", "LoraTerm",
+    "SiLUActivation", "attach_cast_shadow", "cast_projection_weights", "detach_cast_shadow", "drop_casts",
+    "fused_bases", "fused_gated_activation", "link_cast_owners", "link_decoder_layers", "link_norm_consumers",
+    "lora_group", "lora_project", "original_class", "plain_linears", "project", "swapped_class", "unlink_cast_owners",
+    "unlink_decoder_layers", "unlink_norm_consumers",
 ]

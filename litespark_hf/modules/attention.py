@@ -10,6 +10,7 @@ import litespark_kernels as lk
 
 from ..casting import _cast_of
 from ._swap import plain_linears, project
+from .lora import fused_bases, lora_group, lora_project
 
 
 def _eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -21,9 +22,10 @@ def _eager_attention(module, query, key, value, attention_mask, scaling, dropout
 class LitesparkAttention:
     """The decoder attention of Llama / Mistral / Qwen2 / Qwen3 / StarCoder2 with the RoPE kernel.
 
-    Same steps as transformers' forward: projections (called as modules, LoRA-safe), optional per-head q/k norms
-    (Qwen3), rotary embedding (`litespark_kernels.apply_rope`), KV cache update, the configured attention backend
-    (``litespark`` after `apply`), output projection, optional residual dropout (StarCoder2).
+    Same steps as transformers' forward: projections (q/k/v as one GEMM, PEFT LoRA fused in where `lora_group`
+    reproduces it, else called as modules), optional per-head q/k norms (Qwen3), rotary embedding
+    (`litespark_kernels.apply_rope`), KV cache update, the configured attention backend (``litespark`` after
+    `apply`), output projection, optional residual dropout (StarCoder2).
     This class never uses a sliding window (Llama); the subclasses below read it where their family does.
     """
 
@@ -32,24 +34,33 @@ class LitesparkAttention:
 
     def litespark_casts_input(self) -> bool:
         """True when forward feeds its input only to `fused_linear` (so a low-precision input changes nothing)."""
-        return plain_linears(self.q_proj, self.k_proj, self.v_proj)
+        qkv = (self.q_proj, self.k_proj, self.v_proj)
+        if plain_linears(*qkv):
+            return True
+        group = lora_group(qkv)
+        return group is not None and group.casts_input
 
     def litespark_cast_groups(self) -> dict[str, list[nn.Linear]]:
-        """The projection groups forward runs through `fused_linear` (for `cast_projection_weights`)."""
+        """The projection groups forward runs through `fused_linear` (for `cast_projection_weights`; LoRA: the
+        base layers)."""
         groups = {}
-        if self.litespark_casts_input():
-            groups["qkv"] = [self.q_proj, self.k_proj, self.v_proj]
-        if plain_linears(self.o_proj):
-            groups["o"] = [self.o_proj]
+        for slot, linears in (("qkv", (self.q_proj, self.k_proj, self.v_proj)), ("o", (self.o_proj,))):
+            bases = fused_bases(linears)
+            if bases is not None:
+                groups[slot] = bases
         return groups
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        if self.litespark_casts_input():  # one GEMM for q, k and v
+        qkv = (self.q_proj, self.k_proj, self.v_proj)
+        if plain_linears(*qkv):  # one GEMM for q, k and v
             sizes = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
             query_states, key_states, value_states = project(
-                hidden_states, self.q_proj, self.k_proj, self.v_proj, cast=_cast_of(self, "qkv")).split(sizes, dim=-1)
+                hidden_states, *qkv, cast=_cast_of(self, "qkv")).split(sizes, dim=-1)
+        elif (group := lora_group(qkv)) is not None:  # LoRA: one GEMM for the base q, k and v, then the adapters
+            query_states, key_states, value_states = lora_project(
+                hidden_states, group, cast=_cast_of(self, "qkv"), split=True)
         else:
             query_states = self.q_proj(hidden_states)
             key_states = self.k_proj(hidden_states)
@@ -78,6 +89,8 @@ class LitesparkAttention:
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         if plain_linears(self.o_proj):
             attn_output = project(attn_output, self.o_proj, cast=_cast_of(self, "o"))
+        elif (group := lora_group((self.o_proj,))) is not None:
+            attn_output = lora_project(attn_output, group, cast=_cast_of(self, "o"))
         else:
             attn_output = self.o_proj(attn_output)
         if hasattr(self, "residual_dropout"):

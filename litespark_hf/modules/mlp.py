@@ -12,6 +12,7 @@ from litespark_kernels._dispatch import warn_once
 
 from ..casting import _cast_of
 from ._swap import plain_linears, project
+from .lora import lora_group, lora_project
 
 GELUTanh = hf_activations.GELUTanh
 SiLUActivation = getattr(hf_activations, "SiLUActivation", nn.SiLU)  # not in every transformers 5.x
@@ -33,27 +34,42 @@ class LitesparkGatedMLP:
     """``down(act(gate(x)) * up(x))`` with the activation and the product fused (SwiGLU / GeGLU).
 
     Plain ``nn.Linear`` projections run as one gate+up GEMM (`litespark_kernels.fused_linear`) and the packed
-    activation; wrapped ones (LoRA) are called as modules, so adapters keep training.
+    activation; PEFT LoRA ones too (one GEMM for the base gate+up, the adapters added: `lora_project`) where
+    `lora_group` reproduces them; other wrapped ones are called as modules, so adapters keep training.
     """
 
-    def _packed_activation(self):
-        """The packed activation kernel when forward takes the fused path (plain projections), else None."""
+    def _fused(self):
+        """(packed activation kernel, (gate_up, down) `LoraGroup`s or None for plain projections) when forward
+        takes the fused path, else (None, None)."""
+        packed = fused_gated_activation(self.act_fn, packed=True)
+        if packed is None:
+            return None, None
         if plain_linears(self.gate_proj, self.up_proj, self.down_proj):
-            return fused_gated_activation(self.act_fn, packed=True)
-        return None
+            return packed, None
+        gate_up = lora_group((self.gate_proj, self.up_proj))
+        down = lora_group((self.down_proj,)) if gate_up is not None else None
+        return (packed, (gate_up, down)) if down is not None else (None, None)
 
     def litespark_casts_input(self) -> bool:
         """True when forward feeds its input only to `fused_linear` (so a low-precision input changes nothing)."""
-        return self._packed_activation() is not None
+        packed, groups = self._fused()
+        return packed is not None and (groups is None or groups[0].casts_input)
 
     def litespark_cast_groups(self) -> dict[str, list[nn.Linear]]:
-        """The projection groups forward runs through `fused_linear` (for `cast_projection_weights`)."""
-        if self.litespark_casts_input():
+        """The projection groups forward runs through `fused_linear` (for `cast_projection_weights`; LoRA: the
+        base layers)."""
+        packed, groups = self._fused()
+        if packed is None:
+            return {}
+        if groups is None:
             return {"gate_up": [self.gate_proj, self.up_proj], "down": [self.down_proj]}
-        return {}
+        return {"gate_up": list(groups[0].base), "down": list(groups[1].base)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self._packed_activation()
+        packed, groups = self._fused()
+        if packed is not None and groups is not None:  # LoRA: the base gate and up as one GEMM, adapters added
+            gate_up = lora_project(x, groups[0], cast=_cast_of(self, "gate_up"))
+            return lora_project(packed(gate_up), groups[1], cast=_cast_of(self, "down"))
         if packed is not None:  # gate and up as one GEMM, one gradient for both
             gate_up = project(x, self.gate_proj, self.up_proj, cast=_cast_of(self, "gate_up"))
             return project(packed(gate_up), self.down_proj, cast=_cast_of(self, "down"))
