@@ -19,18 +19,26 @@ import weakref
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 import litespark_kernels as lk
+from litespark_kernels._dispatch import warn_once
 from litespark_kernels.ops.attention import (
+    effective_window,
     segment_ids_from_cu_seqlens,
     segment_ids_from_padding_mask,
     segment_ids_from_position_ids,
+    visibility_mask,
 )
 
 from .unpadding import marked_segments
 
 ATTENTION_NAME = "litespark"
+
+
+class UnsupportedAttentionFeatureError(ValueError):
+    """A model passed the ``litespark`` attention function an argument it does not implement (it would otherwise be
+    ignored, giving silently wrong attention)."""
 
 
 def litespark_mask(
@@ -50,11 +58,66 @@ def litespark_mask(
             batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
             attention_mask=attention_mask, allow_is_causal_skip=False, **kwargs,
         )
+    if _needs_exact_mask(kwargs):
+        kwargs.pop("allow_is_causal_skip", None)
+        return sdpa_mask(
+            batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+            attention_mask=attention_mask, allow_is_causal_skip=False, **kwargs,
+        )
     if attention_mask is None:
         return None
     if not torch.compiler.is_compiling() and bool(attention_mask.all()):  # no padding: no mask (host sync, eager only)
         return None
     return attention_mask
+
+
+def _needs_exact_mask(kwargs) -> bool:
+    """Whether this mask holds something the attention function cannot rebuild from the call's arguments, so
+    transformers' own 4D mask is needed (then applied through SDPA or `_reference_attention`).
+
+    The fast path (a 2D padding mask or None) leaves causality to the module's ``is_causal``, sliding windows to the
+    ``sliding_window`` argument and packing to ``position_ids``. That holds for the architectures of the table (their
+    attention modules pass their window). A model outside it may build a sliding-window or chunked mask without
+    passing the window to its attention function (Qwen2-MoE, PhiMoE, Llama4's chunks), or extend the mask with its own
+    ``or_mask_function``/``and_mask_function`` (Gemma3's bidirectional image tokens; ``use_vmap`` is set exactly then):
+    for those, every mask that is not plain causal is built by transformers."""
+    if kwargs.get("use_vmap"):
+        return True
+    mask_function = kwargs.get("mask_function")
+    if mask_function is None or mask_function is causal_mask_function:
+        return False
+    config = kwargs.get("config")
+    model_type = getattr(config, "model_type", None)
+    if model_type in _table_types():
+        return False
+    warn_once("attention", f"the attention mask of {model_type!r} (outside the architecture table) is not plain "
+                           "causal: transformers' own 4D mask is used, through SDPA")
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _table_types() -> frozenset:
+    from .architectures import SUPPORTED_MODEL_TYPES
+
+    return frozenset(SUPPORTED_MODEL_TYPES)
+
+
+def partial_attention_problem(hf_config) -> str | None:
+    """Why the ``litespark`` backend alone cannot stand in for this model's attention (`apply` with
+    ``allow_partial=True`` refuses), or None. Features that reach the attention function as arguments are checked
+    there, per call (`litespark_attention_forward`); this catches the ones configured outside it."""
+    configs = [hf_config]
+    text = getattr(hf_config, "get_text_config", None)
+    if callable(text) and text() is not hf_config:
+        configs.append(text())
+    for cfg in configs:
+        attn_config = getattr(cfg, "attn_config", None)  # MPT keeps its attention options in a sub-config
+        nested = attn_config.get("alibi") if isinstance(attn_config, dict) else getattr(attn_config, "alibi", None)
+        if getattr(cfg, "alibi", False) or getattr(cfg, "use_alibi", False) or nested \
+                or getattr(cfg, "position_embedding_type", None) == "alibi":
+            return ("its config enables ALiBi position biases, which are added to the attention scores outside the "
+                    "attention function's arguments; the litespark backend does not implement them.")
+    return None
 
 
 class _OwnPositions:
@@ -172,10 +235,106 @@ def _segments(query, key, attention_mask, kwargs):
             return segments, segments
         return None, None
     cu_seqlens = kwargs.get("cu_seq_lens_q")
-    if cu_seqlens is not None and batch == 1 and q_len == kv_len:
+    if cu_seqlens is not None:
+        if batch != 1 or q_len != kv_len:
+            raise UnsupportedAttentionFeatureError(
+                f"the litespark attention backend takes cu_seq_lens_q (packed documents) for one flattened row "
+                f"without a KV cache; got batch {batch}, {q_len} queries, {kv_len} keys. Pass position_ids too."
+            )
         segments = segment_ids_from_cu_seqlens(cu_seqlens, q_len)
         return segments, segments
+    seq_idx = kwargs.get("seq_idx")  # DataCollatorWithFlattening(return_seq_idx=True): document index per token
+    if seq_idx is not None:
+        if q_len != kv_len or seq_idx.shape[-1] != q_len:
+            raise UnsupportedAttentionFeatureError(
+                f"the litespark attention backend takes seq_idx (packed documents) of the query length without a KV "
+                f"cache; got seq_idx {tuple(seq_idx.shape)}, {q_len} queries, {kv_len} keys. Pass position_ids too."
+            )
+        segments = seq_idx.to(torch.int32).expand(batch, -1)
+        return segments, segments
     return None, None
+
+
+# Keyword arguments the attention function understands. Applied: ``dropout``, ``scaling``, ``sliding_window``,
+# ``is_causal``, packing (``position_ids``, ``cu_seq_lens_q``, ``seq_idx``), and, through `_reference_attention`,
+# ``softcap`` (Gemma2-style logit soft-capping) and ``s_aux`` (GPT-OSS attention sinks).
+_HANDLED_KWARGS = frozenset({"position_ids", "cu_seq_lens_q", "seq_idx", "softcap", "s_aux"})
+# Arguments that flow from the model's forward into every attention call and do not change the attention itself:
+# the other flash-attention packing descriptors (implied by the ones above), cache/output switches (the cache was
+# already applied to k/v by the attention module), the Trainer's loss normaliser, a flash-attention determinism hint.
+_INERT_KWARGS = frozenset({
+    "cu_seq_lens_k", "max_length_q", "max_length_k", "max_seqlen_q", "max_seqlen_k", "use_cache", "cache_position",
+    "num_items_in_batch", "output_attentions", "output_hidden_states", "output_router_logits", "return_dict",
+    "deterministic",
+})
+
+
+def _check_kwargs(module, kwargs) -> None:
+    for name, val in kwargs.items():
+        if val is None or name in _HANDLED_KWARGS or name in _INERT_KWARGS:
+            continue
+        raise UnsupportedAttentionFeatureError(
+            f"the litespark attention backend does not implement the argument {name}={_short(val)} that "
+            f"{type(module).__name__} passes to its attention function (ignoring it would compute a different "
+            f"attention). It understands dropout, scaling, sliding_window, is_causal, position_ids, cu_seq_lens_q/k, "
+            f"max_length_q/k, seq_idx, softcap and s_aux (sinks). Use another attn_implementation (e.g. 'sdpa' or "
+            f"'eager') for this model, or litespark_hf.apply(model, attention=False)."
+        )
+
+
+def _short(val) -> str:
+    if isinstance(val, torch.Tensor):
+        return f"<tensor {tuple(val.shape)} {val.dtype}>"
+    text = repr(val)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _reference_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    visible: torch.Tensor | None,
+    additive: torch.Tensor | None,
+    scaling: float | None,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    dropout: float,
+) -> torch.Tensor:
+    """Plain PyTorch attention with the two score modifications the kernel lacks, as transformers' eager code does
+    them (gemma2 / gpt_oss ``eager_attention_forward``): scores ``* scaling``, then ``softcap * tanh(scores /
+    softcap)``, then the mask, then (sinks) one extra logit per head joined to every row of the softmax and dropped
+    after it. Computed in float32, cast back to the query's dtype.
+
+    ``visible``: boolean [B or 1, 1 or H, Sq, Skv], True where a key may be attended; ``additive``: a float mask added
+    to the scores (a user's 4D float mask). A query with no visible key outputs zeros (without sinks; with sinks the
+    sink takes the whole row, which also gives zeros). Returns [B, Sq, Hq, D]."""
+    groups = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+    v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if additive is not None:
+        scores = scores + additive.float()
+    has_key = None
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+        has_key = visible.any(-1, keepdim=True)
+    if sinks is not None:
+        sink = sinks.float().reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        if has_key is not None:
+            scores = scores.masked_fill(~has_key, 0.0)
+        probs = torch.softmax(scores, dim=-1)
+        if has_key is not None:
+            probs = probs * has_key
+    if dropout > 0.0:
+        probs = F.dropout(probs, p=dropout, training=True)
+    out = torch.matmul(probs, v.float()).to(query.dtype)
+    return out.transpose(1, 2).contiguous()
 
 
 def litespark_attention_forward(
@@ -190,17 +349,44 @@ def litespark_attention_forward(
     is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function: q [B,Hq,S,D], k/v [B,Hkv,S,D] -> ([B,S,Hq,D], None)."""
+    """transformers attention function: q [B,Hq,S,D], k/v [B,Hkv,S,D] -> ([B,S,Hq,D], None).
+
+    ``softcap`` (attention logit soft-capping) and ``s_aux`` (attention sinks) run on `_reference_attention`, with a
+    one-time warning; any other keyword argument that would change the attention and is not implemented here raises
+    `UnsupportedAttentionFeatureError` (see ``_HANDLED_KWARGS`` / ``_INERT_KWARGS``)."""
+    if kwargs:
+        _check_kwargs(module, kwargs)
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    reference = softcap is not None or sinks is not None
+    if reference:
+        if softcap is not None:
+            warn_once("attention", "attention logit soft-capping (softcap) is not in the kernel")
+        if sinks is not None:
+            warn_once("attention", "attention sinks (s_aux) are not in the kernel")
     if attention_mask is not None and attention_mask.dim() == 4:
         # transformers' own mask (KV cache, or a custom 4D mask from the user): SDPA with that mask.
         mask = attention_mask
+        if reference:
+            boolean = mask.dtype == torch.bool
+            out = _reference_attention(query, key, value, visible=mask if boolean else None,
+                                       additive=None if boolean else mask, scaling=scaling, softcap=softcap,
+                                       sinks=sinks, dropout=dropout)
+            return out, None
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
             is_causal=False, enable_gqa=query.shape[1] != key.shape[1],
         )
         return out.transpose(1, 2).contiguous(), None
     q_seg, kv_seg = _segments(query, key, attention_mask, kwargs)
+    if reference:
+        visible = visibility_mask(
+            query.shape[2], key.shape[2], causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+            sliding_window=effective_window(sliding_window, key.shape[2]), device=query.device,
+        )
+        out = _reference_attention(query, key, value, visible=visible, additive=None, scaling=scaling,
+                                   softcap=softcap, sinks=sinks, dropout=dropout)
+        return out, None
     out = lk.attention(
         query, key, value, scale=scaling, causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
         sliding_window=sliding_window, dropout_p=dropout,

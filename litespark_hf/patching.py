@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from . import unpadding
 from .architectures import SUPPORTED_MODEL_TYPES, SWAP_KINDS, get_architecture
-from .attention import ATTENTION_NAME, position_pre_hook, register
+from .attention import ATTENTION_NAME, partial_attention_problem, position_pre_hook, register
 from .casting import link_cast_owners, unlink_cast_owners
 from .config import LitesparkConfig
 from .model_utils import unwrap_model
@@ -61,12 +61,21 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
             raise UnsupportedArchitectureError(
                 message + " Pass allow_partial=True (LitesparkConfig) to use the litespark attention backend alone."
             )
-        warnings.warn(message + " allow_partial=True: only the attention backend is switched.", stacklevel=2)
+        problem = partial_attention_problem(hf_config) if cfg.attention else None
+        if problem:  # the backend would never see this feature: refuse rather than compute a different attention
+            raise UnsupportedArchitectureError(message + " allow_partial=True, but " + problem)
 
     register()
     state = base.__dict__.get(_STATE_ATTR) or {"attn_implementation": hf_config._attn_implementation}
     if cfg.attention and hf_config._attn_implementation != ATTENTION_NAME:
         base.set_attn_implementation(ATTENTION_NAME)
+        if hf_config._attn_implementation != ATTENTION_NAME:  # transformers only logs a warning
+            raise UnsupportedArchitectureError(
+                f"{type(base).__name__} does not route its attention through transformers' AttentionInterface, so "
+                f"the litespark attention backend cannot be switched on (it stays {hf_config._attn_implementation!r})."
+            )
+    if arch is None:
+        warnings.warn(message + " allow_partial=True: only the attention backend is switched.", stacklevel=2)
 
     counts: dict[str, int] = {}
     if arch is not None:

@@ -70,7 +70,11 @@ def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:
             on_cuda = False
     if on_cuda or (force_triton() and interpreting()):
         return True
-    warn_once(op, "inputs are not on a CUDA device")
+    if interpreting():
+        warn_once(op, "inputs are not on a CUDA device (TRITON_INTERPRET=1 alone runs the references: set "
+                      "LITESPARK_FORCE_TRITON=1 too to run the Triton kernels in Triton's CPU interpreter)")
+    else:
+        warn_once(op, "inputs are not on a CUDA device")
     return False
 
 
