@@ -16,3 +16,11 @@ def train_bench_main(argv: list[str] | None = None) -> int:
     from .efficiency.bench import main
 
     return main(rest)
+
+
+def run_main(argv: list[str] | None = None) -> int:
+    """``litespark-run``: run a TRL / transformers training script with litespark_hf's trainer classes in place of
+    TRL's, so that it takes ``--use_litespark`` (see `litespark_hf.run`; ``litespark-run --help``)."""
+    from .run import main
+
+    return main(argv)

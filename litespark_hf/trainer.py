@@ -7,15 +7,29 @@ Where the rewrite happens: at the start of ``train()`` (and on every ``model_ini
 transformers applies ``use_liger_kernel``: after the model is built (and PEFT-wrapped by TRL), before gradient
 checkpointing is enabled and before ``accelerator.prepare``, so FSDP and DeepSpeed wrap the rewritten model.
 When ``litespark_config`` sets a SAT omission rate, SAT is enabled on the model and a `SATCallback` is added.
+
+A config of this module with ``use_litespark=True`` handed to a stock trainer (``trl.SFTTrainer``, ...) is honoured
+too, for the model layers only (`_install_stock_trainer_hook`, with a warning). `litespark_hf.patch_trl` and the
+``litespark-run`` launcher (`litespark_hf.run`) put these classes in place of TRL's for unchanged scripts.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass, field
 
 import torch
-import transformers
-import trl
+
+# The stock classes, from the modules that define them: `litespark_hf.patch_trl` rebinds the public names
+# (``trl.SFTTrainer``, ``transformers.Trainer``, ...) to the subclasses below, never these modules' own attributes,
+# so the bases stay the stock classes even when this module is imported (or reloaded) after patching.
+from transformers.trainer import Trainer as _StockTrainer
+from transformers.training_args import TrainingArguments as _StockTrainingArguments
+from trl.trainer.dpo_config import DPOConfig as _StockDPOConfig
+from trl.trainer.dpo_trainer import DPOTrainer as _StockDPOTrainer
+from trl.trainer.sft_config import SFTConfig as _StockSFTConfig
+from trl.trainer.sft_trainer import SFTTrainer as _StockSFTTrainer
 
 from .config import LitesparkConfig
 from .optim import LitesparkAdamW
@@ -47,6 +61,81 @@ class LitesparkArguments:
         super().__post_init__()
         # Fail at argument parsing, not at train(), on a bad litespark_config.
         LitesparkConfig.from_any(self.litespark_config)
+        if self.use_litespark:  # so that a stock Trainer / TRL trainer given this config honours it too
+            _install_stock_trainer_hook()
+
+
+def _trainer_litespark_config(trainer) -> LitesparkConfig:
+    """``trainer.args.litespark_config`` parsed (once per value)."""
+    raw = trainer.args.litespark_config
+    cached = trainer.__dict__.get("_litespark_cfg")
+    if cached is None or cached[0] is not raw:
+        cached = trainer.__dict__["_litespark_cfg"] = (raw, LitesparkConfig.from_any(raw))
+    return cached[1]
+
+
+def _apply_to_trainer_model(trainer, model, sat: bool = True):
+    """`apply` on one of the trainer's models (and the SAT callback), when ``args.use_litespark`` is set."""
+    if model is None or not getattr(trainer.args, "use_litespark", False):
+        return model
+    cfg = _trainer_litespark_config(trainer)
+    if not sat:  # a frozen reference model never runs sparse
+        cfg = LitesparkConfig.from_any({**cfg.to_dict(), "sat_omission_rate_mlp": 0.0,
+                                        "sat_omission_rate_heads": 0.0})
+    apply(model, cfg)
+    if sat and sat_is_enabled(model) and not any(
+        isinstance(cb, SATCallback) for cb in trainer.callback_handler.callbacks
+    ):
+        # First in line, so that reporting callbacks (TensorBoard, W&B) see the sat/* keys it adds to the logs.
+        trainer.callback_handler.callbacks.insert(0, SATCallback(cfg))
+    return model
+
+
+_STOCK_WARNED: set[type] = set()
+
+
+def _stock_trainer_applies(trainer) -> bool:
+    """A trainer that is not one of ours was given a litespark_hf config with ``use_litespark=True``."""
+    return not isinstance(trainer, LitesparkTrainerMixin) and isinstance(trainer.args, LitesparkArguments) \
+        and trainer.args.use_litespark
+
+
+def _install_stock_trainer_hook() -> None:
+    """Make ``transformers.Trainer.train`` / ``call_model_init`` (so every stock trainer: TRL's SFT, DPO, ...)
+    apply Litespark's model layers when their ``args`` is a litespark_hf config with ``use_litespark=True``.
+
+    Installed once, the first time such a config is made; a no-op for every other trainer and config (including
+    this module's trainers, which do it themselves). Only the model-side rewrite happens there: the trainer-side
+    features need this module's classes, which a one-time warning says."""
+    if getattr(_StockTrainer.train, "_litespark_hook", False):
+        return
+    stock_train, stock_model_init = _StockTrainer.train, _StockTrainer.call_model_init
+
+    @functools.wraps(stock_train)
+    def train(self, *args, **kwargs):
+        if _stock_trainer_applies(self):
+            _apply_to_trainer_model(self, self.model)
+            ref_model = getattr(self, "ref_model", None)  # DPO with a separate reference model
+            if ref_model is not None:
+                _apply_to_trainer_model(self, ref_model, sat=False)
+            if type(self) not in _STOCK_WARNED:
+                _STOCK_WARNED.add(type(self))
+                warnings.warn(
+                    f"use_litespark=True on a stock {type(self).__name__}: the Litespark model layers are applied "
+                    "at the start of train(), but the trainer-side features (fused_optimizer, fused_grad_clip, "
+                    "sync_free_nan_filter, non_blocking_batches) need litespark_hf's trainer classes "
+                    "(litespark_hf.SFTTrainer, DPOTrainer, Trainer) or litespark_hf.patch_trl() before the trainer "
+                    "is imported.", UserWarning, stacklevel=2,
+                )
+        return stock_train(self, *args, **kwargs)
+
+    @functools.wraps(stock_model_init)
+    def call_model_init(self, *args, **kwargs):
+        model = stock_model_init(self, *args, **kwargs)
+        return _apply_to_trainer_model(self, model) if _stock_trainer_applies(self) else model
+
+    train._litespark_hook = call_model_init._litespark_hook = True
+    _StockTrainer.train, _StockTrainer.call_model_init = train, call_model_init
 
 
 class LitesparkTrainerMixin:
@@ -54,26 +143,10 @@ class LitesparkTrainerMixin:
 
     def _litespark_config(self) -> LitesparkConfig:
         """``args.litespark_config`` parsed (once per value)."""
-        raw = self.args.litespark_config
-        cached = self.__dict__.get("_litespark_cfg")
-        if cached is None or cached[0] is not raw:
-            cached = self.__dict__["_litespark_cfg"] = (raw, LitesparkConfig.from_any(raw))
-        return cached[1]
+        return _trainer_litespark_config(self)
 
     def _apply_litespark(self, model, sat: bool = True):
-        if model is None or not getattr(self.args, "use_litespark", False):
-            return model
-        cfg = self._litespark_config()
-        if not sat:  # a frozen reference model never runs sparse
-            cfg = LitesparkConfig.from_any({**cfg.to_dict(), "sat_omission_rate_mlp": 0.0,
-                                            "sat_omission_rate_heads": 0.0})
-        apply(model, cfg)
-        if sat and sat_is_enabled(model) and not any(
-            isinstance(cb, SATCallback) for cb in self.callback_handler.callbacks
-        ):
-            # First in line, so that reporting callbacks (TensorBoard, W&B) see the sat/* keys it adds to the logs.
-            self.callback_handler.callbacks.insert(0, SATCallback(cfg))
-        return model
+        return _apply_to_trainer_model(self, model, sat)
 
     def _litespark_full_weights(self) -> bool:
         """One process or DDP (every process holds whole weights and runs its own optimizer step); not FSDP or
@@ -202,27 +275,34 @@ class LitesparkTrainerMixin:
 
 
 @dataclass
-class TrainingArguments(LitesparkArguments, transformers.TrainingArguments):
+class TrainingArguments(LitesparkArguments, _StockTrainingArguments):
     """transformers.TrainingArguments + ``use_litespark`` / ``litespark_config``."""
 
 
 @dataclass
-class SFTConfig(LitesparkArguments, trl.SFTConfig):
+class SFTConfig(LitesparkArguments, _StockSFTConfig):
     """trl.SFTConfig + ``use_litespark`` / ``litespark_config``."""
 
 
 @dataclass
-class DPOConfig(LitesparkArguments, trl.DPOConfig):
+class DPOConfig(LitesparkArguments, _StockDPOConfig):
     """trl.DPOConfig + ``use_litespark`` / ``litespark_config``."""
 
 
-class Trainer(LitesparkTrainerMixin, transformers.Trainer):
+class Trainer(LitesparkTrainerMixin, _StockTrainer):
     """transformers.Trainer that honours ``use_litespark``."""
 
 
-class SFTTrainer(LitesparkTrainerMixin, trl.SFTTrainer):
+class SFTTrainer(LitesparkTrainerMixin, _StockSFTTrainer):
     """trl.SFTTrainer that honours ``use_litespark``."""
 
 
-class DPOTrainer(LitesparkTrainerMixin, trl.DPOTrainer):
+class DPOTrainer(LitesparkTrainerMixin, _StockDPOTrainer):
     """trl.DPOTrainer that honours ``use_litespark``."""
+
+
+# Each class of this module and the stock class it stands in for (`litespark_hf.patch_trl`).
+STOCK_CLASSES: dict[str, type] = {
+    "TrainingArguments": _StockTrainingArguments, "SFTConfig": _StockSFTConfig, "DPOConfig": _StockDPOConfig,
+    "Trainer": _StockTrainer, "SFTTrainer": _StockSFTTrainer, "DPOTrainer": _StockDPOTrainer,
+}
