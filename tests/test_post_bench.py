@@ -165,3 +165,18 @@ def test_split_suite_and_json_path():
     path = PB.default_json_path("llama-1b")
     assert path.startswith("benchmarks/results/post_training_llama-1b_") and path.endswith(".json")
     assert PB.default_json_path("tiny", "x/y.json") == "x/y.json"
+
+
+def test_warm_up_replays_the_timed_batches(tiny_result):
+    """Steps 1..time_from-1 train the timed batches again (same rows, so the same shapes and token counts): one-time
+    costs of a new shape fall in the warm-up, not in the timed window."""
+    from litespark_hf.efficiency.post_bench import replay_order
+
+    assert replay_order(3, 4, 3) == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]
+    assert replay_order(1, 5, 4) == [0, 1, 0, 0, 1]  # a warm-up longer than the timed window cycles through it
+    result, _ = tiny_result
+    for r in result["rows"]:
+        if r["mode"] == "sft_packing":
+            continue  # packed blocks all have one shape: no replay
+        real = r["real_tokens_per_step"]
+        assert real[:1] == real[1:2], (r["name"], real)  # STEPS=3, time-from 2: step 1 replays step 2's batch

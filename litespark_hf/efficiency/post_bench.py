@@ -172,20 +172,37 @@ def length_distribution(cfg: dict, steps: int, seed: int) -> dict:
     }
 
 
-def dataset_for(cfg: dict, kind: str, steps: int, seed: int):
+def replay_order(batch: int, steps: int, time_from: int) -> list[int]:
+    """Row order (indices into a pool of batches of ``batch`` rows) that makes the warm-up steps replay
+    the timed steps' batches: step ``i`` (0-based) trains batch ``i mod K`` of the warm-up cycle for the first
+    ``time_from - 1`` steps, then the ``K = steps - time_from + 1`` timed batches once each, in order.
+
+    Why: with variable-length data every new batch shape can pay one-time costs (Triton specialisations, cuBLAS
+    heuristics, allocator growth: 1-5 s each, seen on the H200) that a long run pays once and then never again. A
+    short timed window that meets a shape for the first time would charge them to throughput; replaying the timed
+    batches in the warm-up measures the steady state while keeping the timed batches' length mix."""
+    timed = steps - time_from + 1
+    order = [(i % timed) for i in range(time_from - 1)] + list(range(timed))
+    return [b * batch + r for b in order for r in range(batch)]
+
+
+def dataset_for(cfg: dict, kind: str, steps: int, seed: int, time_from: int | None = None, packing: bool = False):
     """The `datasets.Dataset` a run trains on: SFT ``input_ids`` + ``completion_mask``; DPO prompt/chosen/rejected
-    text for `post_data.id_tokenizer`."""
+    text for `post_data.id_tokenizer`. With ``time_from`` (and no packing, whose blocks all have one shape), the rows
+    are laid out for a sequential sampler by `replay_order`."""
     import datasets
     from datasets import Dataset
 
     datasets.disable_progress_bars()  # TRL's preparation maps: one bar each, per run
 
-    if kind == "sft":
-        rows = _sft_pool(cfg, steps, seed)
-        return Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
-                                  "completion_mask": [r["completion_mask"] for r in rows]})
-    rows = _dpo_pool(cfg, steps, seed)
-    return Dataset.from_dict({k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")})
+    replay = time_from is not None and time_from > 1 and not packing
+    pool_steps = steps - time_from + 1 if replay else steps
+    batch = cfg["sft_batch"] if kind == "sft" else cfg["dpo_batch"]
+    rows = _sft_pool(cfg, pool_steps, seed) if kind == "sft" else _dpo_pool(cfg, pool_steps, seed)
+    if replay:
+        rows = [rows[i] for i in replay_order(batch, steps, time_from)]
+    keys = ("input_ids", "completion_mask") if kind == "sft" else ("prompt", "chosen", "rejected")
+    return Dataset.from_dict({k: [r[k] for r in rows] for k in keys})
 
 
 class _BatchRecorder:
@@ -246,7 +263,7 @@ def run_one(config_name: str, mode: str, variant: str, steps: int, time_from: in
     bf16 = cfg.get("bf16", True) and cuda
     hf_cfg = _bench._hf_config(cfg)
     work = tempfile.mkdtemp(prefix=f"post_bench_{mode}_{variant}_")
-    dataset = dataset_for(cfg, kind, steps, seed)
+    dataset = dataset_for(cfg, kind, steps, seed, time_from, packing=bool(m.get("packing")))
     tokenizer = post_data.id_tokenizer(hf_cfg.vocab_size)
     meter = _bench._EnergyMeter(cuda, out_dir or work) if energy else None
     if cuda:
@@ -290,6 +307,9 @@ def run_one(config_name: str, mode: str, variant: str, steps: int, time_from: in
     trainer = TrainerCls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[timer], **extra)
     trainer.remove_callback(PrinterCallback)
+    # rows in the order dataset_for laid them out (warm-up steps replay the timed batches: see replay_order)
+    trainer._get_train_sampler = lambda train_dataset=None: torch.utils.data.SequentialSampler(
+        trainer.train_dataset if train_dataset is None else train_dataset)
     recorder = _BatchRecorder(trainer.data_collator, kind)
     trainer.data_collator = recorder
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)

@@ -51,6 +51,8 @@ def batch(kind):
         mask[0, -37:] = 0
         mask[1, :21] = 0
     labels = ids.masked_fill(mask == 0, -100)
+    # nothing is "predicted" from a pad (left padding's first real token: litespark_hf.unpadding ignores it)
+    labels[:, 1:] = labels[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
     return dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), labels=labels.cuda()), mask.bool().cuda()
 
 
