@@ -303,9 +303,12 @@ def run_one(config_name: str, mode: str, variant: str, steps: int, time_from: in
 
         peft_config = LoraConfig(**LORA)
     timer = _bench._timer_callback(time_from, steps, cuda, progress, meter)
+    callbacks = [timer]
+    if os.environ.get("LITESPARK_POST_PROFILE"):  # where the step's time goes: see _ProfileCallback
+        callbacks.append(_ProfileCallback(time_from, os.environ["LITESPARK_POST_PROFILE"]))
     extra = {"ref_model": ref_model} if kind == "dpo" else {}
     trainer = TrainerCls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[timer], **extra)
+                         peft_config=peft_config, callbacks=callbacks, **extra)
     trainer.remove_callback(PrinterCallback)
     # rows in the order dataset_for laid them out (warm-up steps replay the timed batches: see replay_order)
     trainer._get_train_sampler = lambda train_dataset=None: torch.utils.data.SequentialSampler(
@@ -419,6 +422,55 @@ def run_one(config_name: str, mode: str, variant: str, steps: int, time_from: in
 
 # ----------------------------------------------------------------------------------------------------------------------
 # the suite
+
+
+class _ProfileCallback:
+    """``LITESPARK_POST_PROFILE=FILE``: torch.profiler over the timed steps; FILE gets, per timed step, the wall
+    time, the GPU kernel time (the sum of CUDA kernel durations) and so the idle share, and the top ops by CPU and by
+    CUDA self time."""
+
+    def __new__(cls, time_from: int, path: str):
+        from transformers import TrainerCallback
+
+        class _Cb(TrainerCallback):
+            def __init__(self):
+                self.prof, self.t0, self.steps = None, None, 0
+
+            def on_step_begin(self, args, state, control, **kw):
+                import torch
+
+                if state.global_step + 1 == time_from and self.prof is None:
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()
+                    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                    self.prof = torch.profiler.profile(activities=acts)
+                    self.prof.__enter__()
+                    self.t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                if self.prof is not None:
+                    self.steps += 1
+
+            def on_train_end(self, args, state, control, **kw):
+                import torch
+
+                if self.prof is None:
+                    return
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                wall = time.perf_counter() - self.t0
+                self.prof.__exit__(None, None, None)
+                events = self.prof.key_averages()
+                kernel_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+                n = max(self.steps, 1)
+                lines = [f"timed steps {n}: wall {1e3 * wall / n:.1f} ms/step, GPU kernels "
+                         f"{kernel_us / 1e3 / n:.1f} ms/step ({100 * kernel_us / 1e6 / wall:.0f}% busy)",
+                         events.table(sort_by="self_cuda_time_total", row_limit=18),
+                         events.table(sort_by="self_cpu_time_total", row_limit=25)]
+                with open(path, "w") as fh:
+                    fh.write("\n".join(lines))
+
+        return _Cb()
 
 
 def _failure(mode: str, variant: str, exc: BaseException) -> dict:
