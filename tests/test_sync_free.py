@@ -90,10 +90,16 @@ def test_no_positions_made_with_a_cache_or_caller_positions():
 
 
 def test_restore_removes_the_position_hook():
-    model = litespark_hf.apply(tiny_model("llama", attn_implementation="sdpa"))
+    model = litespark_hf.apply(tiny_model("llama", attn_implementation="sdpa"), unpad=False)
     assert len(model.model._forward_pre_hooks) == 1
     litespark_hf.restore(model)
     assert len(model.model._forward_pre_hooks) == 0
-    litespark_hf.apply(model)
-    litespark_hf.apply(model)  # twice: still one hook
+    litespark_hf.apply(model, unpad=False)
+    litespark_hf.apply(model, unpad=False)  # twice: still one hook
     assert len(model.model._forward_pre_hooks) == 1
+    litespark_hf.restore(model)
+    litespark_hf.apply(model)  # with the unpadding (default): its pre-hook and post-hook join, once
+    litespark_hf.apply(model)
+    assert len(model.model._forward_pre_hooks) == 2 and len(model.model._forward_hooks) == 1
+    litespark_hf.restore(model)
+    assert not model.model._forward_pre_hooks and not model.model._forward_hooks
