@@ -138,8 +138,53 @@ def _install_stock_trainer_hook() -> None:
     _StockTrainer.train, _StockTrainer.call_model_init = train, call_model_init
 
 
+def _clear_stale_fsdp_groups(module, args):
+    """Forward pre-hook on an FSDP2 root: forget group forwards that an earlier forward left unfinished.
+
+    ``fully_shard([final_norm, embed_tokens, lm_head])`` (accelerate's FSDP2 layout for the embedding and the head, tied
+    or not) keeps a set of the group's modules still to run. TRL's fused LM head (SFT, DPO) reads ``lm_head.weight`` and
+    never calls ``lm_head``, so the set keeps ``lm_head`` after every forward. torch before pytorch/pytorch#180428
+    (2.11; 2.13 has it) clears it only at the end of a backward and fires the group's pre-forward hook (the unshard)
+    only when it is empty: after an evaluation forward, anything that reshards the group outside a forward/backward (a
+    checkpoint save: the state-dict hook reshards every unit) leaves the next forward with the sharded DTensor weights
+    ("aten.embedding.default got mixed torch.Tensor and DTensor"). Since that change torch finishes such groups in the
+    root's post-forward itself; there the set is already empty here and this does nothing. At the root's pre-forward no
+    forward of the model is under way, so anything left in a set is stale.
+    """
+    get_state = getattr(module, "_get_fsdp_state", None)
+    ctx = getattr(get_state(), "_state_ctx", None) if get_state is not None else None
+    if ctx is None or getattr(ctx, "iter_forward_root", None) is not None:
+        return None  # not lazily initialised yet (nothing can be stale), or inside a forward
+    for state in getattr(ctx, "all_states", ()):
+        pending = getattr(state, "_modules_to_run_forward", None)
+        if pending:
+            pending.clear()
+    return None
+
+
+def _guard_fsdp2_root(model) -> None:
+    """Install `_clear_stale_fsdp_groups` (once) on ``model`` when it is an FSDP2 (``fully_shard``) root."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    if model is None or "_litespark_fsdp_guard" in model.__dict__:
+        return
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return
+    if isinstance(model, FSDPModule):
+        # prepend: before FSDP's own root pre-forward hook (which marks the forward as under way)
+        model.__dict__["_litespark_fsdp_guard"] = model.register_forward_pre_hook(
+            _clear_stale_fsdp_groups, prepend=True)
+
+
 class LitesparkTrainerMixin:
     """Applies `litespark_hf.apply` when ``args.use_litespark`` is set; mixed into the trainers below."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        # Every training and evaluation forward of the Trainer, TRL's SFT and DPO goes through here, after
+        # accelerate wrapped the model (with use_litespark or not: the FSDP2 fix concerns the stock model too).
+        _guard_fsdp2_root(model)
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
     def _litespark_config(self) -> LitesparkConfig:
         """``args.litespark_config`` parsed (once per value)."""

@@ -31,7 +31,9 @@ def plain_linears(*modules: nn.Module) -> bool:
     """True when every module is exactly ``nn.Linear`` (not a LoRA/quantised wrapper, no subclass).
 
     Such projections are run through `litespark_kernels.fused_linear` (one GEMM per group of projections that read
-    the same input); anything else is called as a module, so adapters and hooks keep working.
+    the same input); anything else is called as a module, so adapters and hooks keep working. A projection that is
+    its own FSDP2 unit (class ``FSDPLinear``) is called as a module, so that its unshard hooks run; under FSDP2's
+    usual per-layer units the projections stay ``nn.Linear`` and `fused_linear` gets their gathered weights.
     """
     return all(type(m) is nn.Linear for m in modules)
 

@@ -120,7 +120,17 @@ class _FusedLinear(torch.autograd.Function):
 
 
 def _plain_tensor(t: torch.Tensor | None) -> bool:
-    # DeepSpeed ZeRO-3 parameters (``ds_id``) are only gathered inside their own module's forward
+    """The whole tensor, usable as it is right now (None counts as plain).
+
+    FSDP2 (``fully_shard``) registers a unit's gathered weights as plain ``nn.Parameter``s from the unit's
+    pre-forward until it reshards (after its forward, or after its backward) and the sharded DTensors otherwise. So
+    inside a decoder layer's forward (per-layer units, what accelerate's TRANSFORMER_BASED_WRAP makes) the layer's
+    projection weights are plain and take the fused GEMMs, while the other units' weights seen from there (the next
+    layer's norm; every layer's weights at the root's forward, where `cast_projection_weights` looks) are DTensors,
+    which are not plain: `fused_linear` runs the torch reference on them. With the root as the only unit, every
+    weight is plain from the root's pre-forward to the end of its backward. DeepSpeed ZeRO-3 parameters (``ds_id``)
+    are gathered only around their own module's call, so they are never plain here.
+    """
     return t is None or (not _is_dtensor(t) and not hasattr(t, "ds_id"))
 
 
@@ -130,7 +140,8 @@ def fused_linear(x: torch.Tensor, weights: Sequence[torch.Tensor],
     """``cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)`` as one GEMM (see the module docstring).
 
     Weights must share the input size (and dtype). Sharded parameters (FSDP2 DTensors, DeepSpeed ZeRO-3) take the
-    reference path. ``cast``: the weights already cast to the compute dtype and concatenated (a view returned by
+    reference path; FSDP2's gathered weights inside their unit's forward are plain tensors and are fused
+    (`_plain_tensor`). ``cast``: the weights already cast to the compute dtype and concatenated (a view returned by
     `cast_weights`), used instead of casting here; ignored when its dtype or shape does not fit.
     """
     n = len(weights)

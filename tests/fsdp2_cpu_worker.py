@@ -1,0 +1,345 @@
+"""FSDP2 on CPU (gloo): one worker of a 1- or 2-process run, launched by tests/test_fsdp2_cpu.py.
+
+    python -m torch.distributed.run --nproc_per_node N tests/fsdp2_cpu_worker.py OUT_DIR [CHECK,CHECK,...]
+
+Rank 0 writes ``OUT_DIR/results.json``: per check its measurements, or the error it raised (the test asserts on it).
+
+``train_*`` (issue #20, speed under sharding): 5 AdamW steps (fp32, lr 1e-3) of a tiny Llama on a global batch of
+4 x 33 tokens, three ways from the same seeded weights: the no-engine reference (stock ``sdpa`` model, unsharded, the
+full batch in this process), stock under ``fully_shard`` and Litespark (`litespark_hf.apply`) under ``fully_shard``,
+each rank on its half of the batch. Layouts: ``layers`` (each decoder layer, then the root), ``accelerate`` (what
+accelerate's ``fsdp2_prepare_model`` does for TRANSFORMER_BASED_WRAP on LlamaDecoderLayer: the layers, the input
+embedding alone, ``[norm, lm_head]`` without reshard after forward, the root; tied: ``[norm, embed_tokens, lm_head]``)
+and ``root`` (the root only). Recorded: the losses, what the fused projections and the fused cross-entropy received
+(counted by wrapping `litespark_kernels.ops.linear._FusedLinear.apply`, the reference fallback and
+`litespark_kernels.fused_linear_cross_entropy`), and how many one-buffer casts (`litespark_kernels.cast_weights`) a
+bf16-autocast training forward makes under the layout (and unsharded, as a control).
+
+``trainer_*`` (issue #20, evaluate() under FSDP2): TRL's SFTTrainer through accelerate's own FSDP2 preparation (the
+environment ``accelerate launch --config_file accelerate_configs/fsdp2.yaml`` sets; accelerate only turns FSDP on for
+GPU-like devices, so its state is told that this gloo CPU run is FSDP), tied tiny Llama, 2 steps with an evaluation and
+a sharded checkpoint at step 2, then ``trainer.evaluate()``. ``old_hooks``: with the group forward hooks of torch before
+pytorch/pytorch#180428 (what the H100/H200 machines run, torch 2.11; see `_old_group_hooks`), where the stock trainer
+fails exactly as seen on the H100 and litespark_hf's trainers (`litespark_hf.trainer._clear_stale_fsdp_groups`) do not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import json
+import os
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+warnings.simplefilter("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# What `accelerate launch --config_file accelerate_configs/fsdp2.yaml` puts in the environment.
+os.environ.update({
+    "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
+    "FSDP_CPU_RAM_EFFICIENT_LOADING": "true", "FSDP_SYNC_MODULE_STATES": "true", "FSDP_OFFLOAD_PARAMS": "false",
+    "FSDP_ACTIVATION_CHECKPOINTING": "false", "ACCELERATE_USE_CPU": "true",
+})
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+from torch.distributed.fsdp import fully_shard  # noqa: E402
+
+import litespark_kernels  # noqa: E402
+import litespark_kernels.ops.linear as lk_linear  # noqa: E402
+import litespark_hf  # noqa: E402
+from tiny_models import VOCAB, tiny_model, tiny_tokenizer  # noqa: E402
+
+GLOBAL_BATCH, SEQ, STEPS, LR = 4, 33, 5, 1e-3
+
+# ---------------------------------------------------------------------------------------------------------------
+# Counting what the fused paths receive
+# ---------------------------------------------------------------------------------------------------------------
+SEEN: dict = {}
+
+
+def _reset_seen():
+    SEEN.clear()
+    SEEN.update(fused_linear=0, fused_linear_weights=set(), reference=0, reference_weights=set(), flce=0,
+                flce_weights=set(), cast_weights=0)
+
+
+_reset_seen()
+_fused_apply = lk_linear._FusedLinear.apply
+_reference = lk_linear.fused_linear_reference
+_flce = litespark_kernels.fused_linear_cross_entropy
+_cast_weights = litespark_kernels.cast_weights
+
+
+def _counted_apply(x, n, cast, *params):
+    SEEN["fused_linear"] += 1
+    SEEN["fused_linear_weights"].add(type(params[0]).__name__)
+    return _fused_apply(x, n, cast, *params)
+
+
+def _counted_reference(x, weights, biases=None):
+    SEEN["reference"] += 1
+    SEEN["reference_weights"].add(type(weights[0]).__name__)
+    return _reference(x, weights, biases)
+
+
+def _counted_flce(hidden, weight, *args, **kwargs):
+    SEEN["flce"] += 1
+    SEEN["flce_weights"].add(f"{type(weight).__name__}{list(weight.shape)}")
+    return _flce(hidden, weight, *args, **kwargs)
+
+
+def _counted_cast_weights(*args, **kwargs):
+    SEEN["cast_weights"] += 1
+    return _cast_weights(*args, **kwargs)
+
+
+lk_linear._FusedLinear.apply = _counted_apply  # fused_linear calls _FusedLinear.apply / fused_linear_reference
+lk_linear.fused_linear_reference = _counted_reference
+litespark_kernels.fused_linear_cross_entropy = _counted_flce  # modules/lm_head.py: lk.fused_linear_cross_entropy
+litespark_kernels.cast_weights = _counted_cast_weights  # casting.py: lk.cast_weights
+
+
+def _seen() -> dict:
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in SEEN.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP2 group forward hooks before pytorch/pytorch#180428 (torch 2.11)
+# ---------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _old_group_hooks():
+    """``fully_shard([a, b, c])`` hooks as before pytorch/pytorch#180428 (torch 2.11, what the GPU machines run): the
+    group's pre-forward (unshard) runs only when its set of modules still to run is empty, the post-forward when the
+    last module ran, and the set is cleared only at the end of a backward. Since then (torch 2.13) the pre-hook runs per
+    module and finishes a group whose modules did not all run in the root's post-forward
+    (``_force_complete_incomplete_states``) - the fix for exactly the case of a fused LM head that never calls
+    ``lm_head``."""
+    from torch.autograd.graph import _MultiHandle
+    from torch.distributed.fsdp._fully_shard import _fsdp_state as S
+
+    def register(modules, pre_hook, post_hook, modules_to_run, *_):
+        modules_set = set(modules)
+
+        def wrapped_pre_hook(*args, **kwargs):
+            if len(modules_to_run) == 0:  # first to run
+                modules_to_run.update(modules_set)
+                return pre_hook(*args, **kwargs)
+            return None
+
+        def post(module):
+            def wrapped_post_hook(*args, **kwargs):
+                modules_to_run.discard(module)
+                if len(modules_to_run) == 0:
+                    return post_hook(*args, **kwargs)
+                return None
+            return wrapped_post_hook
+
+        pre = [m.register_forward_pre_hook(wrapped_pre_hook, prepend=True, with_kwargs=True) for m in modules]
+        posts = [m.register_forward_hook(post(m), prepend=False, always_call=True) for m in modules]
+        return _MultiHandle(tuple(pre + posts))
+
+    saved = S._register_group_forward_hooks, S.FSDPState.__dict__.get("_force_complete_incomplete_states")
+    S._register_group_forward_hooks = register
+    if saved[1] is not None:
+        S.FSDPState._force_complete_incomplete_states = lambda self, output: output
+    try:
+        yield
+    finally:
+        S._register_group_forward_hooks = saved[0]
+        if saved[1] is not None:
+            S.FSDPState._force_complete_incomplete_states = saved[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training equality under fully_shard
+# ---------------------------------------------------------------------------------------------------------------
+def shard(model, mesh, layout: str, tied: bool):
+    if layout in ("layers", "accelerate"):
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+    if layout == "accelerate":  # accelerate.utils.fsdp_utils.fsdp2_prepare_model
+        embed, head, norm = model.model.embed_tokens, model.lm_head, model.model.norm
+        if tied:
+            fully_shard([norm, embed, head], mesh=mesh, reshard_after_forward=False)
+        else:
+            fully_shard(embed, mesh=mesh)
+            fully_shard([norm, head], mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def batches(n: int):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=g) for _ in range(n)]
+
+
+def train_losses(model, data, rows: slice | None, world: int) -> list[float]:
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    model.train()
+    losses = []
+    for ids in data:
+        ids = ids if rows is None else ids[rows]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = loss.detach().clone()
+        if rows is not None:  # equal token counts per rank: the mean of the ranks' means is the global mean
+            dist.all_reduce(loss)
+            loss = loss / world
+        losses.append(loss.item())
+    return losses
+
+
+def autocast_casts(model, ids) -> int:
+    """One-buffer casts made by one bf16-autocast training forward (with labels: the fused loss path)."""
+    SEEN["cast_weights"] = 0
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids)
+    return SEEN["cast_weights"]
+
+
+def train_check(mesh, rank, world, layout: str, tied: bool) -> dict:
+    data = batches(STEPS)
+    rows = slice(rank * (GLOBAL_BATCH // world), (rank + 1) * (GLOBAL_BATCH // world))
+    base = tiny_model("llama", seed=0, attn_implementation="sdpa", tie_word_embeddings=tied)
+    res = {"reference": train_losses(copy.deepcopy(base), data, None, world)}
+    t0 = time.perf_counter()
+    res["stock"] = train_losses(shard(copy.deepcopy(base), mesh, layout, tied), data, rows, world)
+    res["stock_s"] = time.perf_counter() - t0
+    ls = copy.deepcopy(base)
+    litespark_hf.apply(ls)
+    shard(ls, mesh, layout, tied)
+    _reset_seen()
+    t0 = time.perf_counter()
+    res["litespark"] = train_losses(ls, data, rows, world)
+    res["litespark_s"] = time.perf_counter() - t0
+    res["seen"] = _seen()
+    res["sharded_outside_forward"] = sorted({type(p).__name__ for p in ls.parameters()})
+    res["casts_sharded"] = autocast_casts(ls, data[0][rows])
+    plain = copy.deepcopy(base)
+    litespark_hf.apply(plain)
+    res["casts_unsharded"] = autocast_casts(plain, data[0][rows])
+    res["n_layers"] = len(base.model.layers)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SFTTrainer train + evaluate through accelerate's FSDP2 preparation
+# ---------------------------------------------------------------------------------------------------------------
+def _accelerate_fsdp_on_cpu() -> None:
+    """Let accelerate's state take a gloo CPU run as FSDP (it only does for GPU-like device types)."""
+    import accelerate.state as st
+    from accelerate.utils import DistributedType
+
+    if getattr(st.AcceleratorState.__init__, "_fsdp_on_cpu", False):
+        return
+    init = st.AcceleratorState.__init__
+
+    @functools.wraps(init)
+    def patched(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type in (DistributedType.MULTI_CPU, DistributedType.NO):
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    patched._fsdp_on_cpu = True
+    st.AcceleratorState.__init__ = patched
+
+
+def _sft_data():
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(0)
+
+    def rows(n):
+        return [{"text": " ".join(f"t{int(i)}" for i in torch.randint(4, VOCAB, (30,), generator=g))}
+                for _ in range(n)]
+
+    return Dataset.from_list(rows(32)), Dataset.from_list(rows(8))
+
+
+def trainer_check(out_dir: Path, trainer_kind: str, old_hooks: bool) -> dict:
+    """``trainer_kind``: "stock" (trl.SFTTrainer), "ours" (litespark_hf.SFTTrainer, use_litespark=False) or
+    "litespark" (litespark_hf.SFTTrainer, use_litespark=True)."""
+    import trl
+    from accelerate.state import AcceleratorState, PartialState
+
+    _accelerate_fsdp_on_cpu()
+    AcceleratorState._reset_state()  # each trainer builds its accelerator afresh (the process group stays)
+    cls = trl.SFTTrainer if trainer_kind == "stock" else litespark_hf.SFTTrainer
+    config = trl.SFTConfig if trainer_kind == "stock" else litespark_hf.SFTConfig
+    extra = {"use_litespark": True} if trainer_kind == "litespark" else {}
+    out = out_dir / f"sft_{trainer_kind}_{int(old_hooks)}"
+    args = config(
+        output_dir=str(out), max_steps=2, per_device_train_batch_size=2, per_device_eval_batch_size=2,
+        learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=1, eval_strategy="steps", eval_steps=2,
+        save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, max_length=32, disable_tqdm=True,
+        dataloader_num_workers=0, packing=True, seed=0, **extra)
+    train, held_out = _sft_data()
+    model = tiny_model("llama", seed=0, attn_implementation="sdpa", tie_word_embeddings=True)
+    ctx = _old_group_hooks() if old_hooks else contextlib.nullcontext()
+    res = {"trainer": f"{cls.__module__}.{cls.__name__}"}
+    with ctx:
+        trainer = cls(model=model, args=args, train_dataset=train, eval_dataset=held_out,
+                      processing_class=tiny_tokenizer())
+        res["fsdp2"] = bool(trainer.is_fsdp_enabled and trainer.accelerator.is_fsdp2)
+        try:
+            trainer.train()
+            res["train_losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+            res["eval_loss_step2"] = next(h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h)
+            res["checkpoint"] = sorted(os.listdir(out / "checkpoint-2"))
+            res["eval_loss"] = trainer.evaluate()["eval_loss"]
+            res["embed_weight_after"] = type(trainer.model.model.embed_tokens.weight).__name__
+            res["wrapped"] = type(trainer.model).__name__
+        except Exception as e:  # recorded: the stock trainer under the old hooks is expected to fail
+            res["error"] = f"{type(e).__name__}: {e}"
+            res["traceback"] = traceback.format_exc()[-2500:]
+            res["failed_in"] = "evaluate" if "train_losses" in res else "train"
+    PartialState().wait_for_everyone()
+    return res
+
+
+def main():
+    out_dir = Path(sys.argv[1])
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    torch.set_num_threads(1)
+    checks = {
+        "train_layers": lambda: train_check(mesh, rank, world, "layers", tied=False),
+        "train_accelerate": lambda: train_check(mesh, rank, world, "accelerate", tied=False),
+        "train_accelerate_tied": lambda: train_check(mesh, rank, world, "accelerate", tied=True),
+        "train_root": lambda: train_check(mesh, rank, world, "root", tied=False),
+        "trainer_stock_old_hooks": lambda: trainer_check(out_dir, "stock", old_hooks=True),
+        "trainer_ours_old_hooks": lambda: trainer_check(out_dir, "ours", old_hooks=True),
+        "trainer_litespark_old_hooks": lambda: trainer_check(out_dir, "litespark", old_hooks=True),
+        "trainer_stock": lambda: trainer_check(out_dir, "stock", old_hooks=False),
+        "trainer_litespark": lambda: trainer_check(out_dir, "litespark", old_hooks=False),
+    }
+    only = sys.argv[2].split(",") if len(sys.argv) > 2 else list(checks)
+    results = {"world_size": world, "torch": torch.__version__}
+    for name in only:
+        t0 = time.perf_counter()
+        try:
+            results[name] = checks[name]()
+        except Exception as e:  # recorded for the test; the other checks still run
+            results[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+        results[name]["seconds"] = time.perf_counter() - t0
+        dist.barrier()
+    if rank == 0:
+        (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

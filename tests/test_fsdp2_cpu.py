@@ -1,0 +1,166 @@
+"""FSDP2 (``fully_shard``, gloo on the CPU) with Litespark (issue #20): TRL's evaluate() after a sharded checkpoint,
+and the fused projections / fused cross-entropy running on FSDP2's gathered weights. Worker: tests/fsdp2_cpu_worker.py
+(its docstring says what each check does), launched with ``python -m torch.distributed.run`` as 2 processes (all
+checks) and as 1 process (the layout accelerate uses with tied embeddings, and the evaluate() checks).
+
+The evaluate() failure seen on the H100 ("aten.embedding.default got mixed torch.Tensor and DTensor", one process, with
+and without --use_litespark): accelerate groups ``[norm, embed_tokens, lm_head]`` into one FSDP2 unit; TRL's fused LM
+head reads ``lm_head.weight`` without calling ``lm_head``, so under torch 2.11 (the GPU machines) that group's forward
+never completes and its "modules still to run" set stays non-empty; its pre-forward (the unshard) only fires on an empty
+set, and only a backward empties it. An evaluation forward followed by a checkpoint save (the state-dict hook reshards
+every unit) therefore leaves the next forward - the recipe's final ``trainer.evaluate()`` - with the sharded embedding.
+pytorch/pytorch#180428 (in torch 2.13) fixed the group hooks; litespark_hf's trainers clear the stale set at the root's
+pre-forward (`litespark_hf.trainer._clear_stale_fsdp_groups`), for any torch. The worker reproduces the older hooks on
+torch 2.13 (`fsdp2_cpu_worker._old_group_hooks`).
+
+Measured on the 2-core CPU machine (torch 2.13, transformers 5.23, trl 1.16, accelerate 1.15): 5-step fp32 losses of
+stock and Litespark under FSDP2 equal the unsharded reference to <= 1e-7 relative in every layout; the 2-process
+worker takes about 45 s, the 1-process one about 20 s.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # about 65 s on 2 CPU cores
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB, HIDDEN = 128, 64  # tests/tiny_models.py
+TOL = 1e-5
+ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1",
+       "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
+LAYOUTS = ("layers", "accelerate", "accelerate_tied", "root")
+ONE_PROCESS = ("train_accelerate_tied", "trainer_stock_old_hooks", "trainer_ours_old_hooks",
+               "trainer_litespark_old_hooks")
+ERROR = "aten.embedding.default got mixed torch.Tensor and DTensor"
+
+
+def _run(tmp_path_factory, nproc: int, checks=None) -> dict:
+    out = tmp_path_factory.mktemp(f"fsdp2_{nproc}")
+    env = {**os.environ, **ENV}
+    env.pop("TRITON_INTERPRET", None)  # the kernels' CPU path is the PyTorch reference
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           str(ROOT / "tests" / "fsdp2_cpu_worker.py"), str(out)] + ([",".join(checks)] if checks else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == nproc
+    return results
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    return _run(tmp_path_factory, 2)
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory):
+    return _run(tmp_path_factory, 1, ONE_PROCESS)
+
+
+@pytest.fixture(params=[1, 2], ids=["1proc", "2proc"])
+def world(request):
+    return request.getfixturevalue({1: "one", 2: "two"}[request.param])
+
+
+def _ok(results, name):
+    res = results[name]
+    assert "error" not in res, res.get("traceback", res)
+    return res
+
+
+def _rel(a, b):
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
+
+
+def _torch_fixed_group_hooks() -> bool:
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+
+    return hasattr(FSDPState, "_force_complete_incomplete_states")
+
+
+# ----------------------------------------------------------------------------------------------- evaluate()
+def test_stock_trl_evaluate_fails_under_torch_2_11_group_hooks(world):
+    # The H100 failure, reproduced: training and the step-2 evaluation + sharded checkpoint ran, the next
+    # evaluate() met the sharded embedding weight.
+    res = world["trainer_stock_old_hooks"]
+    assert res["fsdp2"] and res["trainer"] == "trl.trainer.sft_trainer.SFTTrainer"
+    assert ERROR in res.get("error", ""), res
+    assert res["failed_in"] == "evaluate" and len(res["train_losses"]) == 2
+    assert "pytorch_model_fsdp_0" in res["checkpoint"]
+
+
+@pytest.mark.parametrize("name", ["trainer_litespark_old_hooks", "trainer_ours_old_hooks"])
+def test_litespark_trainers_evaluate_after_checkpoint_under_torch_2_11_group_hooks(world, name):
+    res = _ok(world, name)
+    assert res["fsdp2"] and res["trainer"] == "litespark_hf.trainer.SFTTrainer"
+    assert res["wrapped"] == "FSDPLlamaForCausalLM"
+    # nothing trained between the step-2 evaluation and evaluate(): the same loss
+    assert abs(res["eval_loss"] - res["eval_loss_step2"]) <= TOL * res["eval_loss_step2"]
+    assert res["embed_weight_after"] == "Parameter"  # the group was unsharded for the forward again
+
+
+def test_evaluate_with_this_torch(two):
+    stock, ours = two["trainer_stock"], _ok(two, "trainer_litespark")
+    if _torch_fixed_group_hooks():  # torch with pytorch/pytorch#180428: the stock trainer works too
+        _ok(two, "trainer_stock")
+    else:
+        assert ERROR in stock.get("error", ""), stock
+    assert ours["eval_loss"] == pytest.approx(ours["eval_loss_step2"], rel=TOL)
+
+
+def test_trainer_losses_stock_vs_litespark_under_fsdp2(two):
+    # TRL's fused LM head computes the loss in every variant; Litespark's layers must not change it
+    runs = [_ok(two, n) for n in ("trainer_ours_old_hooks", "trainer_litespark_old_hooks", "trainer_litespark")]
+    if _torch_fixed_group_hooks():
+        runs.append(_ok(two, "trainer_stock"))
+    first = runs[0]
+    for res in runs[1:]:
+        assert _rel(res["train_losses"], first["train_losses"]) <= TOL, (res, first)
+        assert res["eval_loss"] == pytest.approx(first["eval_loss"], rel=TOL)
+    stock_failed = two["trainer_stock_old_hooks"]  # trained fine before failing in evaluate()
+    assert _rel(stock_failed["train_losses"], first["train_losses"]) <= TOL
+
+
+# -------------------------------------------------------------------------------------- fused paths under FSDP2
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fsdp2_training_equals_the_unsharded_reference(two, layout):
+    res = _ok(two, f"train_{layout}")
+    ref = res["reference"]
+    assert len(ref) == 5
+    assert _rel(res["stock"], ref) <= TOL, res
+    assert _rel(res["litespark"], ref) <= TOL, res
+    assert _rel(res["litespark"], res["stock"]) <= TOL, res
+
+
+def test_fsdp2_one_process_accelerate_layout(one):
+    res = _ok(one, "train_accelerate_tied")
+    assert _rel(res["litespark"], res["reference"]) <= TOL and _rel(res["stock"], res["reference"]) <= TOL, res
+    assert res["seen"]["fused_linear"] == 5 * res["n_layers"] * 4 and res["seen"]["reference"] == 0
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fsdp2_fused_projections_and_loss_use_the_gathered_weights(two, layout):
+    res = _ok(two, f"train_{layout}")
+    seen = res["seen"]
+    # Inside each unit's forward FSDP2 has registered the gathered (plain nn.Parameter) weights: q/k/v, o, gate/up
+    # and down ran as fused GEMMs in every layer of every step, the reference (the DTensor fallback) never ran.
+    assert seen["fused_linear"] == 5 * res["n_layers"] * 4, seen
+    assert seen["fused_linear_weights"] == ["Parameter"] and seen["reference"] == 0, seen
+    # the fused cross-entropy, inside LitesparkLMHead.forward, on the full [vocab, hidden] weight, once per step
+    assert seen["flce"] == 5 and seen["flce_weights"] == [f"Parameter[{VOCAB}, {HIDDEN}]"], seen
+    assert res["sharded_outside_forward"] == ["DTensor"]  # sharded again between the forwards
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fsdp2_one_buffer_cast(two, layout):
+    res = _ok(two, f"train_{layout}")
+    assert res["casts_unsharded"] == 1  # the control: one cast for the whole model per autocast forward
+    # At the root's forward the per-layer units are still sharded: no whole-model cast (each fused GEMM casts its
+    # own gathered weights). With the root as the only unit every weight is gathered for the whole forward and
+    # backward, so the one-buffer cast of that forward is valid (and no more memory than autocast's own casts).
+    assert res["casts_sharded"] == (1 if layout == "root" else 0), res
