@@ -24,6 +24,15 @@ SWAP_KINDS: dict[str, tuple[str, type]] = {
     "attention_config_window": ("rope", M.LitesparkConfigWindowAttention),  # window = config.sliding_window
     "attention_layer_window": ("rope", M.LitesparkLayerWindowAttention),  # window = module.sliding_window
     "causal_lm": ("fused_cross_entropy", M.LitesparkCausalLM),
+    # dense families (litespark_hf/modules/families.py)
+    "olmo_rms_norm": ("norms", M.LitesparkOlmoRMSNorm),  # weight applied before the rounding to the input dtype
+    "decoder_layer_dropout": ("norms", M.LitesparkPhi3DecoderLayer),  # + residual dropout on each branch
+    "decoder_layer_scaled": ("norms", M.LitesparkGraniteDecoderLayer),  # + branch * residual_multiplier
+    "packed_gated_mlp": ("mlp", M.LitesparkPackedGatedMLP),  # one gate_up_proj
+    "attention_packed_qkv": ("rope", M.LitesparkPackedQKVAttention),  # one qkv_proj, partial RoPE, config window
+    "attention_no_rope_layers": ("rope", M.LitesparkNoRopeAttention),  # no RoPE where use_rope is off
+    "attention_projection_norm": ("rope", M.LitesparkProjectionNormAttention),  # q/k norm over the projection
+    "causal_lm_scaled_logits": ("fused_cross_entropy", M.LitesparkScaledLogitsCausalLM),  # logits / logits_scaling
 }
 
 
@@ -80,6 +89,51 @@ ARCHITECTURES: dict[str, Architecture] = {
         },
         notes="LayerNorm with bias, non-gated GELU-tanh MLP with bias, sliding window, attention/residual dropout",
     ),
+    "ministral": _gated_family("ministral", "Ministral", "as Mistral, sliding window per layer (layer_types)",
+                               attention="attention_layer_window"),
+    "smollm3": _gated_family("smollm3", "SmolLM3", "as Llama, no RoPE on the no_rope_layers, sliding window per layer",
+                             attention="attention_no_rope_layers"),
+    "phi3": Architecture(
+        model_type="phi3",
+        modeling_module="transformers.models.phi3.modeling_phi3",
+        swaps={
+            "Phi3RMSNorm": "rms_norm",
+            "Phi3DecoderLayer": "decoder_layer_dropout",
+            "Phi3MLP": "packed_gated_mlp",
+            "Phi3Attention": "attention_packed_qkv",
+            "Phi3ForCausalLM": "causal_lm",
+        },
+        notes="fused qkv_proj and gate_up_proj, partial rotary, config sliding window, residual dropout",
+    ),
+    "granite": Architecture(
+        model_type="granite",
+        modeling_module="transformers.models.granite.modeling_granite",
+        swaps={
+            "GraniteRMSNorm": "rms_norm",
+            "GraniteDecoderLayer": "decoder_layer_scaled",
+            "GraniteMLP": "gated_mlp",
+            "GraniteAttention": "attention",  # scaling = attention_multiplier (module attribute)
+            "GraniteForCausalLM": "causal_lm_scaled_logits",
+        },
+        notes="as Llama, embedding/residual/attention multipliers, logits divided by logits_scaling",
+    ),
+    **{
+        model_type: Architecture(
+            model_type=model_type,
+            modeling_module=f"transformers.models.{model_type}.modeling_{model_type}",
+            swaps={
+                f"{prefix}RMSNorm": "olmo_rms_norm",  # q/k norms, post-norms, final norm
+                f"{prefix}MLP": "gated_mlp",
+                f"{prefix}Attention": "attention_projection_norm",
+                f"{prefix}ForCausalLM": "causal_lm",
+            },  # the decoder layer is post-norm (norm of each branch's output, then the add): stock
+            notes=notes,
+        )
+        for model_type, prefix, notes in (
+            ("olmo2", "Olmo2", "post-norms, q/k RMSNorm over the whole projection"),
+            ("olmo3", "Olmo3", "as OLMo-2, sliding window per layer (layer_types)"),
+        )
+    },
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(ARCHITECTURES))

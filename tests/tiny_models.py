@@ -23,6 +23,24 @@ FAMILY_CONFIGS = {
 }
 FAMILIES = tuple(FAMILY_CONFIGS)
 
+# Dense families of issue #16 (tests/test_families_dense.py), each with its quirks on. Registered in FAMILY_CONFIGS
+# (tiny_config / tiny_model take them) but not in FAMILIES: the suite-wide parametrized tests over FAMILIES also
+# check code that does not know these families yet (the SAT mixins, the FLOP hand count).
+DENSE_FAMILY_CONFIGS = {
+    "phi3": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+                 sliding_window=8, resid_pdrop=0.0, embd_pdrop=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "smollm3": dict(num_hidden_layers=3, no_rope_layers=[1, 0, 1], use_sliding_window=True, sliding_window=8,
+                    layer_types=["full_attention", "sliding_attention", "sliding_attention"], pad_token_id=0,
+                    bos_token_id=1, eos_token_id=2),
+    "olmo2": dict(pad_token_id=0, eos_token_id=2),
+    "olmo3": dict(num_hidden_layers=3, sliding_window=8, pad_token_id=0, eos_token_id=2,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "granite": dict(embedding_multiplier=2.5, residual_multiplier=0.4, attention_multiplier=0.1, logits_scaling=3.0),
+    "ministral": dict(head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+}
+DENSE_FAMILIES = tuple(DENSE_FAMILY_CONFIGS)
+FAMILY_CONFIGS.update(DENSE_FAMILY_CONFIGS)
+
 
 def tiny_config(family: str, **overrides):
     kwargs = {**COMMON, **FAMILY_CONFIGS[family], **overrides}

@@ -19,6 +19,11 @@ from ._swap import original_class, plain_linears, project, swapped_class
 from .attention import LitesparkAttention, LitesparkConfigWindowAttention, LitesparkLayerWindowAttention
 from .decoder import LitesparkDecoderLayer, link_decoder_layers, unlink_decoder_layers
 from .embedding import LitesparkEmbedding
+from .families import (
+    LitesparkBranchDecoderLayer, LitesparkGraniteDecoderLayer, LitesparkNoRopeAttention, LitesparkOlmoRMSNorm,
+    LitesparkPackedGatedMLP, LitesparkPackedQKVAttention, LitesparkPhi3DecoderLayer, LitesparkProjectionNormAttention,
+    LitesparkScaledLogitsCausalLM, LitesparkStagedAttention,
+)
 from .lm_head import LitesparkCausalLM, LitesparkLMHead
 from .lora import LoraGroup, LoraTerm, fused_bases, lora_group, lora_project
 from .mlp import GELUTanh, LitesparkGatedMLP, LitesparkGeluMLP, SiLUActivation, fused_gated_activation
@@ -32,4 +37,8 @@ __all__ = [
     "fused_bases", "fused_gated_activation", "link_cast_owners", "link_decoder_layers", "link_norm_consumers",
     "lora_group", "lora_project", "original_class", "plain_linears", "project", "swapped_class", "unlink_cast_owners",
     "unlink_decoder_layers", "unlink_norm_consumers",
+    # dense families (families.py)
+    "LitesparkBranchDecoderLayer", "LitesparkGraniteDecoderLayer", "LitesparkNoRopeAttention", "LitesparkOlmoRMSNorm",
+    "LitesparkPackedGatedMLP", "LitesparkPackedQKVAttention", "LitesparkPhi3DecoderLayer",
+    "LitesparkProjectionNormAttention", "LitesparkScaledLogitsCausalLM", "LitesparkStagedAttention",
 ]

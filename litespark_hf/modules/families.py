@@ -1,0 +1,325 @@
+"""Litespark modules for the dense families whose computation differs from Llama's in one step: Phi-3, SmolLM3,
+OLMo-2 / OLMo-3, Granite (Ministral is Mistral with per-layer windows and uses `LitesparkLayerWindowAttention`).
+
+Each class subclasses the Llama-family mixin and overrides only the step that differs:
+
+- `LitesparkStagedAttention`: `LitesparkAttention` with its forward cut into steps (projections, q/k norms,
+  rotary embedding) that the family classes override; partial rotary embeddings (``cos`` narrower than a head) are
+  honoured here, as transformers does them: the first ``rotary_dim`` channels rotated, the rest passed through.
+  - `LitesparkPackedQKVAttention` (Phi-3): one ``qkv_proj``, window ``config.sliding_window``.
+  - `LitesparkNoRopeAttention` (SmolLM3): no rotary embedding where ``use_rope`` is off, per-layer window.
+  - `LitesparkProjectionNormAttention` (OLMo-2 / OLMo-3): q/k RMSNorms over the whole projection (before the
+    heads are split), RoPE rounded back to q's dtype, per-layer window (OLMo-3's sliding layers).
+- `LitesparkPackedGatedMLP` (Phi-3): one ``gate_up_proj`` (gate = first half) through the packed SwiGLU / GeGLU.
+- `LitesparkOlmoRMSNorm` (OLMo-2 / OLMo-3): ``(weight * normed).to(input dtype)`` - the weight applied before the
+  rounding, unlike Llama's norm.
+- `LitesparkBranchDecoderLayer`: `LitesparkDecoderLayer` (both residual adds fused into the RMSNorms) with each
+  branch's output passed through `_litespark_branch` before its add: Phi-3's residual dropouts
+  (`LitesparkPhi3DecoderLayer`), Granite's ``residual_multiplier`` (`LitesparkGraniteDecoderLayer`).
+  OLMo's post-norm layers (norm of the branch output, then the add) are not swapped: the fused adds assume pre-norm.
+- `LitesparkScaledLogitsCausalLM` (Granite): the fused loss on ``hidden / logits_scaling`` (Granite's logits are
+  ``lm_head(hidden) / logits_scaling``, and ``W (h / s) = (W h) / s`` for a head without bias).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+import litespark_kernels as lk
+from litespark_kernels._dispatch import warn_once
+
+from ..casting import _cast_of, cast_projection_weights, drop_casts
+from ._swap import plain_linears, project
+from .attention import (
+    LitesparkAttention, LitesparkConfigWindowAttention, LitesparkLayerWindowAttention, _eager_attention,
+)
+from .decoder import LitesparkDecoderLayer, _hookless
+from .lm_head import LitesparkCausalLM, LitesparkLMHead
+from .lora import _plain_linear, fused_bases, lora_group, lora_project
+from .mlp import LitesparkGatedMLP, fused_gated_activation
+from .norms import LitesparkRMSNorm
+
+
+def project_each(module, x: torch.Tensor, linears, slot: str) -> list[torch.Tensor]:
+    """``[lin(x) for lin in linears]``: one `fused_linear` GEMM for plain ``nn.Linear`` projections, PEFT LoRA ones
+    fused where `lora_group` reproduces them, else each called as a module (adapters, hooks and wrappers keep
+    working). ``slot``: the module's cast slot of this group (`cast_projection_weights`)."""
+    if plain_linears(*linears):
+        out = project(x, *linears, cast=_cast_of(module, slot))
+        return list(out.split([m.out_features for m in linears], dim=-1)) if len(linears) > 1 else [out]
+    group = lora_group(linears)
+    if group is not None:
+        return lora_project(x, group, cast=_cast_of(module, slot), split=True)
+    return [m(x) for m in linears]
+
+
+def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """``apply_rotary_pos_emb`` through `litespark_kernels.apply_rope`, partial rotary included: when ``cos`` is
+    narrower than a head (``partial_rotary_factor < 1``), the first ``cos.shape[-1]`` channels of each head are
+    rotated and the others passed through (transformers' ``cat([rotated, pass], -1)``)."""
+    rotary_dim = cos.shape[-1]
+    if rotary_dim == q.shape[-1]:
+        return lk.apply_rope(q, k, cos, sin)
+    q_rot, k_rot = lk.apply_rope(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin)
+    return torch.cat([q_rot, q[..., rotary_dim:]], dim=-1), torch.cat([k_rot, k[..., rotary_dim:]], dim=-1)
+
+
+class LitesparkStagedAttention(LitesparkAttention):
+    """`LitesparkAttention` with the steps a family may change as methods: `_litespark_qkv_linears` (the
+    projections reading the hidden states, one GEMM), `_litespark_project_qkv` (q, k, v as [..., heads *
+    head_dim]), `_litespark_heads` (q/k norms and the split into heads), `_litespark_rope`. The rest - KV cache,
+    attention backend with the layer's window, output projection - is `LitesparkAttention`'s."""
+
+    def _litespark_qkv_linears(self) -> tuple:
+        return self.q_proj, self.k_proj, self.v_proj
+
+    def _litespark_project_qkv(self, hidden_states: torch.Tensor):
+        return project_each(self, hidden_states, self._litespark_qkv_linears(), "qkv")
+
+    def _litespark_heads(self, q: torch.Tensor, k: torch.Tensor, hidden_shape):
+        """q and k as [..., heads, head_dim], after the q/k norms (per head, as Qwen3, when there are any)."""
+        q, k = q.view(hidden_shape), k.view(hidden_shape)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k
+
+    def _litespark_rope(self, q: torch.Tensor, k: torch.Tensor, position_embeddings):
+        cos, sin = position_embeddings
+        return rotate(q, k, cos, sin)
+
+    def litespark_casts_input(self) -> bool:
+        linears = self._litespark_qkv_linears()
+        if plain_linears(*linears):
+            return True
+        group = lora_group(linears)
+        return group is not None and group.casts_input
+
+    def litespark_cast_groups(self) -> dict:
+        groups = {}
+        for slot, linears in (("qkv", self._litespark_qkv_linears()), ("o", (self.o_proj,))):
+            bases = fused_bases(linears)
+            if bases is not None:
+                groups[slot] = bases
+        return groups
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states, key_states, value_states = self._litespark_project_qkv(hidden_states)
+        query_states, key_states = self._litespark_heads(query_states, key_states, hidden_shape)
+        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
+        value_states = value_states.view(hidden_shape).transpose(1, 2)
+        query_states, key_states = self._litespark_rope(query_states, key_states, position_embeddings)
+
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_attention)
+        sliding_window = self._sliding_window()
+        extra = {"sliding_window": sliding_window} if sliding_window is not None else {}
+        attn_output, attn_weights = attention_interface(
+            self, query_states, key_states, value_states, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **extra, **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = project_each(self, attn_output, (self.o_proj,), "o")[0]
+        if hasattr(self, "residual_dropout"):
+            attn_output = F.dropout(attn_output, p=self.residual_dropout, training=self.training)
+        return attn_output, attn_weights
+
+
+class LitesparkPackedQKVAttention(LitesparkStagedAttention, LitesparkConfigWindowAttention):
+    """Phi-3: q, k and v from one ``qkv_proj`` (sliced as stock: q, then k, then the rest), partial rotary
+    embedding (``partial_rotary_factor``), window ``config.sliding_window``."""
+
+    def _litespark_qkv_linears(self) -> tuple:
+        return (self.qkv_proj,)
+
+    def _litespark_project_qkv(self, hidden_states: torch.Tensor):
+        (qkv,) = project_each(self, hidden_states, (self.qkv_proj,), "qkv")
+        q_end = self.config.num_attention_heads * self.head_dim
+        k_end = q_end + self.num_key_value_heads * self.head_dim
+        return qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:]
+
+
+class LitesparkNoRopeAttention(LitesparkStagedAttention, LitesparkLayerWindowAttention):
+    """SmolLM3: layers with ``use_rope`` off (``config.no_rope_layers``) take no rotary embedding at all; window
+    per layer (``sliding_window``: None on full-attention layers)."""
+
+    def _litespark_rope(self, q, k, position_embeddings):
+        if not self.use_rope:
+            return q, k
+        return super()._litespark_rope(q, k, position_embeddings)
+
+
+class LitesparkProjectionNormAttention(LitesparkStagedAttention, LitesparkLayerWindowAttention):
+    """OLMo-2 / OLMo-3: ``q_norm`` / ``k_norm`` normalise the whole q / k projection ([..., heads * head_dim]) before
+    the split into heads; the rotary embedding (fp32 cos/sin) is rounded back to q's / k's dtype, as stock; window
+    per layer (OLMo-3's sliding layers; OLMo-2 has none)."""
+
+    def _litespark_heads(self, q, k, hidden_shape):
+        return self.q_norm(q).view(hidden_shape), self.k_norm(k).view(hidden_shape)
+
+    def _litespark_rope(self, q, k, position_embeddings):
+        q_dtype, k_dtype = q.dtype, k.dtype
+        q, k = super()._litespark_rope(q, k, position_embeddings)
+        return q.to(q_dtype), k.to(k_dtype)
+
+
+class LitesparkPackedGatedMLP(LitesparkGatedMLP):
+    """Phi-3's MLP: ``gate, up = gate_up_proj(x).chunk(2); down(up * act(gate))`` - the packed activation kernel
+    (`litespark_kernels.swiglu_packed` / ``geglu_packed``: gate = first half, up = second half) on the one
+    ``gate_up_proj`` GEMM. PEFT LoRA projections fused where `lora_group` reproduces them; other wrappers, and an
+    activation without a kernel (warned once), run the stock forward."""
+
+    def _fused(self):
+        packed = fused_gated_activation(self.activation_fn, packed=True)
+        if packed is None:
+            return None, None
+        if plain_linears(self.gate_up_proj, self.down_proj):
+            return packed, None
+        gate_up = lora_group((self.gate_up_proj,))
+        down = lora_group((self.down_proj,)) if gate_up is not None else None
+        return (packed, (gate_up, down)) if down is not None else (None, None)
+
+    def litespark_cast_groups(self) -> dict:
+        packed, groups = self._fused()
+        if packed is None:
+            return {}
+        if groups is None:
+            return {"gate_up": [self.gate_up_proj], "down": [self.down_proj]}
+        return {"gate_up": list(groups[0].base), "down": list(groups[1].base)}
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        packed, groups = self._fused()
+        if packed is None:
+            if fused_gated_activation(self.activation_fn, packed=True) is None:
+                warn_once("gated_mlp", f"activation {type(self.activation_fn).__name__} has no fused kernel")
+            return super(LitesparkGatedMLP, self).forward(hidden_states)  # the stock Phi3MLP
+        if groups is not None:  # LoRA: the base gate_up GEMM, adapters added
+            gate_up = lora_project(hidden_states, groups[0], cast=_cast_of(self, "gate_up"))
+            return lora_project(packed(gate_up), groups[1], cast=_cast_of(self, "down"))
+        gate_up = project(hidden_states, self.gate_up_proj, cast=_cast_of(self, "gate_up"))
+        return project(packed(gate_up), self.down_proj, cast=_cast_of(self, "down"))
+
+
+class LitesparkOlmoRMSNorm:
+    """OLMo-2 / OLMo-3 RMSNorm, ``(weight * normed_fp32).to(input dtype)``, through `litespark_kernels.rms_norm`.
+
+    Llama's norm (the kernel's own rounding order) rounds the normalised value to the input dtype before the
+    weight; OLMo's applies the weight in fp32 and rounds once. The kernel gets the input in fp32 (then it rounds
+    nothing before the weight) and writes the input dtype: the same values (a bf16 input costs one cast to fp32).
+    Not a `LitesparkRMSNorm`: OLMo's post-norms feed residual adds, not the projections, so nothing is linked to
+    them."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        x = hidden_states if dtype == torch.float32 else hidden_states.float()
+        return lk.rms_norm(x, self.weight, self.variance_epsilon, out_dtype=dtype)
+
+
+class LitesparkBranchDecoderLayer(LitesparkDecoderLayer):
+    """`LitesparkDecoderLayer` (pre-norm, residual adds fused into the RMSNorms, the MLP's handed to the next norm)
+    for layers that transform each branch's output before its residual add: ``residual + branch(out)``
+    (`_litespark_branch`; called in stock's order, so dropout masks are the same draws)."""
+
+    _litespark_keeps_name = True  # read by `swapped_class` from the mixin's own attributes
+
+    def _litespark_branch(self, out: torch.Tensor, branch: str) -> torch.Tensor:
+        return out
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        post = self.post_attention_layernorm
+        if not (isinstance(post, LitesparkRMSNorm) and _hookless(post)):  # LitesparkDecoderLayer: the stock forward
+            return super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                   past_key_values=past_key_values, use_cache=use_cache,
+                                   position_embeddings=position_embeddings, **kwargs)
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
+        )
+        hidden_states, residual = post.forward_add(self._litespark_branch(hidden_states, "attention"), residual)
+        hidden_states = self._litespark_branch(self.mlp(hidden_states), "mlp")
+        nxt = self._next_norm(residual)
+        if nxt is None:
+            return residual + hidden_states
+        normed, out = nxt.forward_add(hidden_states, residual)
+        nxt.__dict__["_litespark_prenormed"] = (out, normed)
+        return out
+
+
+class LitesparkPhi3DecoderLayer(LitesparkBranchDecoderLayer):
+    """Phi-3: ``residual + resid_attn_dropout(attn)``, ``residual + resid_mlp_dropout(mlp)``."""
+
+    _litespark_keeps_name = True
+
+    def _litespark_branch(self, out, branch):
+        return self.resid_attn_dropout(out) if branch == "attention" else self.resid_mlp_dropout(out)
+
+
+class LitesparkGraniteDecoderLayer(LitesparkBranchDecoderLayer):
+    """Granite: ``residual + out * residual_multiplier`` after the attention and after the MLP."""
+
+    _litespark_keeps_name = True
+
+    def _litespark_branch(self, out, branch):
+        return out * self.residual_multiplier
+
+
+class LitesparkScaledLogitsCausalLM(LitesparkCausalLM):
+    """Granite's causal LM (``logits = lm_head(hidden) / config.logits_scaling``) training on the fused linear
+    cross-entropy of ``hidden / logits_scaling`` (the same logits: the head has no bias). Used in training with
+    labels when the head is a Litespark head (computed in its own forward) or a plain, hookless, unsharded
+    ``nn.Linear`` without bias; otherwise (eval, generation, a wrapped or sharded head) the stock forward, which
+    returns logits."""
+
+    def _litespark_head(self):
+        """'litespark' (a `LitesparkLMHead`), 'linear' (a plain head whose weight the loss reads), or None."""
+        head = self.lm_head
+        if head.bias is not None:
+            return None
+        if isinstance(head, LitesparkLMHead):
+            return "litespark" if _hookless(head) else None
+        return "linear" if _plain_linear(head) else None
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        head = self._litespark_head() if self.training else None
+        if head is None or (labels is None and kwargs.get("shift_labels") is None):
+            return super(LitesparkCausalLM, self).forward(  # the stock forward (never LitesparkCausalLM's: no scaling)
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                logits_to_keep=logits_to_keep, **kwargs,
+            )
+        shift_labels = kwargs.pop("shift_labels", None)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        kwargs.pop("ignore_index", None)
+        if shift_labels is None:
+            shift_labels = lk.shifted_labels(labels)
+        label_count = lk.count_labels(shift_labels) if shift_labels.is_cuda else None
+        weight = self.lm_head.weight
+        given = cast_projection_weights(self, weight.device.type)
+        try:
+            outputs = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+            )
+            hidden = outputs.last_hidden_state / self.config.logits_scaling
+            loss_kwargs = dict(shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
+                               label_count=label_count)
+            if head == "litespark":
+                loss = self.lm_head(hidden, **loss_kwargs)
+            else:
+                loss = lk.fused_linear_cross_entropy(hidden, weight, **loss_kwargs)
+        finally:
+            drop_casts(given)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=None, past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+        )
