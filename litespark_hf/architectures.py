@@ -24,6 +24,13 @@ SWAP_KINDS: dict[str, tuple[str, type]] = {
     "attention_config_window": ("rope", M.LitesparkConfigWindowAttention),  # window = config.sliding_window
     "attention_layer_window": ("rope", M.LitesparkLayerWindowAttention),  # window = module.sliding_window
     "causal_lm": ("fused_cross_entropy", M.LitesparkCausalLM),
+    # Gemma2 / Gemma3 (litespark_hf/modules/gemma.py)
+    "gemma_rms_norm": ("norms", M.LitesparkGemmaRMSNorm),  # x_hat * (1 + weight) in fp32
+    "gemma_decoder_layer": ("norms", M.LitesparkGemmaDecoderLayer),  # sandwich norms: adds fused into the next norm
+    "gemma2_attention": ("rope", M.LitesparkGemma2Attention),  # + softcap, window = module.sliding_window
+    "scaled_embedding": ("fused_cross_entropy", M.LitesparkScaledEmbedding),  # tied to the LM head: in-place grad
+    "gemma3_multimodal_model": ("attention", M.LitesparkGemma3Model),  # image batches: transformers' masks, padded
+    "gemma3_text_model": ("attention", M.LitesparkGemma3TextModel),  # bidirectional: padded batches stay padded
     # dense families (litespark_hf/modules/families.py)
     "olmo_rms_norm": ("norms", M.LitesparkOlmoRMSNorm),  # weight applied before the rounding to the input dtype
     "decoder_layer_dropout": ("norms", M.LitesparkPhi3DecoderLayer),  # + residual dropout on each branch
@@ -135,6 +142,59 @@ ARCHITECTURES: dict[str, Architecture] = {
         )
     },
 }
+
+
+
+@dataclass(frozen=True)
+class _OptionalSwapsArchitecture(Architecture):
+    """An `Architecture` some of whose classes are missing from older transformers versions (swapped where
+    present)."""
+
+    optional: tuple[str, ...] = ()
+
+    def resolve(self) -> dict[type, str]:
+        module = importlib.import_module(self.modeling_module)
+        swaps = {n: k for n, k in self.swaps.items() if n not in self.optional or hasattr(module, n)}
+        return Architecture(self.model_type, self.modeling_module, swaps).resolve()
+
+
+def _gemma_family(model_type: str, prefix: str, causal_lm: str, notes: str,
+                  extra: dict[str, str] | None = None) -> Architecture:
+    # Gemma3's attention has q/k norms and no soft-cap (its attn_logit_softcapping is never passed on)
+    attention = "gemma2_attention" if prefix == "Gemma2" else "attention_layer_window"
+    module = "gemma3" if prefix == "Gemma3" else model_type
+    embedding = f"{prefix}TextScaledWordEmbedding"
+    return _OptionalSwapsArchitecture(
+        model_type=model_type,
+        modeling_module=f"transformers.models.{module}.modeling_{module}",
+        swaps={
+            f"{prefix}RMSNorm": "gemma_rms_norm",  # Gemma3: the q/k norms too
+            f"{prefix}DecoderLayer": "gemma_decoder_layer",
+            f"{prefix}MLP": "gated_mlp",  # GeGLU (gelu_pytorch_tanh)
+            f"{prefix}Attention": attention,
+            embedding: "scaled_embedding",
+            **(extra or {}),
+            causal_lm: "causal_lm",  # stock loss when final_logit_softcapping is set (LitesparkCausalLM)
+        },
+        notes=notes,
+        optional=(embedding,),  # Gemma2 before it had the class: a plain nn.Embedding, scaled in the model forward
+    )
+
+
+ARCHITECTURES.update({
+    "gemma2": _gemma_family(
+        "gemma2", "Gemma2", "Gemma2ForCausalLM",
+        "(1 + w) RMSNorm, sandwich norms, GeGLU, query_pre_attn_scalar, attention logit soft-capping (reference "
+        "attention), sliding window per layer, scaled embedding, final-logit soft-capping (stock loss)"),
+    "gemma3_text": _gemma_family(
+        "gemma3_text", "Gemma3", "Gemma3ForCausalLM",
+        "as Gemma2 with (1 + w) q/k norms and RoPE per layer type; no attention soft-cap",
+        extra={"Gemma3TextModel": "gemma3_text_model"}),
+    "gemma3": _gemma_family(
+        "gemma3", "Gemma3", "Gemma3ForConditionalGeneration",
+        "the text tower of Gemma3 (vision tower stock); image batches (token_type_ids) take transformers' masks",
+        extra={"Gemma3Model": "gemma3_multimodal_model"}),
+})
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(ARCHITECTURES))
 

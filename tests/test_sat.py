@@ -412,3 +412,24 @@ def test_selection_precomputes_omitted_indices_without_host_sync():
         if st.kind == "attention":
             q_om, kv_om = head_rows(st.omitted, st.n_rep, st.head_dim)
             assert torch.equal(st.omitted_rows[0], q_om) and torch.equal(st.omitted_rows[1], kv_om)
+
+
+@pytest.mark.parametrize("family", ["smollm3", "olmo2"])
+def test_attention_sat_refuses_families_it_does_not_reproduce(family):
+    """SmolLM3 (layers without RoPE) and OLMo2 (q/k norms over the whole projection): SAT's sparse attention would
+    apply RoPE / per-head norms where stock does not, so their attention stays dense (warned), the MLPs go sparse."""
+    from litespark_hf.sat.core import SAT_ATTENTION_MODEL_TYPES
+    from litespark_hf.sat.modules import is_sat_module
+
+    assert family not in SAT_ATTENTION_MODEL_TYPES
+    model = tiny_model(family, attn_implementation="sdpa")
+    litespark_hf.apply(model)
+    with pytest.warns(UserWarning, match="stays dense"):
+        enable_sat(model, sat_omission_rate_mlp=0.5, sat_omission_rate_heads=0.5, sat_schedule="constant",
+                   sat_exempt_layers="")
+    assert not any(is_sat_module(layer.self_attn) for layer in model.model.layers)
+    assert all(is_sat_module(layer.mlp) for layer in model.model.layers)
+    model.train()
+    ids = torch.randint(0, 128, (2, 16))
+    sat_step(model, 0, 10)
+    model(input_ids=ids, labels=ids).loss.backward()  # runs (OLMo2 crashed in the sparse attention before)

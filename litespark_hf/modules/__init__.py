@@ -19,6 +19,10 @@ from ._swap import original_class, plain_linears, project, swapped_class
 from .attention import LitesparkAttention, LitesparkConfigWindowAttention, LitesparkLayerWindowAttention
 from .decoder import LitesparkDecoderLayer, link_decoder_layers, unlink_decoder_layers
 from .embedding import LitesparkEmbedding
+from .gemma import (
+    LitesparkGemma2Attention, LitesparkGemma3Model, LitesparkGemma3TextModel, LitesparkGemmaDecoderLayer,
+    LitesparkGemmaRMSNorm, LitesparkScaledEmbedding,
+)
 from .families import (
     LitesparkBranchDecoderLayer, LitesparkGraniteDecoderLayer, LitesparkNoRopeAttention, LitesparkOlmoRMSNorm,
     LitesparkPackedGatedMLP, LitesparkPackedQKVAttention, LitesparkPhi3DecoderLayer, LitesparkProjectionNormAttention,
@@ -37,6 +41,9 @@ __all__ = [
     "fused_bases", "fused_gated_activation", "link_cast_owners", "link_decoder_layers", "link_norm_consumers",
     "lora_group", "lora_project", "original_class", "plain_linears", "project", "swapped_class", "unlink_cast_owners",
     "unlink_decoder_layers", "unlink_norm_consumers",
+    # Gemma2 / Gemma3 (gemma.py)
+    "LitesparkGemma2Attention", "LitesparkGemma3Model", "LitesparkGemma3TextModel", "LitesparkGemmaDecoderLayer",
+    "LitesparkGemmaRMSNorm", "LitesparkScaledEmbedding",
     # dense families (families.py)
     "LitesparkBranchDecoderLayer", "LitesparkGraniteDecoderLayer", "LitesparkNoRopeAttention", "LitesparkOlmoRMSNorm",
     "LitesparkPackedGatedMLP", "LitesparkPackedQKVAttention", "LitesparkPhi3DecoderLayer",

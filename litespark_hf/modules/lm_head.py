@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import litespark_kernels as lk
+from litespark_kernels._dispatch import warn_once
 
 from ..casting import _cast_of, cast_projection_weights, drop_casts
 from .embedding import LitesparkEmbedding
@@ -40,7 +43,47 @@ class LitesparkCausalLM:
     Used only in training with labels and a Litespark LM head; evaluation, generation and any other call run the
     stock forward (which returns logits). Honours ``shift_labels``, ``ignore_index=-100`` and ``num_items_in_batch``
     exactly like transformers' ``ForCausalLMLoss``.
+
+    A config with ``final_logit_softcapping`` (Gemma2; Gemma3 can set it) keeps the stock loss, on the soft-capped
+    full logits: the fused loss has no cap (warned once).
+
+    Where the stock forward's parameters differ from these (multimodal wrappers: ``pixel_values``,
+    ``token_type_ids``, ...), the swapped class's forward carries the stock signature and binds its arguments by it,
+    so that positional calls, ``generate``'s argument check and the Trainer's unused-column removal (which read
+    ``inspect.signature(model.forward)``) see the stock model's parameters; they reach the stock forward or, in the
+    fused path, ``self.model``.
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        original = cls.__dict__.get("__litespark_original__")  # set on the classes `swapped_class` builds
+        if original is None or "forward" in cls.__dict__:
+            return
+        stock = inspect.signature(original.forward)
+        mixin_forward = cls.forward
+        if list(stock.parameters) == list(inspect.signature(mixin_forward).parameters):
+            return
+        names = [n for n, p in stock.parameters.items() if p.kind is not p.VAR_KEYWORD]
+        var_keyword = next((n for n, p in stock.parameters.items() if p.kind is p.VAR_KEYWORD), None)
+
+        def forward(self, *args, **kwargs):
+            if args:  # positional arguments in the stock order
+                bound = stock.bind_partial(self, *args, **kwargs).arguments
+                kwargs = {**{n: bound[n] for n in names[1:] if n in bound}, **bound.get(var_keyword, {})}
+            return mixin_forward(self, **kwargs)
+
+        forward.__signature__ = stock
+        forward.__doc__ = original.forward.__doc__
+        cls.forward = forward
+
+    def _litespark_logit_softcap(self):
+        """``final_logit_softcapping`` of the model's (text) config, or None."""
+        cfg = self.config
+        cap = getattr(cfg, "final_logit_softcapping", None)
+        text = getattr(cfg, "get_text_config", None)
+        if cap is None and callable(text):
+            cap = getattr(text(), "final_logit_softcapping", None)
+        return cap
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
@@ -49,6 +92,10 @@ class LitesparkCausalLM:
             self.training and (labels is not None or shift_labels is not None)
             and isinstance(self.lm_head, LitesparkLMHead)
         )
+        if fused and (cap := self._litespark_logit_softcap()) is not None:
+            warn_once("fused_cross_entropy", f"final_logit_softcapping={cap} is not in the fused loss: the stock loss "
+                                             "(soft-capped full logits) runs")
+            fused = False
         if not fused:
             return super().forward(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -4,6 +4,7 @@ omitted weights in the optimizer step, and counting the FLOPs actually executed.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn as nn
@@ -177,6 +178,12 @@ def _mlp_channel_params(mlp: nn.Module) -> int:
     return total + (1 if mlp.c_fc.bias is not None else 0)
 
 
+# Model types whose attention forward `SATAttention`'s sparse path reproduces exactly (separate q/k/v/o, per-head
+# q/k norms if any, RoPE on every layer, the configured backend with the layer's window and scaling). Others (no-RoPE
+# layers, whole-projection q/k norms, soft-capping, fused qkv_proj, ...) keep their attention dense under SAT.
+SAT_ATTENTION_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "starcoder2", "ministral", "granite"})
+
+
 def enable_sat(model: nn.Module, config: LitesparkConfig | dict | str | None = None, **overrides) -> nn.Module:
     """Enable SAT on a transformers causal LM (optionally PEFT-wrapped or already `litespark_hf.apply`-ed), in place.
 
@@ -193,6 +200,12 @@ def enable_sat(model: nn.Module, config: LitesparkConfig | dict | str | None = N
     if not layers:
         raise ValueError(f"SAT found no decoder layers (modules with self_attn and mlp) in {type(base).__name__}")
     exempt = _parse_exempt(cfg.sat_exempt_layers, len(layers))
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    sparse_attention = model_type in SAT_ATTENTION_MODEL_TYPES
+    if not sparse_attention and cfg.sat_omission_rate_heads > 0:
+        warnings.warn(f"SAT: the attention of model type {model_type!r} stays dense (SAT's sparse attention "
+                      f"reproduces the attention of {', '.join(sorted(SAT_ATTENTION_MODEL_TYPES))} only); "
+                      f"sat_omission_rate_heads is not applied, the MLPs still run sparse", stacklevel=2)
     mlps, attns = [], []
     for i, layer in enumerate(layers):
         mlp, attn = layer.mlp, layer.self_attn
@@ -212,7 +225,7 @@ def enable_sat(model: nn.Module, config: LitesparkConfig | dict | str | None = N
             st.exempt = i in exempt
             mlp._sat_state = st
             mlps.append(mlp)
-        if all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
+        if sparse_attention and all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
             head_dim = attn.head_dim
             n_kv = attn.k_proj.weight.shape[0] // head_dim
             n_rep = attn.q_proj.weight.shape[0] // head_dim // n_kv

@@ -8,6 +8,10 @@ Semantics are transformers' LlamaRMSNorm, rounding order included:
 ``add_rms_norm`` first forms s = (x + residual) rounded to promote(x, residual), exactly like ``x + residual``,
 and normalises s; it returns (y, s).
 
+With ``offset`` (Gemma's RMSNorm, ``HAS_OFFSET``): y = (h * rstd) * (offset + weight) all in fp32, rounded once to
+x.dtype by default (``(norm(x.float()) * (1 + weight.float())).type_as(x)``); the backward then uses offset + weight
+for g and the unrounded hn for dweight.
+
 Backward, with hn = h * rstd and g = dy * weight (all in fp32; the cast to x.dtype is treated as the identity,
 as autograd does):
 
@@ -47,8 +51,8 @@ LOOP_BLOCK = 4096
 def _rms_fwd_kernel(
     X, R, S, Y, W, RSTD,
     stride_x, stride_r, stride_s, stride_y,
-    n_rows, n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    n_rows, n_cols, eps, offset,
+    HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -69,7 +73,11 @@ def _rms_fwd_kernel(
     rstd = tl.rsqrt(tl.sum(h * h, axis=1) / n_cols + eps)
     tl.store(RSTD + rows, rstd, mask=row_mask)
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-    hn = (h * rstd[:, None]).to(in_dtype).to(tl.float32)
+    if HAS_OFFSET:  # Gemma: the product in fp32, one rounding
+        w = w + offset
+        hn = h * rstd[:, None]
+    else:
+        hn = (h * rstd[:, None]).to(in_dtype).to(tl.float32)
     y = w[None, :] * hn
     tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
@@ -78,8 +86,9 @@ def _rms_fwd_kernel(
 def _rms_bwd_kernel(
     DY, DS, X, W, RSTD, DX, DX2, DW_PART,
     stride_dy, stride_ds, stride_x, stride_dx, stride_dx2,
-    n_rows, n_cols, rows_per_program,
-    HAS_DS: tl.constexpr, HAS_DX2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    n_rows, n_cols, rows_per_program, offset,
+    HAS_DS: tl.constexpr, HAS_DX2: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Persistent: this program walks rows [pid * rows_per_program, ...) one BLOCK_M tile at a time, loading the
     next tile before computing the current one, and writes its dweight partial sum to DW_PART[pid]."""
@@ -88,6 +97,8 @@ def _rms_bwd_kernel(
     col_mask = cols < n_cols
     offs_m = tl.arange(0, BLOCK_M)
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if HAS_OFFSET:
+        w = w + offset
     dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
@@ -123,7 +134,10 @@ def _rms_bwd_kernel(
         # current tile
         dyf = dy.to(tl.float32)
         hn = x.to(tl.float32) * rstd[:, None]
-        dw_acc += dyf * hn.to(X.dtype.element_ty).to(tl.float32)
+        if HAS_OFFSET:
+            dw_acc += dyf * hn
+        else:
+            dw_acc += dyf * hn.to(X.dtype.element_ty).to(tl.float32)
         g = dyf * w[None, :]
         c = tl.sum(g * hn, axis=1) / n_cols
         dx = (g - hn * c[:, None]) * rstd[:, None]
@@ -145,8 +159,8 @@ def _rms_bwd_kernel(
 def _rms_fwd_looped_kernel(
     X, R, S, Y, W, RSTD,
     stride_x, stride_r, stride_s, stride_y,
-    n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+    n_cols, eps, offset,
+    HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -172,7 +186,11 @@ def _rms_fwd_looped_kernel(
             h = tl.load(X + row * stride_x + c0 + cols, mask=mask, other=0.0)
         in_dtype = h.dtype
         w = tl.load(W + c0 + cols, mask=mask, other=0.0).to(tl.float32)
-        hn = (h.to(tl.float32) * rstd).to(in_dtype).to(tl.float32)
+        if HAS_OFFSET:
+            w = w + offset
+            hn = h.to(tl.float32) * rstd
+        else:
+            hn = (h.to(tl.float32) * rstd).to(in_dtype).to(tl.float32)
         tl.store(Y + row * stride_y + c0 + cols, (w * hn).to(Y.dtype.element_ty), mask=mask)
 
 
@@ -180,8 +198,8 @@ def _rms_fwd_looped_kernel(
 def _rms_bwd_dx_looped_kernel(
     DY, DS, X, W, RSTD, DX, DX2,
     stride_dy, stride_ds, stride_x, stride_dx, stride_dx2,
-    n_cols,
-    HAS_DS: tl.constexpr, HAS_DX2: tl.constexpr, BLOCK_N: tl.constexpr,
+    n_cols, offset,
+    HAS_DS: tl.constexpr, HAS_DX2: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -192,6 +210,8 @@ def _rms_bwd_dx_looped_kernel(
         x = tl.load(X + row * stride_x + c0 + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + row * stride_dy + c0 + cols, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(W + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_OFFSET:
+            w = w + offset
         acc += dy * w * x * rstd
     c = tl.sum(acc, axis=0) / n_cols
     for c0 in range(0, n_cols, BLOCK_N):
@@ -199,6 +219,8 @@ def _rms_bwd_dx_looped_kernel(
         x = tl.load(X + row * stride_x + c0 + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + row * stride_dy + c0 + cols, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(W + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_OFFSET:
+            w = w + offset
         dx = (dy * w - x * rstd * c) * rstd
         if HAS_DS:
             dx += tl.load(DS + row * stride_ds + c0 + cols, mask=mask, other=0.0).to(tl.float32)
@@ -212,7 +234,7 @@ def _rms_bwd_dw_looped_kernel(
     DY, X, RSTD, DW_PART,
     stride_dy, stride_x,
     n_rows, n_cols, rows_per_program,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     pid_m = tl.program_id(1)
@@ -228,7 +250,10 @@ def _rms_bwd_dw_looped_kernel(
         x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0)
         dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-        acc += dy * (x.to(tl.float32) * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
+        if HAS_OFFSET:
+            acc += dy * (x.to(tl.float32) * rstd[:, None])
+        else:
+            acc += dy * (x.to(tl.float32) * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
     tl.store(DW_PART + pid_m * n_cols + cols, tl.sum(acc, axis=0), mask=col_mask)
 
 
@@ -273,14 +298,19 @@ def rms_norm_forward(
     block_m: int | None = None,
     num_warps: int | None = None,
     out_dtype: torch.dtype | None = None,
+    offset: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Launch the forward on 2D row views. Returns (y, s or None, rstd[M] fp32).
 
-    ``out_dtype``: store y in this dtype (the fp32 result rounded once) instead of promote(weight, x)."""
+    ``out_dtype``: store y in this dtype (the fp32 result rounded once) instead of promote(weight, x) (with
+    ``offset``: instead of the input's dtype). ``offset``: Gemma's norm (see the module docstring)."""
     n_rows, n_cols = x.shape
     in_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    if out_dtype is None and offset is not None:
+        out_dtype = in_dtype
     if out_dtype is None:
         out_dtype = in_dtype if weight.dtype == in_dtype else torch.promote_types(weight.dtype, in_dtype)
+    has_off, off = offset is not None, float(offset or 0.0)
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
     s = None if residual is None else torch.empty((n_rows, n_cols), dtype=in_dtype, device=x.device)
@@ -294,16 +324,16 @@ def rms_norm_forward(
         _rms_fwd_kernel[(triton.cdiv(n_rows, bm),)](
             x, r_arg, s_arg, y, weight, rstd,
             x.stride(0), stride_r, stride_s, y.stride(0),
-            n_rows, n_cols, eps,
-            HAS_RESIDUAL=has_res, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
+            n_rows, n_cols, eps, off,
+            HAS_RESIDUAL=has_res, HAS_OFFSET=has_off, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
         )
     else:
         bn = min(LOOP_BLOCK, triton.next_power_of_2(n_cols))
         _rms_fwd_looped_kernel[(n_rows,)](
             x, r_arg, s_arg, y, weight, rstd,
             x.stride(0), stride_r, stride_s, y.stride(0),
-            n_cols, eps,
-            HAS_RESIDUAL=has_res, BLOCK_N=bn, num_warps=8,
+            n_cols, eps, off,
+            HAS_RESIDUAL=has_res, HAS_OFFSET=has_off, BLOCK_N=bn, num_warps=8,
         )
     return y, s, rstd
 
@@ -320,14 +350,16 @@ def rms_norm_backward(
     block_m: int | None = None,
     num_warps: int | None = None,
     programs_per_sm: int | None = None,
+    offset: float | None = None,
 ):
     """Launch the backward on 2D row views (x is the normalised input: s for the fused add).
 
     Returns (dx [M, N] in ``dx_dtype`` (default x.dtype), dweight in weight.dtype); ``ds`` is added to dx.
     With ``dx2_dtype``, also a second copy of dx rounded once from fp32 to that dtype (the fused add's gradient for
-    a low-precision x next to a fp32 residual): (dx, dweight, dx2).
+    a low-precision x next to a fp32 residual): (dx, dweight, dx2). ``offset``: as in `rms_norm_forward`.
     """
     n_rows, n_cols = x.shape
+    has_off, off = offset is not None, float(offset or 0.0)
     dx = torch.empty((n_rows, n_cols), dtype=dx_dtype or x.dtype, device=x.device)
     dx2 = torch.empty((n_rows, n_cols), dtype=dx2_dtype, device=x.device) if dx2_dtype is not None else None
     if n_rows == 0:
@@ -346,16 +378,16 @@ def rms_norm_backward(
         _rms_bwd_kernel[(grid,)](
             dy, ds_arg, x, weight, rstd, dx, dx2_arg, dw_part,
             dy.stride(0), stride_ds, x.stride(0), dx.stride(0), stride_dx2,
-            n_rows, n_cols, rows_per_program,
-            HAS_DS=has_ds, HAS_DX2=has_dx2, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
+            n_rows, n_cols, rows_per_program, off,
+            HAS_DS=has_ds, HAS_DX2=has_dx2, HAS_OFFSET=has_off, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
         )
     else:
         bn = min(LOOP_BLOCK, triton.next_power_of_2(n_cols))
         _rms_bwd_dx_looped_kernel[(n_rows,)](
             dy, ds_arg, x, weight, rstd, dx, dx2_arg,
             dy.stride(0), stride_ds, x.stride(0), dx.stride(0), stride_dx2,
-            n_cols,
-            HAS_DS=has_ds, HAS_DX2=has_dx2, BLOCK_N=bn, num_warps=8,
+            n_cols, off,
+            HAS_DS=has_ds, HAS_DX2=has_dx2, HAS_OFFSET=has_off, BLOCK_N=bn, num_warps=8,
         )
         bm, bn = 8, min(512, triton.next_power_of_2(n_cols))
         col_blocks = triton.cdiv(n_cols, bn)
@@ -367,7 +399,7 @@ def rms_norm_backward(
             dy, x, rstd, dw_part,
             dy.stride(0), x.stride(0),
             n_rows, n_cols, rows_per_program,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+            HAS_OFFSET=has_off, BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
         )
     dw = dw_part.sum(0).to(weight.dtype)
     return (dx, dw) if dx2 is None else (dx, dw, dx2)
@@ -385,33 +417,37 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype=None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype=None, offset=None) -> torch.Tensor:
         _check(x, weight)
         weight = weight.contiguous()
         x2 = _as_rows(x)
-        y, _, rstd = rms_norm_forward(x2, None, weight, eps, out_dtype=out_dtype)
+        y, _, rstd = rms_norm_forward(x2, None, weight, eps, out_dtype=out_dtype, offset=offset)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape
+        ctx.offset = offset
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x2, weight, rstd = ctx.saved_tensors
-        dx, dw = rms_norm_backward(_as_rows(dy), None, x2, weight, rstd)
-        return dx.view(ctx.x_shape), (dw if ctx.needs_input_grad[1] else None), None, None
+        dx, dw = rms_norm_backward(_as_rows(dy), None, x2, weight, rstd, offset=ctx.offset)
+        return dx.view(ctx.x_shape), (dw if ctx.needs_input_grad[1] else None), None, None, None
 
 
 class AddRMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype=None):
+    def forward(ctx, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype=None,
+                offset=None):
         _check(x, weight)
         if residual.shape != x.shape:
             raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
         weight = weight.contiguous()
-        y, s, rstd = rms_norm_forward(_as_rows(x), _as_rows(residual), weight, eps, out_dtype=out_dtype)
+        y, s, rstd = rms_norm_forward(_as_rows(x), _as_rows(residual), weight, eps, out_dtype=out_dtype,
+                                      offset=offset)
         ctx.save_for_backward(s, weight, rstd)
         ctx.shape = x.shape
         ctx.dtypes = (x.dtype, residual.dtype)
+        ctx.offset = offset
         return y.view(x.shape), s.view(x.shape)
 
     @staticmethod
@@ -429,25 +465,27 @@ class AddRMSNormFunction(torch.autograd.Function):
             # the kernel writes x's gradient rounded once from fp32 as well, instead of a separate cast pass
             two = ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and x_dtype != s.dtype and r_dtype == s.dtype
             out = rms_norm_backward(_as_rows(dy), None if ds is None else _as_rows(ds), s, weight, rstd,
-                                    dx2_dtype=x_dtype if two else None)
+                                    dx2_dtype=x_dtype if two else None, offset=ctx.offset)
             dw = out[1] if ctx.needs_input_grad[2] else None
             dsum = out[0].view(ctx.shape)
             if two:
-                return out[2].view(ctx.shape), dsum, dw, None, None
+                return out[2].view(ctx.shape), dsum, dw, None, None, None
         dx = dsum.to(x_dtype) if ctx.needs_input_grad[0] else None
         dr = dsum.to(r_dtype) if ctx.needs_input_grad[1] else None
-        return dx, dr, dw, None, None
+        return dx, dr, dw, None, None, None
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
-                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """RMSNorm over the last dimension (transformers' LlamaRMSNorm semantics), Triton forward and backward."""
-    return RMSNormFunction.apply(x, weight, float(eps), out_dtype)
+                    out_dtype: torch.dtype | None = None, offset: float | None = None) -> torch.Tensor:
+    """RMSNorm over the last dimension (transformers' LlamaRMSNorm semantics; Gemma's with ``offset``), Triton
+    forward and backward."""
+    return RMSNormFunction.apply(x, weight, float(eps), out_dtype, None if offset is None else float(offset))
 
 
 def add_rms_norm_triton(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
-    out_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None, offset: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual) in one pass over the rows, Triton forward and backward."""
-    return AddRMSNormFunction.apply(x, residual, weight, float(eps), out_dtype)
+    return AddRMSNormFunction.apply(x, residual, weight, float(eps), out_dtype,
+                                    None if offset is None else float(offset))
