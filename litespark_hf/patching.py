@@ -19,8 +19,8 @@ from .casting import link_cast_owners, unlink_cast_owners
 from .config import LitesparkConfig
 from .model_utils import unwrap_model
 from .modules import (
-    LitesparkEmbedding, LitesparkLMHead, link_decoder_layers, link_norm_consumers, original_class, swapped_class,
-    unlink_decoder_layers, unlink_norm_consumers,
+    LitesparkCausalLM, LitesparkEmbedding, LitesparkLMHead, link_decoder_layers, link_norm_consumers, original_class,
+    swapped_class, unlink_decoder_layers, unlink_norm_consumers,
 )
 
 logger = logging.getLogger(__name__)
@@ -86,13 +86,14 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
             kind = wanted.get(type(module))
             if kind is None:
                 continue
-            if kind == "causal_lm" and "forward" in module.__dict__:
+            causal_lm = issubclass(SWAP_KINDS[kind][1], LitesparkCausalLM)  # the loss swap (any family's variant)
+            if causal_lm and "forward" in module.__dict__:
                 # TRL's SFT/DPO trainers patch forward with their own chunked LM head; keep theirs.
                 logger.info("litespark: %s.forward is patched (TRL fused LM head); keeping it", type(module).__name__)
                 continue
             module.__class__ = swapped_class(SWAP_KINDS[kind][1], type(module))
             counts[kind] = counts.get(kind, 0) + 1
-            if kind == "causal_lm" and type(module.lm_head) is nn.Linear:
+            if causal_lm and type(module.lm_head) is nn.Linear:
                 module.lm_head.__class__ = swapped_class(LitesparkLMHead, nn.Linear)
                 embed = module.get_input_embeddings()
                 if type(embed) is nn.Embedding and embed.weight is module.lm_head.weight:  # tied
