@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dpo  # noqa: E402
 import pretrain  # noqa: E402
 import sft  # noqa: E402
-from common import RecipeError, run_main  # noqa: E402
+from recipe_utils import RecipeError  # noqa: E402
+from recipe_utils.run import run_main  # noqa: E402
 
 # (pre-train steps, SFT steps, DPO steps) and held-out sizes
 # DPO: lr 3e-4 (1e-3 drifted the full model off the easy tasks and lowered held-out log-prob preference accuracy),
