@@ -16,9 +16,15 @@ which stock "predicts" from the pad's hidden state) is ignored (`label_pre_hook`
 (training, and forwards with ``use_cache=False`` such as TRL's fused LM head, DPO's reference pass included), do not
 ask for per-layer hidden states or attentions, and only when the batch has padding; the decision costs the one host
 sync that finding the real tokens needs (the padded path had one too: the mask check).
+
+Only on CUDA by default: without the attention kernel (CPU), the PyTorch reference attends over the whole packed row
+with a mask, which costs (rows x seq)^2 instead of rows x seq^2; ``LITESPARK_UNPAD_CPU=1`` unpads there too (the
+tests do, to check the path the GPU takes). The label rule of `label_pre_hook` applies everywhere.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn as nn
@@ -42,6 +48,8 @@ def _wants_unpad(module: nn.Module, args, kwargs) -> bool:
     mask = kwargs.get("attention_mask")
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or len(args) > 1 or torch.compiler.is_compiling():
         return False
+    if mask.device.type != "cuda" and os.environ.get("LITESPARK_UNPAD_CPU") != "1":
+        return False  # the attention reference (no kernel) would pay (rows x seq)^2 on the packed row
     if kwargs.get("past_key_values") is not None or kwargs.get("cache_position") is not None:
         return False
     use_cache = kwargs.get("use_cache")

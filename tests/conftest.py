@@ -1,7 +1,8 @@
 """Test configuration.
 
 On a machine without CUDA the Triton kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``), which must be
-set before any ``@triton.jit`` function is defined; kernel tests call the Triton paths explicitly. Tests marked
+set before any ``@triton.jit`` function is defined; kernel tests call the Triton paths explicitly. ``LITESPARK_UNPAD_CPU=1``
+keeps padded batches unpadded on the CPU too (see litespark_hf/unpadding.py). Tests marked
 ``gpu`` are skipped without CUDA (run them on the device machine: ``pytest -m gpu``).
 """
 
@@ -13,6 +14,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The unpadded decoder (litespark_hf.unpadding) runs by default only where the attention kernel does (CUDA); the CPU
+# tests keep exercising it, since it is the path every padded batch takes on the GPU.
+os.environ.setdefault("LITESPARK_UNPAD_CPU", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -182,3 +182,18 @@ def test_inputs_embeds_and_all_pad_row():
     b = lit(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
     assert torch.isfinite(b) and abs(a.item() - b.item()) <= 1e-5 * abs(a.item())
     assert VOCAB == stock.config.vocab_size
+
+
+def test_cpu_default_keeps_padded_batches_padded(monkeypatch):
+    """Without the attention kernel (CPU) the packed row would cost (rows x seq)^2 in the reference attention: only
+    CUDA tensors (or LITESPARK_UNPAD_CPU=1, which the test suite sets) are unpadded. The label rule holds anyway."""
+    monkeypatch.delenv("LITESPARK_UNPAD_CPU", raising=False)
+    stock, lit = pair()
+    stock.train(), lit.train()
+    ids, mask, labels = batch()
+    seen = LayerShapes(lit)
+    raw = ids.masked_fill(mask == 0, -100)
+    b = lit(input_ids=ids, attention_mask=mask, labels=raw).loss
+    assert all(s[:2] == tuple(ids.shape) for s in seen.shapes)
+    a = stock(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert abs(a.item() - b.item()) <= 1e-5 * abs(a.item())
