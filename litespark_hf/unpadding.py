@@ -57,6 +57,9 @@ def _wants_unpad(module: nn.Module, args, kwargs) -> bool:
         return False  # generation, or an eval forward that may build a cache for its caller
     if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
         return False
+    keeps = getattr(module, "litespark_keeps_padding", None)  # a family whose masks are not causal (Gemma3 images)
+    if keeps is not None and keeps(kwargs):
+        return False
     if any(kwargs.get(k) is not None for k in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")):
         return False
     ref = args[0] if args else kwargs.get("input_ids")

@@ -26,7 +26,7 @@ from .gemma import (
 from .families import (
     LitesparkBranchDecoderLayer, LitesparkGraniteDecoderLayer, LitesparkNoRopeAttention, LitesparkOlmoRMSNorm,
     LitesparkPackedGatedMLP, LitesparkPackedQKVAttention, LitesparkPhi3DecoderLayer, LitesparkProjectionNormAttention,
-    LitesparkScaledLogitsCausalLM, LitesparkStagedAttention,
+    LitesparkScaledLogitsCausalLM,
 )
 from .lm_head import LitesparkCausalLM, LitesparkLMHead
 from .lora import LoraGroup, LoraTerm, fused_bases, lora_group, lora_project
@@ -47,5 +47,5 @@ __all__ = [
     # dense families (families.py)
     "LitesparkBranchDecoderLayer", "LitesparkGraniteDecoderLayer", "LitesparkNoRopeAttention", "LitesparkOlmoRMSNorm",
     "LitesparkPackedGatedMLP", "LitesparkPackedQKVAttention", "LitesparkPhi3DecoderLayer",
-    "LitesparkProjectionNormAttention", "LitesparkScaledLogitsCausalLM", "LitesparkStagedAttention",
+    "LitesparkProjectionNormAttention", "LitesparkScaledLogitsCausalLM",
 ]

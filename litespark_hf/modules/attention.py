@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -19,6 +20,30 @@ def _eager_attention(module, query, key, value, attention_mask, scaling, dropout
     return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 
 
+def project_each(module, x, linears, slot: str) -> list:
+    """``[lin(x) for lin in linears]``: one `fused_linear` GEMM for plain ``nn.Linear`` projections, PEFT LoRA ones
+    fused where `lora_group` reproduces them, else each called as a module (adapters, hooks and wrappers keep
+    working). ``slot``: the module's cast slot of this group (`cast_projection_weights`)."""
+    if plain_linears(*linears):
+        out = project(x, *linears, cast=_cast_of(module, slot))
+        return list(out.split([m.out_features for m in linears], dim=-1)) if len(linears) > 1 else [out]
+    group = lora_group(linears)
+    if group is not None:
+        return lora_project(x, group, cast=_cast_of(module, slot), split=True)
+    return [m(x) for m in linears]
+
+
+def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """``apply_rotary_pos_emb`` through `litespark_kernels.apply_rope`, partial rotary included: when ``cos`` is
+    narrower than a head (``partial_rotary_factor < 1``), the first ``cos.shape[-1]`` channels of each head are
+    rotated and the others passed through (transformers' ``cat([rotated, pass], -1)``)."""
+    rotary_dim = cos.shape[-1]
+    if rotary_dim == q.shape[-1]:
+        return lk.apply_rope(q, k, cos, sin)
+    q_rot, k_rot = lk.apply_rope(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin)
+    return torch.cat([q_rot, q[..., rotary_dim:]], dim=-1), torch.cat([k_rot, k[..., rotary_dim:]], dim=-1)
+
+
 class LitesparkAttention:
     """The decoder attention of Llama / Mistral / Qwen2 / Qwen3 / StarCoder2 with the RoPE kernel.
 
@@ -26,25 +51,46 @@ class LitesparkAttention:
     reproduces it, else called as modules), optional per-head q/k norms (Qwen3), rotary embedding
     (`litespark_kernels.apply_rope`), KV cache update, the configured attention backend (``litespark`` after
     `apply`), output projection, optional residual dropout (StarCoder2).
-    This class never uses a sliding window (Llama); the subclasses below read it where their family does.
+    This class never uses a sliding window (Llama); the subclasses below read it where their family does. The
+    steps a family may change are methods (`_litespark_qkv_linears`, `_litespark_project_qkv`, `_litespark_heads`,
+    `_litespark_rope`; see `litespark_hf.modules.families`).
     """
 
     def _sliding_window(self):
         return None
 
+    def _litespark_qkv_linears(self) -> tuple:
+        """The projections that read the hidden states (one GEMM when plain; Phi-3 overrides: one ``qkv_proj``)."""
+        return self.q_proj, self.k_proj, self.v_proj
+
+    def _litespark_project_qkv(self, hidden_states):
+        """q, k, v as [..., heads * head_dim]."""
+        return project_each(self, hidden_states, self._litespark_qkv_linears(), "qkv")
+
+    def _litespark_heads(self, q, k, hidden_shape):
+        """q and k as [..., heads, head_dim], after the per-head q/k norms (Qwen3) when there are any."""
+        q, k = q.view(hidden_shape), k.view(hidden_shape)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k
+
+    def _litespark_rope(self, q, k, position_embeddings):
+        cos, sin = position_embeddings
+        return rotate(q, k, cos, sin)
+
     def litespark_casts_input(self) -> bool:
         """True when forward feeds its input only to `fused_linear` (so a low-precision input changes nothing)."""
-        qkv = (self.q_proj, self.k_proj, self.v_proj)
-        if plain_linears(*qkv):
+        linears = self._litespark_qkv_linears()
+        if plain_linears(*linears):
             return True
-        group = lora_group(qkv)
+        group = lora_group(linears)
         return group is not None and group.casts_input
 
     def litespark_cast_groups(self) -> dict[str, list[nn.Linear]]:
         """The projection groups forward runs through `fused_linear` (for `cast_projection_weights`; LoRA: the
         base layers)."""
         groups = {}
-        for slot, linears in (("qkv", (self.q_proj, self.k_proj, self.v_proj)), ("o", (self.o_proj,))):
+        for slot, linears in (("qkv", self._litespark_qkv_linears()), ("o", (self.o_proj,))):
             bases = fused_bases(linears)
             if bases is not None:
                 groups[slot] = bases
@@ -53,28 +99,11 @@ class LitesparkAttention:
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        qkv = (self.q_proj, self.k_proj, self.v_proj)
-        if plain_linears(*qkv):  # one GEMM for q, k and v
-            sizes = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
-            query_states, key_states, value_states = project(
-                hidden_states, *qkv, cast=_cast_of(self, "qkv")).split(sizes, dim=-1)
-        elif (group := lora_group(qkv)) is not None:  # LoRA: one GEMM for the base q, k and v, then the adapters
-            query_states, key_states, value_states = lora_project(
-                hidden_states, group, cast=_cast_of(self, "qkv"), split=True)
-        else:
-            query_states = self.q_proj(hidden_states)
-            key_states = self.k_proj(hidden_states)
-            value_states = self.v_proj(hidden_states)
-        query_states = query_states.view(hidden_shape)
-        key_states = key_states.view(hidden_shape)
-        if hasattr(self, "q_norm"):
-            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
-        query_states = query_states.transpose(1, 2)
-        key_states = key_states.transpose(1, 2)
+        query_states, key_states, value_states = self._litespark_project_qkv(hidden_states)
+        query_states, key_states = self._litespark_heads(query_states, key_states, hidden_shape)
+        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
         value_states = value_states.view(hidden_shape).transpose(1, 2)
-
-        cos, sin = position_embeddings
-        query_states, key_states = lk.apply_rope(query_states, key_states, cos, sin)
+        query_states, key_states = self._litespark_rope(query_states, key_states, position_embeddings)
 
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
@@ -87,12 +116,7 @@ class LitesparkAttention:
             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **extra, **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        if plain_linears(self.o_proj):
-            attn_output = project(attn_output, self.o_proj, cast=_cast_of(self, "o"))
-        elif (group := lora_group((self.o_proj,))) is not None:
-            attn_output = lora_project(attn_output, group, cast=_cast_of(self, "o"))
-        else:
-            attn_output = self.o_proj(attn_output)
+        attn_output = project_each(self, attn_output, (self.o_proj,), "o")[0]
         if hasattr(self, "residual_dropout"):
             attn_output = F.dropout(attn_output, p=self.residual_dropout, training=self.training)
         return attn_output, attn_weights

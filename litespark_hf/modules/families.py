@@ -3,9 +3,8 @@ OLMo-2 / OLMo-3, Granite (Ministral is Mistral with per-layer windows and uses `
 
 Each class subclasses the Llama-family mixin and overrides only the step that differs:
 
-- `LitesparkStagedAttention`: `LitesparkAttention` with its forward cut into steps (projections, q/k norms,
-  rotary embedding) that the family classes override; partial rotary embeddings (``cos`` narrower than a head) are
-  honoured here, as transformers does them: the first ``rotary_dim`` channels rotated, the rest passed through.
+- attention: `LitesparkAttention`'s steps (projections, q/k norms, rotary embedding, partial rotary included)
+  overridden where a family differs:
   - `LitesparkPackedQKVAttention` (Phi-3): one ``qkv_proj``, window ``config.sliding_window``.
   - `LitesparkNoRopeAttention` (SmolLM3): no rotary embedding where ``use_rope`` is off, per-layer window.
   - `LitesparkProjectionNormAttention` (OLMo-2 / OLMo-3): q/k RMSNorms over the whole projection (before the
@@ -24,114 +23,22 @@ Each class subclasses the Llama-family mixin and overrides only the step that di
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import litespark_kernels as lk
 from litespark_kernels._dispatch import warn_once
 
 from ..casting import _cast_of, cast_projection_weights, drop_casts
 from ._swap import plain_linears, project
-from .attention import (
-    LitesparkAttention, LitesparkConfigWindowAttention, LitesparkLayerWindowAttention, _eager_attention,
-)
+from .attention import LitesparkConfigWindowAttention, LitesparkLayerWindowAttention, project_each
 from .decoder import LitesparkDecoderLayer, _hookless
 from .lm_head import LitesparkCausalLM, LitesparkLMHead
-from .lora import _plain_linear, fused_bases, lora_group, lora_project
+from .lora import _plain_linear, lora_group, lora_project
 from .mlp import LitesparkGatedMLP, fused_gated_activation
 from .norms import LitesparkRMSNorm
 
 
-def project_each(module, x: torch.Tensor, linears, slot: str) -> list[torch.Tensor]:
-    """``[lin(x) for lin in linears]``: one `fused_linear` GEMM for plain ``nn.Linear`` projections, PEFT LoRA ones
-    fused where `lora_group` reproduces them, else each called as a module (adapters, hooks and wrappers keep
-    working). ``slot``: the module's cast slot of this group (`cast_projection_weights`)."""
-    if plain_linears(*linears):
-        out = project(x, *linears, cast=_cast_of(module, slot))
-        return list(out.split([m.out_features for m in linears], dim=-1)) if len(linears) > 1 else [out]
-    group = lora_group(linears)
-    if group is not None:
-        return lora_project(x, group, cast=_cast_of(module, slot), split=True)
-    return [m(x) for m in linears]
-
-
-def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """``apply_rotary_pos_emb`` through `litespark_kernels.apply_rope`, partial rotary included: when ``cos`` is
-    narrower than a head (``partial_rotary_factor < 1``), the first ``cos.shape[-1]`` channels of each head are
-    rotated and the others passed through (transformers' ``cat([rotated, pass], -1)``)."""
-    rotary_dim = cos.shape[-1]
-    if rotary_dim == q.shape[-1]:
-        return lk.apply_rope(q, k, cos, sin)
-    q_rot, k_rot = lk.apply_rope(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin)
-    return torch.cat([q_rot, q[..., rotary_dim:]], dim=-1), torch.cat([k_rot, k[..., rotary_dim:]], dim=-1)
-
-
-class LitesparkStagedAttention(LitesparkAttention):
-    """`LitesparkAttention` with the steps a family may change as methods: `_litespark_qkv_linears` (the
-    projections reading the hidden states, one GEMM), `_litespark_project_qkv` (q, k, v as [..., heads *
-    head_dim]), `_litespark_heads` (q/k norms and the split into heads), `_litespark_rope`. The rest - KV cache,
-    attention backend with the layer's window, output projection - is `LitesparkAttention`'s."""
-
-    def _litespark_qkv_linears(self) -> tuple:
-        return self.q_proj, self.k_proj, self.v_proj
-
-    def _litespark_project_qkv(self, hidden_states: torch.Tensor):
-        return project_each(self, hidden_states, self._litespark_qkv_linears(), "qkv")
-
-    def _litespark_heads(self, q: torch.Tensor, k: torch.Tensor, hidden_shape):
-        """q and k as [..., heads, head_dim], after the q/k norms (per head, as Qwen3, when there are any)."""
-        q, k = q.view(hidden_shape), k.view(hidden_shape)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        return q, k
-
-    def _litespark_rope(self, q: torch.Tensor, k: torch.Tensor, position_embeddings):
-        cos, sin = position_embeddings
-        return rotate(q, k, cos, sin)
-
-    def litespark_casts_input(self) -> bool:
-        linears = self._litespark_qkv_linears()
-        if plain_linears(*linears):
-            return True
-        group = lora_group(linears)
-        return group is not None and group.casts_input
-
-    def litespark_cast_groups(self) -> dict:
-        groups = {}
-        for slot, linears in (("qkv", self._litespark_qkv_linears()), ("o", (self.o_proj,))):
-            bases = fused_bases(linears)
-            if bases is not None:
-                groups[slot] = bases
-        return groups
-
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states, key_states, value_states = self._litespark_project_qkv(hidden_states)
-        query_states, key_states = self._litespark_heads(query_states, key_states, hidden_shape)
-        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
-        value_states = value_states.view(hidden_shape).transpose(1, 2)
-        query_states, key_states = self._litespark_rope(query_states, key_states, position_embeddings)
-
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
-
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_attention)
-        sliding_window = self._sliding_window()
-        extra = {"sliding_window": sliding_window} if sliding_window is not None else {}
-        attn_output, attn_weights = attention_interface(
-            self, query_states, key_states, value_states, attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **extra, **kwargs,
-        )
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        attn_output = project_each(self, attn_output, (self.o_proj,), "o")[0]
-        if hasattr(self, "residual_dropout"):
-            attn_output = F.dropout(attn_output, p=self.residual_dropout, training=self.training)
-        return attn_output, attn_weights
-
-
-class LitesparkPackedQKVAttention(LitesparkStagedAttention, LitesparkConfigWindowAttention):
+class LitesparkPackedQKVAttention(LitesparkConfigWindowAttention):
     """Phi-3: q, k and v from one ``qkv_proj`` (sliced as stock: q, then k, then the rest), partial rotary
     embedding (``partial_rotary_factor``), window ``config.sliding_window``."""
 
@@ -145,7 +52,7 @@ class LitesparkPackedQKVAttention(LitesparkStagedAttention, LitesparkConfigWindo
         return qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:]
 
 
-class LitesparkNoRopeAttention(LitesparkStagedAttention, LitesparkLayerWindowAttention):
+class LitesparkNoRopeAttention(LitesparkLayerWindowAttention):
     """SmolLM3: layers with ``use_rope`` off (``config.no_rope_layers``) take no rotary embedding at all; window
     per layer (``sliding_window``: None on full-attention layers)."""
 
@@ -155,7 +62,7 @@ class LitesparkNoRopeAttention(LitesparkStagedAttention, LitesparkLayerWindowAtt
         return super()._litespark_rope(q, k, position_embeddings)
 
 
-class LitesparkProjectionNormAttention(LitesparkStagedAttention, LitesparkLayerWindowAttention):
+class LitesparkProjectionNormAttention(LitesparkLayerWindowAttention):
     """OLMo-2 / OLMo-3: ``q_norm`` / ``k_norm`` normalise the whole q / k projection ([..., heads * head_dim]) before
     the split into heads; the rotary embedding (fp32 cos/sin) is rounded back to q's / k's dtype, as stock; window
     per layer (OLMo-3's sliding layers; OLMo-2 has none)."""

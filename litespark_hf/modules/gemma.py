@@ -36,7 +36,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import litespark_kernels as lk
 
-from .. import unpadding
 from ._swap import original_class
 from .attention import LitesparkLayerWindowAttention
 from .decoder import LitesparkDecoderLayer, _hookless
@@ -124,34 +123,6 @@ class LitesparkScaledEmbedding(LitesparkEmbedding):
         return lk.tied_embedding(input, self.weight, self.padding_idx, slot) * self.embed_scale.to(self.weight.dtype)
 
 
-def _repad(state, input_ids, inputs_embeds, position_ids):
-    """Undo `litespark_hf.unpadding`'s packing of a padded batch: (input_ids, inputs_embeds, attention_mask,
-    position_ids) in the caller's [batch, seq] layout (pad tokens: id 0 / zero embeddings; pads are masked)."""
-    idx, batch, seq = state
-    n = batch * seq
-    mask = torch.zeros(n, dtype=torch.long, device=idx.device).index_fill_(0, idx, 1).view(batch, seq)
-    if input_ids is not None:
-        input_ids = input_ids.new_zeros(n).index_copy(0, idx, input_ids.reshape(-1)).view(batch, seq)
-    if inputs_embeds is not None:
-        flat = inputs_embeds.reshape(-1, inputs_embeds.shape[-1])
-        inputs_embeds = flat.new_zeros(n, flat.shape[-1]).index_copy(0, idx, flat).view(batch, seq, -1)
-    if position_ids is not None:
-        base = torch.arange(seq, device=idx.device, dtype=position_ids.dtype).repeat(batch)
-        position_ids = base.index_copy(0, idx, position_ids.reshape(-1)).view(batch, seq)
-    return input_ids, inputs_embeds, mask, position_ids
-
-
-def _keep_padded(module, input_ids, inputs_embeds, attention_mask, position_ids):
-    """Undo `litespark_hf.unpadding` on ``module`` (the decoder stack) if its pre-hook packed this call, so the
-    post-hook leaves the output alone: (input_ids, inputs_embeds, attention_mask, position_ids) as given or re-padded.
-    For calls whose masks transformers builds itself (not causal), which know nothing of the packed row's
-    documents."""
-    state = module.__dict__.pop(unpadding._STATE, None)
-    if state is None:
-        return input_ids, inputs_embeds, attention_mask, position_ids
-    return _repad(state, input_ids, inputs_embeds, position_ids)
-
-
 def _litespark_backend(config) -> bool:
     from ..attention import ATTENTION_NAME
 
@@ -161,15 +132,11 @@ def _litespark_backend(config) -> bool:
 class LitesparkGemma3TextModel:
     """Gemma3's text model with ``use_bidirectional_attention`` (EmbeddingGemma-style: no causal mask, a windowed
     bidirectional overlay on the sliding layers). transformers builds these masks itself (the backend takes them
-    exactly, through SDPA), so a padded batch stays padded (`_keep_padded`). Causal models: the stock forward."""
+    exactly, through SDPA), so `litespark_hf.unpadding` leaves such a padded batch padded
+    (`litespark_keeps_padding`). Causal models: unchanged."""
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, **kwargs):
-        if getattr(self.config, "use_bidirectional_attention", False) and _litespark_backend(self.config):
-            input_ids, inputs_embeds, attention_mask, position_ids = _keep_padded(
-                self, input_ids, inputs_embeds, attention_mask, position_ids)
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
+    def litespark_keeps_padding(self, kwargs) -> bool:
+        return bool(getattr(self.config, "use_bidirectional_attention", False)) and _litespark_backend(self.config)
 
 
 class LitesparkGemma3Model:
@@ -179,21 +146,22 @@ class LitesparkGemma3Model:
     (an OR of the causal mask and a block overlay that the backend's fast path, which rebuilds only causal, sliding
     and packed masks from its arguments, cannot see). Such a batch therefore gets transformers' own 4D masks (built
     by the stock mask code with SDPA's mask function; the backend then runs SDPA, or its soft-cap reference, with
-    them) and stays padded: `litespark_hf.unpadding` packs ``input_ids`` but not ``token_type_ids``, so its packing is
-    undone here (pad positions hold token 0; every real token's output and the loss are stock's). Text-only batches
-    and any other attention implementation take the stock forward unchanged (with ``use_bidirectional_attention``,
-    padded batches stay padded, as in `LitesparkGemma3TextModel`)."""
+    them) and stays padded (`litespark_keeps_padding`: `litespark_hf.unpadding` would pack ``input_ids`` but not
+    ``token_type_ids``). Text-only batches and any other attention implementation take the stock forward unchanged
+    (with ``use_bidirectional_attention``, padded batches stay padded, as in `LitesparkGemma3TextModel`)."""
+
+    def litespark_keeps_padding(self, kwargs) -> bool:
+        text_config = self.config.get_text_config()
+        images = kwargs.get("token_type_ids") is not None
+        return (images or bool(getattr(text_config, "use_bidirectional_attention", False))) \
+            and _litespark_backend(text_config)
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
                 past_key_values=None, token_type_ids=None, inputs_embeds=None, **kwargs):
         text_config = self.config.get_text_config()
-        images = token_type_ids is not None and not isinstance(attention_mask, dict)
-        if (images or getattr(text_config, "use_bidirectional_attention", False)) and _litespark_backend(text_config):
-            input_ids, inputs_embeds, attention_mask, position_ids = _keep_padded(
-                self, input_ids, inputs_embeds, attention_mask, position_ids)
-            if images:
-                attention_mask = self._litespark_image_masks(text_config, input_ids, inputs_embeds, attention_mask,
-                                                             past_key_values, position_ids, token_type_ids)
+        if token_type_ids is not None and not isinstance(attention_mask, dict) and _litespark_backend(text_config):
+            attention_mask = self._litespark_image_masks(text_config, input_ids, inputs_embeds, attention_mask,
+                                                         past_key_values, position_ids, token_type_ids)
         return super().forward(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds, **kwargs,
