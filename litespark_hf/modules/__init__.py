@@ -24,7 +24,7 @@ from .gemma import (
     LitesparkGemmaRMSNorm, LitesparkScaledEmbedding,
 )
 from .families import (
-    LitesparkBranchDecoderLayer, LitesparkGraniteDecoderLayer, LitesparkNoRopeAttention, LitesparkOlmoRMSNorm,
+    LitesparkGraniteDecoderLayer, LitesparkNoRopeAttention, LitesparkOlmoRMSNorm,
     LitesparkPackedGatedMLP, LitesparkPackedQKVAttention, LitesparkPhi3DecoderLayer, LitesparkProjectionNormAttention,
     LitesparkScaledLogitsCausalLM,
 )
@@ -45,7 +45,7 @@ __all__ = [
     "LitesparkGemma2Attention", "LitesparkGemma3Model", "LitesparkGemma3TextModel", "LitesparkGemmaDecoderLayer",
     "LitesparkGemmaRMSNorm", "LitesparkScaledEmbedding",
     # dense families (families.py)
-    "LitesparkBranchDecoderLayer", "LitesparkGraniteDecoderLayer", "LitesparkNoRopeAttention", "LitesparkOlmoRMSNorm",
+    "LitesparkGraniteDecoderLayer", "LitesparkNoRopeAttention", "LitesparkOlmoRMSNorm",
     "LitesparkPackedGatedMLP", "LitesparkPackedQKVAttention", "LitesparkPhi3DecoderLayer",
     "LitesparkProjectionNormAttention", "LitesparkScaledLogitsCausalLM",
 ]

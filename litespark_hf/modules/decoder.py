@@ -47,8 +47,17 @@ class LitesparkDecoderLayer:
             hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
         )
-        hidden_states, residual = post.forward_add(hidden_states, residual)
-        hidden_states = self.mlp(hidden_states)
+        hidden_states, residual = post.forward_add(self._litespark_branch(hidden_states, "attention"), residual)
+        hidden_states = self._litespark_branch(self.mlp(hidden_states), "mlp")
+        return self._litespark_add_to_next(hidden_states, residual)
+
+    def _litespark_branch(self, out: torch.Tensor, branch: str) -> torch.Tensor:
+        """A branch's output before its residual add (``branch``: "attention" or "mlp"): as is here; Phi-3's residual
+        dropouts and Granite's ``residual_multiplier`` override it (`litespark_hf.modules.families`)."""
+        return out
+
+    def _litespark_add_to_next(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + hidden_states``, fused into the next norm (which keeps its normed result) where it can be."""
         nxt = self._next_norm(residual)
         if nxt is None:
             return residual + hidden_states

@@ -12,9 +12,9 @@ Each class subclasses the Llama-family mixin and overrides only the step that di
 - `LitesparkPackedGatedMLP` (Phi-3): one ``gate_up_proj`` (gate = first half) through the packed SwiGLU / GeGLU.
 - `LitesparkOlmoRMSNorm` (OLMo-2 / OLMo-3): ``(weight * normed).to(input dtype)`` - the weight applied before the
   rounding, unlike Llama's norm.
-- `LitesparkBranchDecoderLayer`: `LitesparkDecoderLayer` (both residual adds fused into the RMSNorms) with each
-  branch's output passed through `_litespark_branch` before its add: Phi-3's residual dropouts
-  (`LitesparkPhi3DecoderLayer`), Granite's ``residual_multiplier`` (`LitesparkGraniteDecoderLayer`).
+- decoder layers: `LitesparkDecoderLayer` (both residual adds fused into the RMSNorms) with each branch's output
+  passed through `_litespark_branch` before its add: Phi-3's residual dropouts (`LitesparkPhi3DecoderLayer`),
+  Granite's ``residual_multiplier`` (`LitesparkGraniteDecoderLayer`).
   OLMo's post-norm layers (norm of the branch output, then the add) are not swapped: the fused adds assume pre-norm.
 - `LitesparkScaledLogitsCausalLM` (Granite): the fused loss on ``hidden / logits_scaling`` (Granite's logits are
   ``lm_head(hidden) / logits_scaling``, and ``W (h / s) = (W h) / s`` for a head without bias).
@@ -35,7 +35,7 @@ from .decoder import LitesparkDecoderLayer, _hookless
 from .lm_head import LitesparkCausalLM, LitesparkLMHead
 from .lora import _plain_linear, lora_group, lora_project
 from .mlp import LitesparkGatedMLP, fused_gated_activation
-from .norms import LitesparkRMSNorm
+
 
 
 class LitesparkPackedQKVAttention(LitesparkConfigWindowAttention):
@@ -128,40 +128,7 @@ class LitesparkOlmoRMSNorm:
         return lk.rms_norm(x, self.weight, self.variance_epsilon, out_dtype=dtype)
 
 
-class LitesparkBranchDecoderLayer(LitesparkDecoderLayer):
-    """`LitesparkDecoderLayer` (pre-norm, residual adds fused into the RMSNorms, the MLP's handed to the next norm)
-    for layers that transform each branch's output before its residual add: ``residual + branch(out)``
-    (`_litespark_branch`; called in stock's order, so dropout masks are the same draws)."""
-
-    _litespark_keeps_name = True  # read by `swapped_class` from the mixin's own attributes
-
-    def _litespark_branch(self, out: torch.Tensor, branch: str) -> torch.Tensor:
-        return out
-
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
-                position_embeddings=None, **kwargs):
-        post = self.post_attention_layernorm
-        if not (isinstance(post, LitesparkRMSNorm) and _hookless(post)):  # LitesparkDecoderLayer: the stock forward
-            return super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                   past_key_values=past_key_values, use_cache=use_cache,
-                                   position_embeddings=position_embeddings, **kwargs)
-        residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
-        hidden_states, _ = self.self_attn(
-            hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
-        )
-        hidden_states, residual = post.forward_add(self._litespark_branch(hidden_states, "attention"), residual)
-        hidden_states = self._litespark_branch(self.mlp(hidden_states), "mlp")
-        nxt = self._next_norm(residual)
-        if nxt is None:
-            return residual + hidden_states
-        normed, out = nxt.forward_add(hidden_states, residual)
-        nxt.__dict__["_litespark_prenormed"] = (out, normed)
-        return out
-
-
-class LitesparkPhi3DecoderLayer(LitesparkBranchDecoderLayer):
+class LitesparkPhi3DecoderLayer(LitesparkDecoderLayer):
     """Phi-3: ``residual + resid_attn_dropout(attn)``, ``residual + resid_mlp_dropout(mlp)``."""
 
     _litespark_keeps_name = True
@@ -170,7 +137,7 @@ class LitesparkPhi3DecoderLayer(LitesparkBranchDecoderLayer):
         return self.resid_attn_dropout(out) if branch == "attention" else self.resid_mlp_dropout(out)
 
 
-class LitesparkGraniteDecoderLayer(LitesparkBranchDecoderLayer):
+class LitesparkGraniteDecoderLayer(LitesparkDecoderLayer):
     """Granite: ``residual + out * residual_multiplier`` after the attention and after the MLP."""
 
     _litespark_keeps_name = True

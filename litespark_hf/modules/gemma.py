@@ -82,12 +82,7 @@ class LitesparkGemmaDecoderLayer(LitesparkDecoderLayer):
         hidden_states = self.post_attention_layernorm(hidden_states)
         hidden_states, residual = pre.forward_add(hidden_states, residual)
         hidden_states = self.post_feedforward_layernorm(self.mlp(hidden_states))
-        nxt = self._next_norm(residual)
-        if nxt is None:
-            return residual + hidden_states
-        normed, out = nxt.forward_add(hidden_states, residual)
-        nxt.__dict__["_litespark_prenormed"] = (out, normed)
-        return out
+        return self._litespark_add_to_next(hidden_states, residual)
 
 
 class LitesparkGemma2Attention(LitesparkLayerWindowAttention):
