@@ -85,13 +85,13 @@ def unpad_pre_hook(module: nn.Module, args, kwargs):
         return args, kwargs
     if total == 0:
         return None
-    device = mask.device
     positions = kwargs.get("position_ids")
-    if positions is None:
-        positions = torch.arange(seq, device=device)[None]
-    positions = positions.expand(batch, seq).reshape(-1).index_select(0, idx)[None]
-    rows = torch.arange(batch, device=device, dtype=torch.int32)[:, None].expand(batch, seq).reshape(-1)
-    mark_segments(positions, rows.index_select(0, idx)[None])
+    if positions is None or positions.shape[0] == 1:  # one row of positions for every row (the default arange)
+        cols = idx % seq
+        positions = cols[None] if positions is None else positions[0].index_select(0, cols)[None]
+    else:
+        positions = positions.reshape(-1).index_select(0, idx)[None]
+    mark_segments(positions, (idx // seq).to(torch.int32)[None])  # each original row is one document
     if args:
         kwargs["input_ids"], args = args[0], ()
     if kwargs.get("input_ids") is not None:
