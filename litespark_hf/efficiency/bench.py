@@ -33,6 +33,8 @@ import tempfile
 import time
 import traceback
 
+from .family_configs import FAMILY_CONFIGS
+
 __all__ = ["CONFIGS", "VARIANTS", "main", "run_variant", "run_bench", "format_table"]
 
 CONFIGS = {
@@ -67,6 +69,7 @@ CONFIGS = {
                    bos_token_id=1, eos_token_id=2),
         note="tiny Llama for CPU tests"),
 }
+CONFIGS.update(FAMILY_CONFIGS)  # one ~1B shape per further family (family_configs.py)
 
 # name -> (attn_implementation, TrainingArguments overrides, needs)
 VARIANTS = {
