@@ -230,6 +230,21 @@ class _EnergyMeter:
             self._cc.stop()
 
 
+def _liger_applied(model) -> bool:
+    """Whether Liger-Kernel patched ``model``: a module of a Liger class, a method bound on an instance from a
+    ``liger_kernel`` module (Liger's instance patching), or the modeling module's functions replaced by Liger's."""
+    import sys
+
+    def liger(obj) -> bool:
+        return (getattr(getattr(obj, "__func__", obj), "__module__", None) or "").startswith("liger_kernel")
+
+    for m in model.modules():
+        if type(m).__module__.startswith("liger_kernel") or any(liger(v) for v in vars(m).values() if callable(v)):
+            return True
+    modeling = sys.modules.get(type(model).__module__)
+    return modeling is not None and any(liger(v) for v in vars(modeling).values() if callable(v))
+
+
 def run_variant(config_name: str, variant: str, steps: int, time_from: int, seed: int = 0, progress: bool = True,
                 out_dir: str | None = None, efficiency_callback: bool = False, callbacks=None) -> dict:
     """Train ``config_name`` with ``variant`` in this process; returns the measurements (status "ok").
@@ -333,6 +348,7 @@ def run_variant(config_name: str, variant: str, steps: int, time_from: int, seed
         "window_s": window_s, "tokens_per_second_window": tokens_step * n_timed / window_s if window_s else None,
         "losses": timer.losses, "final_loss": timer.losses[-1] if timer.losses else None,
         "build_s": build_s, "train_wall_s": wall, "litespark_swapped": swapped,
+        "liger_applied": _liger_applied(model),  # use_liger_kernel on an unsupported family runs stock (a warning)
         "python_gc_timed": timer.gc_summary(),
     })
     if eff is not None and eff.report:
