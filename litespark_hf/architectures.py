@@ -40,6 +40,11 @@ SWAP_KINDS: dict[str, tuple[str, type]] = {
     "attention_no_rope_layers": ("rope", M.LitesparkNoRopeAttention),  # no RoPE where use_rope is off
     "attention_projection_norm": ("rope", M.LitesparkProjectionNormAttention),  # q/k norm over the projection
     "causal_lm_scaled_logits": ("fused_cross_entropy", M.LitesparkScaledLogitsCausalLM),  # logits / logits_scaling
+    # mixture-of-experts families (litespark_hf/modules/moe.py)
+    "moe_experts": ("mlp", M.LitesparkExperts),  # sorted once, one grouped GEMM per projection for all experts
+    "moe_model": ("attention", M.LitesparkMoeModel),  # router logits of an unpadded batch back in the padded rows
+    "moe_causal_lm": ("fused_cross_entropy", M.LitesparkMoeCausalLM),  # + router_aux_loss_coef * aux_loss
+    "attention_sinks": ("rope", M.LitesparkSinkAttention),  # GPT-OSS: sinks (reference attention), half-width RoPE
 }
 
 
@@ -194,6 +199,46 @@ ARCHITECTURES.update({
         "gemma3", "Gemma3", "Gemma3ForConditionalGeneration",
         "the text tower of Gemma3 (vision tower stock); image batches (token_type_ids) take transformers' masks",
         extra={"Gemma3Model": "gemma3_multimodal_model"}),
+})
+
+
+
+def _moe_family(model_type: str, prefix: str, notes: str, attention: str, norm: str = "rms_norm",
+                decoder_layer: bool = True, dense_mlp: bool = False) -> Architecture:
+    """A MoE family: experts (grouped GEMMs), the decoder stack (router logits re-padded), the loss with the aux
+    loss; router and MoE block stock. ``dense_mlp``: the family has dense MLPs too (shared expert, mlp_only_layers)."""
+    swaps = {
+        f"{prefix}RMSNorm": norm,
+        f"{prefix}Experts": "moe_experts",
+        f"{prefix}Attention": attention,
+        f"{prefix}Model": "moe_model",
+        f"{prefix}ForCausalLM": "moe_causal_lm",
+    }
+    if decoder_layer:
+        swaps[f"{prefix}DecoderLayer"] = "decoder_layer"
+    if dense_mlp:
+        swaps[f"{prefix}MLP"] = "gated_mlp"
+    return Architecture(model_type=model_type,
+                        modeling_module=f"transformers.models.{model_type}.modeling_{model_type}",
+                        swaps=swaps, notes=notes)
+
+
+ARCHITECTURES.update({
+    "mixtral": _moe_family(
+        "mixtral", "Mixtral", "as Mistral (config window); experts as grouped GEMMs (top-k softmax router, stock; "
+        "jitter noise stock)", attention="attention_config_window"),
+    "qwen2_moe": _moe_family(
+        "qwen2_moe", "Qwen2Moe", "as Qwen2 (q/k/v bias, window per layer); experts as grouped GEMMs, the shared "
+        "expert as a gated MLP (its sigmoid gate stock), mlp_only_layers / decoder_sparse_step as dense MLPs",
+        attention="attention_layer_window", dense_mlp=True),
+    "qwen3_moe": _moe_family(
+        "qwen3_moe", "Qwen3Moe", "as Qwen3 (per-head q/k RMSNorm); experts as grouped GEMMs, mlp_only_layers / "
+        "decoder_sparse_step as dense MLPs", attention="attention_layer_window", dense_mlp=True),
+    "gpt_oss": _moe_family(
+        "gpt_oss", "GptOss", "RMSNorm rounding as OLMo (the decoder layer stock: no fused adds), attention sinks "
+        "(reference attention, warned once), q/k/v/o bias, sliding / full layers, half-width RoPE; experts as grouped "
+        "GEMMs with biases, the clamped interleaved SwiGLU (alpha, limit) as stock",
+        attention="attention_sinks", norm="olmo_rms_norm", decoder_layer=False),
 })
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(ARCHITECTURES))

@@ -41,6 +41,22 @@ DENSE_FAMILY_CONFIGS = {
 DENSE_FAMILIES = tuple(DENSE_FAMILY_CONFIGS)
 FAMILY_CONFIGS.update(DENSE_FAMILY_CONFIGS)
 
+# Mixture-of-experts families (tests/test_families_moe.py): 4 experts, top-2, the aux loss in the loss, quirks on.
+# Registered in FAMILY_CONFIGS but not in FAMILIES, as the dense ones above.
+_MOE = dict(num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.1)
+MOE_FAMILY_CONFIGS = {
+    "mixtral": dict(_MOE, num_local_experts=4, sliding_window=8),
+    "qwen2_moe": dict(_MOE, num_experts=4, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+                      norm_topk_prob=False, num_hidden_layers=3, mlp_only_layers=[1], use_sliding_window=True,
+                      sliding_window=8, max_window_layers=1),
+    "qwen3_moe": dict(_MOE, num_experts=4, moe_intermediate_size=48, norm_topk_prob=True, head_dim=16,
+                      num_hidden_layers=3, mlp_only_layers=[1]),
+    "gpt_oss": dict(_MOE, num_local_experts=4, head_dim=16, sliding_window=8, attention_bias=True,
+                    layer_types=["sliding_attention", "full_attention"], pad_token_id=0, eos_token_id=2),
+}
+MOE_FAMILIES = tuple(MOE_FAMILY_CONFIGS)
+FAMILY_CONFIGS.update(MOE_FAMILY_CONFIGS)
+
 
 def tiny_config(family: str, **overrides):
     kwargs = {**COMMON, **FAMILY_CONFIGS[family], **overrides}

@@ -4,7 +4,8 @@ Each mixin here is combined with the Hugging Face class it replaces (``Litespark
 instance's ``__class__`` is pointed at that subclass: parameters, buffers, hooks, PEFT/LoRA wrappers and state-dict
 keys stay exactly as they were (nothing is copied), and `restore` points ``__class__`` back.
 
-One file per module kind: `norms`, `decoder`, `mlp`, `attention`, `lm_head`, `embedding`; `_swap` builds the swapped
+One file per module kind: `norms`, `decoder`, `mlp`, `attention`, `lm_head`, `embedding` (family variants in
+`families`, `gemma`, `moe`); `_swap` builds the swapped
 classes; `lora` fuses PEFT LoRA projections into the attention's and MLP's projection groups. The weight casts the
 modules read live in `litespark_hf.casting` (re-exported here).
 """
@@ -30,6 +31,10 @@ from .families import (
 )
 from .lm_head import LitesparkCausalLM, LitesparkLMHead
 from .lora import LoraGroup, LoraTerm, fused_bases, lora_group, lora_project
+from .moe import (
+    LitesparkExperts, LitesparkMoeCausalLM, LitesparkMoeModel, LitesparkSinkAttention, litespark_experts_forward,
+    register_experts_implementation,
+)
 from .mlp import GELUTanh, LitesparkGatedMLP, LitesparkGeluMLP, SiLUActivation, fused_gated_activation
 from .norms import LitesparkLayerNorm, LitesparkRMSNorm, link_norm_consumers, unlink_norm_consumers
 
@@ -48,4 +53,9 @@ __all__ = [
     "LitesparkGraniteDecoderLayer", "LitesparkNoRopeAttention", "LitesparkOlmoRMSNorm",
     "LitesparkPackedGatedMLP", "LitesparkPackedQKVAttention", "LitesparkPhi3DecoderLayer",
     "LitesparkProjectionNormAttention", "LitesparkScaledLogitsCausalLM",
+    # mixture-of-experts families (moe.py)
+    "LitesparkExperts", "LitesparkMoeCausalLM", "LitesparkMoeModel", "LitesparkSinkAttention",
+    "litespark_experts_forward", "register_experts_implementation",
 ]
+
+register_experts_implementation()  # experts_implementation="litespark" (transformers' ExpertsInterface)
