@@ -54,7 +54,7 @@ def test_packed_glu_bf16(act):
     g = torch.Generator(device="cuda").manual_seed(1)
     gu = (2 * torch.randn(4, 1000, 2 * 1000, device="cuda", generator=g)).bfloat16().requires_grad_(True)
     packed = getattr(lk, f"{act}_packed")
-    ref = getattr(lk.activations, f"{act}_reference")
+    ref = getattr(lk.ops.activations, f"{act}_reference")
     y = packed(gu)
     yr = ref(*gu.chunk(2, -1))
     gy = torch.randn_like(y)
