@@ -322,3 +322,21 @@ def test_experts_with_an_idle_expert_match_stock(family):
     for (name, pa), pb in zip(experts_a.named_parameters(), experts_b.parameters()):
         assert rel_err(pb.grad, pa.grad) <= 1e-5, name
     assert torch.count_nonzero(experts_b.gate_up_proj.grad[1]) == 0
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_flops_count_the_active_experts_only(family):
+    """6 N per token with N = every parameter, the routed experts scaled by top_k / E (router, shared experts and
+    dense layers in full)."""
+    from litespark_hf.efficiency import flops as F
+
+    model = tiny_model(family)
+    cfg = model.config
+    experts, top_k = model.model.layers[0].mlp.experts.num_experts, cfg.num_experts_per_tok
+    active = 0
+    for name, p in model.named_parameters():
+        active += p.numel() * top_k // experts if ".experts." in name else p.numel()
+    assert F.num_active_parameters(model) == active < F.num_parameters(model)
+    assert F.flops_per_token(cfg, 32, F.num_parameters(model)) == 6 * active + F.attention_flops_coefficient(cfg) * 32
+    dense = tiny_model("llama")
+    assert F.inactive_expert_parameters(dense.config) == 0

@@ -15,6 +15,10 @@ The formula (PaLM, appendix B; nanoGPT's ``estimate_mfu``), for a decoder-only t
 For a batch of sequences of unequal lengths ``n_i`` (padding, packing) the attention term is summed exactly:
 ``12 L d * sum_i n_i^2``, so a padded or packed batch is charged for its real tokens only.
 
+Mixture-of-experts models (mixtral, qwen2_moe, qwen3_moe, gpt_oss): ``N`` is the ACTIVE parameter count, what one
+token runs through: the routed experts count ``top_k`` of ``E`` per MoE layer (`inactive_expert_parameters` is
+subtracted from the given or counted total); the router, shared experts and dense layers count in full.
+
 Gradient checkpointing's recomputed forward is NOT counted (that is "model" FLOPs, not hardware FLOPs), and LoRA is
 charged the full ``6 N`` (the convention; frozen weights skip their weight gradient, about a third of it).
 
@@ -34,7 +38,7 @@ import re
 __all__ = [
     "PEAK_BF16_TFLOPS", "attention_flops_coefficient", "flops_per_token", "mfu", "num_parameters",
     "num_parameters_from_config", "peak_flops", "model_shape", "lm_head_parameters", "lora_parameters",
-    "post_training_step_flops",
+    "post_training_step_flops", "inactive_expert_parameters", "num_active_parameters",
 ]
 
 # (regular expression on the lower-cased device name, dense bf16 TFLOP/s per device, label). First match wins, so
@@ -173,12 +177,56 @@ def num_parameters_from_config(config) -> int:
     return embed + int(cfg.num_hidden_layers) * (attn + mlp + norms) + final_norm
 
 
+# MoE families: (attribute of the expert count, of the expert MLP width, parameters of one expert as a function of
+# (hidden, width)). Expert count and width are read from the config; the layers that are MoE by `_moe_layers`.
+_MOE_EXPERTS = {
+    "mixtral": ("num_local_experts", "intermediate_size", lambda h, i: 3 * h * i),
+    "qwen2_moe": ("num_experts", "moe_intermediate_size", lambda h, i: 3 * h * i),
+    "qwen3_moe": ("num_experts", "moe_intermediate_size", lambda h, i: 3 * h * i),
+    "gpt_oss": ("num_local_experts", "intermediate_size", lambda h, i: 3 * h * i + 2 * i + h),  # + the biases
+}
+
+
+def _moe_layers(cfg) -> int:
+    """How many decoder layers have routed experts (Qwen-MoE: not in ``mlp_only_layers``, every
+    ``decoder_sparse_step``-th)."""
+    layers = int(cfg.num_hidden_layers)
+    if cfg.model_type not in ("qwen2_moe", "qwen3_moe"):
+        return layers
+    dense = set(getattr(cfg, "mlp_only_layers", None) or ())
+    step = int(getattr(cfg, "decoder_sparse_step", 1) or 1)
+    return sum(1 for i in range(layers) if i not in dense and (i + 1) % step == 0)
+
+
+def inactive_expert_parameters(config) -> int:
+    """Routed-expert parameters a token does NOT run through: ``moe_layers * (E - top_k) * per_expert`` (0 for a
+    dense model)."""
+    cfg = _text_config(config)
+    spec = _MOE_EXPERTS.get(getattr(cfg, "model_type", None))
+    if spec is None:
+        return 0
+    count_attr, width_attr, per_expert = spec
+    experts = int(getattr(cfg, count_attr))
+    if experts <= 0:
+        return 0
+    top_k = int(cfg.num_experts_per_tok)
+    return _moe_layers(cfg) * (experts - top_k) * per_expert(int(cfg.hidden_size), int(getattr(cfg, width_attr)))
+
+
+def num_active_parameters(model) -> int:
+    """`num_parameters` less the routed experts a token skips (`inactive_expert_parameters`): the ``N`` of the
+    FLOP formula for MoE models; equal to `num_parameters` for dense ones."""
+    return num_parameters(model) - inactive_expert_parameters(getattr(model, "config", None))
+
+
 def flops_per_token(config, seq_len: int, num_params: int | None = None) -> int:
     """``6 N + 12 L d T`` training FLOPs per token for sequences of ``seq_len`` tokens.
 
-    ``num_params`` defaults to `num_parameters_from_config` (pass `num_parameters(model)` for an exact count).
+    ``num_params`` (ALL parameters) defaults to `num_parameters_from_config` (pass `num_parameters(model)` for an
+    exact count); for MoE models the experts a token skips are subtracted (`inactive_expert_parameters`).
     """
     n = num_parameters_from_config(config) if num_params is None else int(num_params)
+    n -= inactive_expert_parameters(config)
     return 6 * n + attention_flops_coefficient(config) * int(seq_len)
 
 
@@ -242,7 +290,7 @@ def post_training_step_flops(config, seq_lens, head_tokens: int, *, num_params: 
     2 FLOPs per token in the forward (multiply + add), 2 per token for the input gradient and 2 per token for the
     weight gradient. So, with ``T = sum(seq_lens)`` real tokens, ``S2 = sum(n_i^2)``, ``H = head_tokens``:
 
-    - ``N_layers``: every parameter but the embedding and LM head matrices (``num_params - V h``, ``- 2 V h`` when
+    - ``N_layers``: every ACTIVE parameter (MoE: top-k of the routed experts) but the embedding and LM head matrices (``num_params - V h``, ``- 2 V h`` when
       untied; ``num_params`` defaults to `num_parameters_from_config`); ``V h``: the LM head matrix. The input
       embedding is a lookup (no FLOPs; its gradient is a scatter, not counted).
     - forward: ``2 N_layers T + 2 P_lora T + 4 L d S2 + 2 V h H``. Attention scores ``Q K^T`` and ``P V`` over
@@ -272,6 +320,7 @@ def post_training_step_flops(config, seq_lens, head_tokens: int, *, num_params: 
     s2 = sum(n * n for n in lens)
     h = int(head_tokens)
     n_all = num_parameters_from_config(config) if num_params is None else int(num_params)
+    n_all -= inactive_expert_parameters(config)  # MoE: the routed experts a token runs through only
     vh = lm_head_parameters(config)
     n_layers = n_all - vh * (1 if getattr(cfg, "tie_word_embeddings", False) else 2)
     layers, d = model_shape(config)
