@@ -13,6 +13,13 @@ class LitesparkConfig:
     """Options of `litespark_hf.apply` (and of `use_litespark=True` through `litespark_config=`).
 
     Every switch defaults to on; turn one off to keep the stock module for that part.
+
+    Model types outside the architecture table: by default (``generic=True``) a decoder-only causal LM takes the
+    generic path (`litespark_hf.generic`: the attention backend and the modules recognised by structure and checked
+    against their stock forward; a warning lists what was swapped and what was left stock), so that a new
+    Llama-like family is sped up where it is safe and otherwise runs stock, never differently. ``allow_partial=True``
+    keeps its meaning (the attention backend alone); a model that is not a decoder-only causal LM, or in which the
+    generic path finds nothing to swap, gets `UnsupportedArchitectureError` (one line, naming the table).
     """
 
     attention: bool = field(default=True, metadata={"help": "Use the `litespark` attention backend."})
@@ -74,7 +81,18 @@ class LitesparkConfig:
         default=False,
         metadata={
             "help": "For an architecture outside the table, apply the attention backend only (with a warning) "
-            "instead of raising."
+            "instead of raising (or of the generic path: this wins over `generic`)."
+        },
+    )
+    generic: bool = field(
+        default=True,
+        metadata={
+            "help": "For a decoder-only causal LM outside the table (allow_partial off): the generic path "
+            "(litespark_hf.generic) - the attention backend plus the RMSNorms, gated MLPs, Llama-structured attention "
+            "and pre-norm decoder layers it recognises by structure, each checked once against its stock forward on "
+            "the model's own config before it is swapped; a one-time warning lists what was swapped and what was "
+            "left stock. False, or a model where it finds nothing to swap or that is no decoder-only causal LM: "
+            "UnsupportedArchitectureError."
         },
     )
 

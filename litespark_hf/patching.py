@@ -12,7 +12,7 @@ import warnings
 
 import torch.nn as nn
 
-from . import unpadding
+from . import generic, unpadding
 from .architectures import SUPPORTED_MODEL_TYPES, SWAP_KINDS, get_architecture
 from .attention import ATTENTION_NAME, partial_attention_problem, position_pre_hook, register
 from .casting import link_cast_owners, unlink_cast_owners
@@ -43,7 +43,8 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
         **overrides: `LitesparkConfig` fields, e.g. ``apply(model, fused_cross_entropy=False)``.
 
     Raises:
-        UnsupportedArchitectureError: the model type is not in the table and ``allow_partial`` is False.
+        UnsupportedArchitectureError: the model type is not in the table, ``allow_partial`` is False, and the generic
+            path (`litespark_hf.generic`) cannot take the model.
     """
     cfg = LitesparkConfig.from_any(config)
     if overrides:
@@ -52,18 +53,23 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
     hf_config = getattr(base, "config", None)
     model_type = getattr(hf_config, "model_type", None)
     arch = get_architecture(model_type) if model_type else None
+    generic_plan = None
     if arch is None:
         message = (
             f"litespark supports the model types {', '.join(SUPPORTED_MODEL_TYPES)}; got {model_type!r} "
             f"({type(base).__name__})."
         )
-        if not cfg.allow_partial:
-            raise UnsupportedArchitectureError(
-                message + " Pass allow_partial=True (LitesparkConfig) to use the litespark attention backend alone."
-            )
         problem = partial_attention_problem(hf_config) if cfg.attention else None
         if problem:  # the backend would never see this feature: refuse rather than compute a different attention
-            raise UnsupportedArchitectureError(message + " allow_partial=True, but " + problem)
+            raise UnsupportedArchitectureError(message + (" allow_partial=True, but " if cfg.allow_partial else " ")
+                                               + problem)
+        if not cfg.allow_partial:  # the generic path (litespark_hf.generic), or the error
+            generic_plan, why = generic.plan(base, cfg) if cfg.generic else (None, "generic=False.")
+            if generic_plan is None:
+                raise UnsupportedArchitectureError(
+                    f"{message} {why} Pass allow_partial=True (LitesparkConfig) to use the litespark attention "
+                    "backend alone."
+                )
 
     register()
     state = base.__dict__.get(_STATE_ATTR) or {"attn_implementation": hf_config._attn_implementation}
@@ -74,10 +80,14 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
                 f"{type(base).__name__} does not route its attention through transformers' AttentionInterface, so "
                 f"the litespark attention backend cannot be switched on (it stays {hf_config._attn_implementation!r})."
             )
-    if arch is None:
+    if arch is None and generic_plan is None:
         warnings.warn(message + " allow_partial=True: only the attention backend is switched.", stacklevel=2)
 
     counts: dict[str, int] = {}
+    if generic_plan is not None:
+        generic.warn_once(generic_plan)
+        counts = generic.swap(base, generic_plan)
+        state["generic"] = generic_plan.report()
     if arch is not None:
         wanted = {cls: kind for cls, kind in arch.resolve().items() if getattr(cfg, SWAP_KINDS[kind][0])}
         for module in base.modules():
