@@ -22,6 +22,7 @@ from .modules import (
     LitesparkCausalLM, LitesparkEmbedding, LitesparkLMHead, link_decoder_layers, link_norm_consumers, original_class,
     swapped_class, unlink_decoder_layers, unlink_norm_consumers,
 )
+from .sharding import maybe_register_zero3, unregister_zero3_fused_weights
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
         link_norm_consumers(base)
         link_cast_owners(base)
         link_decoder_layers(base)
+        maybe_register_zero3(base)  # DeepSpeed ZeRO-3: the fused modules gather their children's weights
         if cfg.attention and _HOOK_ATTR not in base.__dict__:
             # positions made by us need no packed-document check (a host sync per forward; see _OwnPositions)
             stack = getattr(base, "base_model", None)
@@ -139,6 +141,7 @@ def restore(model: nn.Module) -> nn.Module:
     unlink_norm_consumers(base)
     unlink_cast_owners(base)
     unlink_decoder_layers(base)
+    unregister_zero3_fused_weights(base)
     hook = base.__dict__.pop(_HOOK_ATTR, None)
     if hook is not None:
         hook.remove()

@@ -15,9 +15,15 @@ steps / their tokens, or, without NVML, CodeCarbon's offline estimate (flagged).
 subprocess by default (``--no-isolate`` to run in-process): Liger's and torch.compile's global patches and caches
 cannot leak into the next variant, and an out-of-memory or a crash is recorded and the run goes on.
 
+Engines (``--engine``): ``none`` (one device, the default), ``fsdp2`` or ``zero3``: every variant trained under
+FSDP2 or DeepSpeed ZeRO-3 configured as ``accelerate_configs/fsdp2.yaml`` / ``deepspeed_zero3.yaml`` configure a
+script, at world size 1 when not started by a launcher (`litespark_hf.efficiency.engines`); the speedups are then
+over the same engine's ``sdpa`` run.
+
 Usage: ``litespark-train-bench --config llama-1b`` (or ``python benchmarks/train_bench.py ...``); ``--tiny`` is
-a CPU-sized config for tests. Writes ``train_bench_<config>_<device>.json`` and ``.png`` (device tag from
-`litespark_hf.efficiency.device.device_tag`: ``h100``, ``h200``, ``cpu``, ...; ``--tag`` appends a suffix) to ``--out``.
+a CPU-sized config for tests. Writes ``train_bench_<config>_<device>.json`` and ``.png`` (with an engine:
+``train_bench_<config>_<engine>_<device>``; device tag from `litespark_hf.efficiency.device.device_tag`: ``h100``,
+``h200``, ``cpu``, ...; ``--tag`` appends a suffix) to ``--out``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import tempfile
 import time
 import traceback
 
+from . import engines as _engines
 from .family_configs import FAMILY_CONFIGS
 
 __all__ = ["CONFIGS", "VARIANTS", "main", "run_variant", "run_bench", "format_table"]
@@ -246,22 +253,27 @@ def _liger_applied(model) -> bool:
 
 
 def run_variant(config_name: str, variant: str, steps: int, time_from: int, seed: int = 0, progress: bool = True,
-                out_dir: str | None = None, efficiency_callback: bool = False, callbacks=None) -> dict:
+                out_dir: str | None = None, efficiency_callback: bool = False, callbacks=None,
+                engine: str = "none") -> dict:
     """Train ``config_name`` with ``variant`` in this process; returns the measurements (status "ok").
 
-    ``callbacks``: extra `TrainerCallback`s (e.g. a profiler window, ``benchmarks/profile_step.py``)."""
+    ``callbacks``: extra `TrainerCallback`s (e.g. a profiler window, ``benchmarks/profile_step.py``). ``engine``:
+    "none", "fsdp2" or "zero3" (`litespark_hf.efficiency.engines`; this process is configured for it)."""
     import torch
 
     cfg = CONFIGS[config_name]
     attn, overrides, needs = VARIANTS[variant]
-    result = {"name": variant, "attn_implementation": attn, **{k: v for k, v in overrides.items()}}
-    if needs:
+    result = {"name": variant, "attn_implementation": attn, **{k: v for k, v in overrides.items()}, "engine": engine}
+    for module in (needs, "deepspeed" if engine == "zero3" else None):
+        if module is None:
+            continue
         try:
-            __import__(needs)
+            __import__(module)
         except Exception as exc:  # noqa: BLE001
-            return {**result, "status": f"skipped ({needs} not importable: {type(exc).__name__})"}
+            return {**result, "status": f"skipped ({module} not importable: {type(exc).__name__})"}
     cuda = torch.cuda.is_available()
     bf16 = cfg.get("bf16", True) and cuda
+    _engines.enter(engine, "bf16" if bf16 else "no", cuda)
     from transformers import AutoModelForCausalLM
 
     from . import flops as F
@@ -283,7 +295,8 @@ def run_variant(config_name: str, variant: str, steps: int, time_from: int, seed
                   lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=steps,
                   save_strategy="no", report_to=[], bf16=bf16, gradient_checkpointing=cfg["gradient_checkpointing"],
                   gradient_checkpointing_kwargs={"use_reentrant": False} if cfg["gradient_checkpointing"] else None,
-                  dataloader_num_workers=0, disable_tqdm=True, seed=seed, data_seed=seed, use_cpu=not cuda,
+                  dataloader_num_workers=0, disable_tqdm=True, seed=seed, data_seed=seed,
+                  use_cpu=not cuda and engine != "zero3",  # accelerate turns DeepSpeed off for use_cpu
                   optim="adamw_torch_fused" if cuda else "adamw_torch", max_grad_norm=1.0)
     if overrides.get("use_litespark"):
         from litespark_hf import Trainer, TrainingArguments
@@ -349,6 +362,7 @@ def run_variant(config_name: str, variant: str, steps: int, time_from: int, seed
         "losses": timer.losses, "final_loss": timer.losses[-1] if timer.losses else None,
         "build_s": build_s, "train_wall_s": wall, "litespark_swapped": swapped,
         "liger_applied": _liger_applied(model),  # use_liger_kernel on an unsupported family runs stock (a warning)
+        "engine_info": _engines.describe(trainer, model) if engine != "none" else None,
         "python_gc_timed": timer.gc_summary(),
     })
     if eff is not None and eff.report:
@@ -381,25 +395,27 @@ def _failure(variant: str, exc: BaseException) -> dict:
     return {"name": variant, "status": status, "traceback": tb[-4000:]}
 
 
-def _run_isolated(config_name, variant, steps, time_from, seed, progress, timeout, out_dir, callback) -> dict:
+def _run_isolated(config_name, variant, steps, time_from, seed, progress, timeout, out_dir, callback,
+                  engine="none") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         res_path = os.path.join(tmp, "result.json")
         cmd = [sys.executable, "-m", "litespark_hf.efficiency.bench", "--_worker", res_path, "--config", config_name,
                "--variants", variant, "--steps", str(steps), "--time-from", str(time_from), "--seed", str(seed),
-               "--out", out_dir] + ([] if progress else ["--no-progress"]) + (
+               "--out", out_dir, "--engine", engine] + ([] if progress else ["--no-progress"]) + (
                    ["--efficiency-callback-on", variant] if callback else [])
         try:
             # stderr passes through (the step progress bar, warnings); stdout is kept for a failure's log tail
             proc = subprocess.run(cmd, timeout=timeout, stdout=subprocess.PIPE, text=True)
         except subprocess.TimeoutExpired as exc:
             tail = (exc.stdout or b"")[-3000:] if isinstance(exc.stdout, bytes) else (exc.stdout or "")[-3000:]
-            return {"name": variant, "status": f"timeout after {timeout}s", "log_tail": str(tail)}
+            return {"name": variant, "engine": engine, "status": f"timeout after {timeout}s", "log_tail": str(tail)}
         if os.path.exists(res_path):
             with open(res_path) as fh:
                 res = json.load(fh)
         else:
             low = proc.stdout.lower()
-            res = {"name": variant, "status": "OOM" if "out of memory" in low else f"crashed (exit {proc.returncode})"}
+            res = {"name": variant, "engine": engine,
+                   "status": "OOM" if "out of memory" in low else f"crashed (exit {proc.returncode})"}
         if res.get("status") != "ok":
             res["log_tail"] = proc.stdout[-3000:]
         return res
@@ -469,15 +485,19 @@ def _environment() -> dict:
 def run_bench(config_name: str, variants: list[str], steps: int, time_from: int, seed: int = 0,
               out_dir: str = "benchmarks/results", isolate: bool = True, progress: bool = True,
               variant_timeout: float | None = None, tag: str | None = None,
-              callback_on: tuple[str, ...] = ()) -> dict:
+              callback_on: tuple[str, ...] = (), engine: str = "none") -> dict:
     from .device import device_tag
     from .plot import plot_bench
 
+    if engine not in _engines.ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose from {_engines.ENGINES}")
     os.makedirs(out_dir, exist_ok=True)
     env = _environment()
-    stem = f"train_bench_{config_name}_{device_tag()}" + (f"_{tag}" if tag else "")
+    stem = f"train_bench_{config_name}_" + (f"{engine}_" if engine != "none" else "") + device_tag() \
+        + (f"_{tag}" if tag else "")
     result = {"config": {"name": config_name, **{k: v for k, v in CONFIGS[config_name].items()},
                          "steps": steps, "time_from": time_from, "seed": seed},
+              "engine": engine, "engine_config": _engines.ACCELERATE_CONFIGS.get(engine),
               "device": env["device"], "environment": env, "variants": [],
               "method": "median step time over the timed steps (device sync per step); energy over the same window"}
     bar = None
@@ -494,10 +514,11 @@ def run_bench(config_name: str, variants: list[str], steps: int, time_from: int,
         t0 = time.perf_counter()
         if isolate:
             res = _run_isolated(config_name, v, steps, time_from, seed, progress, variant_timeout, out_dir,
-                                v in callback_on)
+                                v in callback_on, engine)
         else:
             try:
-                res = run_variant(config_name, v, steps, time_from, seed, progress, out_dir, v in callback_on)
+                res = run_variant(config_name, v, steps, time_from, seed, progress, out_dir, v in callback_on,
+                                  engine=engine)
             except BaseException as exc:  # noqa: BLE001 - OOM or a broken variant must not end the run
                 if isinstance(exc, KeyboardInterrupt):
                     raise
@@ -548,6 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (default 24; tiny 6)")
     p.add_argument("--time-from", type=int, default=None, help="first timed step, 1-based (default 7; tiny 3)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", default="none", choices=_engines.ENGINES,
+                   help="train every variant under FSDP2 or DeepSpeed ZeRO-3 (as accelerate_configs/fsdp2.yaml / "
+                        "deepspeed_zero3.yaml; world size 1 unless launched); output train_bench_<config>_<engine>_"
+                        "<device>.json")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and the PNG")
     p.add_argument("--tag", default=None,
                    help="suffix of the output file names (train_bench_<config>_<device>_<tag>.json)")
@@ -582,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     if a._worker:  # child process of an isolated run
         try:
             res = run_variant(config, variants[0], steps, time_from, a.seed, not a.no_progress, a.out,
-                              variants[0] in a.efficiency_callback_on.split(","))
+                              variants[0] in a.efficiency_callback_on.split(","), engine=a.engine)
         except BaseException as exc:  # noqa: BLE001
             res = _failure(variants[0], exc)
         with open(a._worker, "w") as fh:
@@ -590,9 +615,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     result = run_bench(config, variants, steps, time_from, a.seed, a.out, isolate=not a.no_isolate,
                        progress=not a.no_progress, variant_timeout=a.variant_timeout, tag=a.tag,
-                       callback_on=tuple(x for x in a.efficiency_callback_on.split(",") if x))
+                       callback_on=tuple(x for x in a.efficiency_callback_on.split(",") if x), engine=a.engine)
     print(f"\ntrain_bench {config} ({cfg['note']}); steps {steps}, timed {time_from}-{steps}; "
-          f"device: {result['device']}")
+          f"engine: {a.engine}; device: {result['device']}")
     print(result["table"])
     return 0
 

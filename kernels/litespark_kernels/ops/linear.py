@@ -129,9 +129,20 @@ def _plain_tensor(t: torch.Tensor | None) -> bool:
     layer's norm; every layer's weights at the root's forward, where `cast_projection_weights` looks) are DTensors,
     which are not plain: `fused_linear` runs the torch reference on them. With the root as the only unit, every
     weight is plain from the root's pre-forward to the end of its backward. DeepSpeed ZeRO-3 parameters (``ds_id``)
-    are gathered only around their own module's call, so they are never plain here.
+    are never plain here, whether gathered or not (`_gathered` tells the two apart where a caller can use them).
     """
     return t is None or (not _is_dtensor(t) and not hasattr(t, "ds_id"))
+
+
+def _gathered(t: torch.Tensor | None) -> bool:
+    """`_plain_tensor`, or a DeepSpeed ZeRO-3 parameter that is whole right now and held so for the running module:
+    ``AVAILABLE`` and persistent or in use by an active sub-module (its own, or one it is registered on as an external
+    parameter: `litespark_hf.sharding`), so that it is gathered again for that module's backward."""
+    if _plain_tensor(t):
+        return True
+    status = getattr(t, "ds_status", None)
+    return getattr(status, "name", None) == "AVAILABLE" and (
+        bool(getattr(t, "ds_persist", False)) or bool(getattr(t, "ds_active_sub_modules", None)))
 
 
 def fused_linear(x: torch.Tensor, weights: Sequence[torch.Tensor],
@@ -139,10 +150,11 @@ def fused_linear(x: torch.Tensor, weights: Sequence[torch.Tensor],
                  cast: torch.Tensor | None = None) -> torch.Tensor:
     """``cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)`` as one GEMM (see the module docstring).
 
-    Weights must share the input size (and dtype). Sharded parameters (FSDP2 DTensors, DeepSpeed ZeRO-3) take the
-    reference path; FSDP2's gathered weights inside their unit's forward are plain tensors and are fused
-    (`_plain_tensor`). ``cast``: the weights already cast to the compute dtype and concatenated (a view returned by
-    `cast_weights`), used instead of casting here; ignored when its dtype or shape does not fit.
+    Weights must share the input size (and dtype). Sharded parameters (FSDP2 DTensors, DeepSpeed ZeRO-3 partitions)
+    take the reference path; FSDP2's gathered weights inside their unit's forward are plain tensors, and ZeRO-3's
+    gathered for the running module are whole, so both are fused (`_gathered`). ``cast``: the weights already cast
+    to the compute dtype and concatenated (a view returned by `cast_weights`), used instead of casting here; ignored
+    when its dtype or shape does not fit.
     """
     n = len(weights)
     if n == 0:
@@ -156,10 +168,10 @@ def fused_linear(x: torch.Tensor, weights: Sequence[torch.Tensor],
     for w in weights:
         if w.dim() != 2 or w.shape[1] != k:
             raise ValueError(f"weight of shape {tuple(w.shape)} does not take inputs of size {k}")
-        if w.dtype != dtype or not _plain_tensor(w):
+        if w.dtype != dtype or not _gathered(w):
             return fused_linear_reference(x, weights, biases)
     for b in biases:
-        if b is not None and not _plain_tensor(b):
+        if not _gathered(b):
             return fused_linear_reference(x, weights, biases)
     return _FusedLinear.apply(x, n, cast, *weights, *biases)
 
