@@ -29,7 +29,8 @@ def test_backend_and_mask_function_are_registered():
 
 
 FAMILIES_IN_TABLE = {"llama", "mistral", "qwen2", "qwen3", "starcoder2", "gemma2", "gemma3", "gemma3_text", "phi3",
-                     "smollm3", "olmo2", "olmo3", "granite", "ministral"}
+                     "smollm3", "olmo2", "olmo3", "granite", "ministral", "mixtral", "qwen2_moe", "qwen3_moe",
+                     "gpt_oss"}
 
 
 def test_table_covers_the_families_and_every_class_resolves():

@@ -316,7 +316,7 @@ class EfficiencyCallback(TrainerCallback):
 
         base = unwrap_model(model)
         config = getattr(base, "config", None)
-        info: dict[str, Any] = {"num_parameters": _flops.num_parameters(base)}
+        info: dict[str, Any] = {"num_parameters": _flops.num_active_parameters(base)}
         if config is not None:
             try:
                 layers, d = _flops.model_shape(config)
