@@ -311,7 +311,8 @@ def _tensors(out, path="out") -> list:
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+    a, b = a.float(), b.float()
+    return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30)).item()
 
 
 def _differ(a, b, what: str, tol: float) -> str | None:
