@@ -7,9 +7,9 @@ run not started by a launcher gets the single-process distributed environment a 
 (`single_process_env`: rank 0 of world size 1), so both engines run at world size 1 with the same sharded parameter
 types (DTensors, ZeRO-3 partitions) and the same hooks as on several GPUs.
 
-On a CPU-only machine (the tests): DeepSpeed runs on its CPU accelerator (``DS_ACCELERATOR=cpu``, gloo), and
-accelerate, which turns FSDP on only for GPU-like device types, is told that this gloo CPU run is FSDP
-(`allow_fsdp_on_cpu`).
+On a CPU-only machine (the tests): DeepSpeed runs on its CPU accelerator (``DS_ACCELERATOR=cpu``) with gloo's
+collectives (`decline_deepspeed_shm_comm`), and accelerate, which turns FSDP on only for GPU-like device types, is
+told that this gloo CPU run is FSDP (`allow_fsdp_on_cpu`).
 """
 
 from __future__ import annotations
@@ -97,7 +97,19 @@ def enter(engine: str, mixed_precision: str, cuda: bool) -> dict[str, str]:
     os.environ.update(env)
     if engine == "fsdp2" and not cuda:
         allow_fsdp_on_cpu()
+    if engine == "zero3" and not cuda:
+        decline_deepspeed_shm_comm()
     return env
+
+
+def decline_deepspeed_shm_comm() -> None:
+    """Keep DeepSpeed's CPU accelerator on gloo's collectives: its shared-memory all-reduce is a C++ op compiled at
+    the first ``init_distributed`` (about 2 minutes on 2 cores, needs a compiler), marked incompatible here instead.
+    DeepSpeed then uses torch.distributed's gloo ops; the results are the same."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def describe(trainer, model) -> dict:
