@@ -78,6 +78,10 @@ def _apply_to_trainer_model(trainer, model, sat: bool = True):
     """`apply` on one of the trainer's models (and the SAT callback), when ``args.use_litespark`` is set."""
     if model is None or not getattr(trainer.args, "use_litespark", False):
         return model
+    target = _deepspeed_module(model)
+    if target is not model:  # TRL's DPO hands a ZeRO-3 reference model to DeepSpeed in __init__, before train()
+        _apply_to_trainer_model(trainer, target, sat)
+        return model
     cfg = _trainer_litespark_config(trainer)
     if not sat:  # a frozen reference model never runs sparse
         cfg = LitesparkConfig.from_any({**cfg.to_dict(), "sat_omission_rate_mlp": 0.0,
@@ -89,6 +93,11 @@ def _apply_to_trainer_model(trainer, model, sat: bool = True):
         # First in line, so that reporting callbacks (TensorBoard, W&B) see the sat/* keys it adds to the logs.
         trainer.callback_handler.callbacks.insert(0, SATCallback(cfg))
     return model
+
+
+def _deepspeed_module(model):
+    """The module inside a ``deepspeed.DeepSpeedEngine`` (``.module``), else ``model``."""
+    return model.module if type(model).__name__ == "DeepSpeedEngine" and hasattr(model, "module") else model
 
 
 _STOCK_WARNED: set[type] = set()

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from recipe_utils.args import DataArguments, parse_args, require, require_min, training_defaults  # noqa: E402
 from recipe_utils.card import install_model_card, save_all  # noqa: E402
 from recipe_utils.data import check_columns, is_embedded, load_any_dataset  # noqa: E402
-from recipe_utils.evaluation import completion_logps, single_process_model  # noqa: E402
+from recipe_utils.evaluation import completion_logps, single_process_model, whole_parameters  # noqa: E402
 from recipe_utils.models import check_lora_targets, check_model_path, check_vocab_size, load_start  # noqa: E402
 from recipe_utils.output_dir import OutputDir, plan_run  # noqa: E402
 from recipe_utils.run import attach_callbacks, run_main  # noqa: E402
@@ -100,7 +100,8 @@ def main(argv=None) -> dict:
 
     results = {"start": start.description}
     before = None
-    if heldout is not None and script_args.preference_eval_samples > 0 and hasattr(heldout, "select"):
+    if heldout is not None and script_args.preference_eval_samples > 0 and hasattr(heldout, "select") \
+            and whole_parameters(model):  # not on a ZeRO-3 partitioned model (as after training)
         before = preference_figures(model, tokenizer, heldout, script_args.preference_eval_samples)
         if before is not None:
             results["heldout_pref_accuracy_before"] = (before[0] > before[1]).float().mean().item()

@@ -24,7 +24,8 @@ from recipe_utils import RecipeError  # noqa: E402
 from recipe_utils.args import EMBEDDED, DataArguments, parse_args, require_min, training_defaults  # noqa: E402
 from recipe_utils.card import install_model_card, save_all  # noqa: E402
 from recipe_utils.data import check_columns, is_embedded, load_any_dataset  # noqa: E402
-from recipe_utils.evaluation import conversational_eval_pairs, greedy_exact_match, single_process_model  # noqa: E402
+from recipe_utils.evaluation import (conversational_eval_pairs, greedy_exact_match, single_process_model,  # noqa: E402
+                                     whole_parameters)
 from recipe_utils.models import check_lora_targets, check_model_path, check_vocab_size, load_start  # noqa: E402
 from recipe_utils.output_dir import OutputDir, plan_run  # noqa: E402
 from recipe_utils.run import attach_callbacks, run_main  # noqa: E402
@@ -100,7 +101,7 @@ def main(argv=None) -> dict:
 
     pairs = conversational_eval_pairs(heldout, script_args.exact_match_samples)
     results = {"start": start.description}
-    if pairs:
+    if pairs and whole_parameters(model):  # not on a ZeRO-3 partitioned model (as after training)
         em_before, _ = greedy_exact_match(model, tokenizer, *pairs, script_args.exact_match_max_new_tokens)
         results["heldout_exact_match_before"] = em_before
 

@@ -28,11 +28,9 @@ TOL = 1e-6  # stock vs Litespark under one engine, and an engine vs none (fp32, 
 
 
 def _has_deepspeed() -> bool:
-    try:
-        import deepspeed  # noqa: F401
-    except Exception:  # noqa: BLE001 - not installed, or broken
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
 
 
 def _bench(out: Path, engine: str) -> dict:

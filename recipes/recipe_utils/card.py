@@ -18,6 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .data import describe_source
+from .evaluation import PROBE_ENV, write_logits_probe
 
 METHODS = {
     "pretrain": ("pre-training", "causal language modelling (next-token prediction) on packed documents whose "
@@ -194,8 +195,12 @@ def install_model_card(trainer, recipe: str, start: str | None, source: str, dat
 
 
 def save_all(trainer, tokenizer, output_dir: str, recipe: str, results: dict):
-    """Save the model and tokenizer, write the model card (with a results section) and results.json."""
+    """Save the model and tokenizer, write the model card (with a results section) and results.json (and, when
+    ``LITESPARK_LOGITS_PROBE`` names a file, the in-run model's logits on a fixed batch: `write_logits_probe`)."""
     trainer.save_model(output_dir)
+    probe = os.environ.get(PROBE_ENV)
+    if probe:
+        write_logits_probe(trainer, probe)
     if not trainer.is_world_process_zero():
         return
     tokenizer.save_pretrained(output_dir)

@@ -19,6 +19,40 @@ def single_process_model(trainer):
     return trainer.accelerator.unwrap_model(trainer.model)
 
 
+def whole_parameters(model) -> bool:
+    """False when the model was loaded partitioned (DeepSpeed ZeRO-3's ``zero3_init``: parameters with ``ds_id``,
+    gathered only inside the engine's forward), so it cannot run on its own before training."""
+    return not any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+PROBE_ENV = "LITESPARK_LOGITS_PROBE"
+
+
+def probe_ids(vocab_size: int, batch: int = 2, seq: int = 32) -> torch.Tensor:
+    """A fixed batch of token ids (no randomness) for comparing a trained model with its saved copy."""
+    return (torch.arange(batch * seq).reshape(batch, seq) * 7919 + 13) % vocab_size
+
+
+@torch.no_grad()
+def write_logits_probe(trainer, path: str) -> None:
+    """fp32 logits of the trained in-run model (sharded or not) on `probe_ids`, saved to ``path`` by the main process.
+
+    Every process runs the forward (FSDP2 unshards and ZeRO-3 gathers through collectives); ``benchmarks/
+    engines_check.py`` loads the saved model with plain ``from_pretrained`` and compares its logits with these.
+    Written when the environment variable ``LITESPARK_LOGITS_PROBE`` names a file (`save_all`)."""
+    model = trainer.model
+    vocab = trainer.accelerator.unwrap_model(model).config.get_text_config().vocab_size
+    ids = probe_ids(vocab).to(trainer.args.device)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=ids, use_cache=False).logits.float().cpu()
+    finally:
+        model.train(was_training)
+    if trainer.is_world_process_zero():
+        torch.save({"input_ids": ids.cpu(), "logits": logits}, path)
+
+
 def _chat_ids(tokenizer, messages, add_generation_prompt):
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
     if isinstance(out, dict) or hasattr(out, "keys"):
