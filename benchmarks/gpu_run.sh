@@ -14,7 +14,14 @@
 #                4), 14 steps with 5-14 timed: train_bench.log, train_bench_llama-1b_<device>.json/.png
 #   fsdp2-probe  four tiny FSDP2 one-process pretrain runs that isolate the FSDP2 evaluate() failure (litespark
 #                on/off, untied embeddings, cpu_ram_efficient_loading off): summary on stdout, fsdp_lit_tied.log
-#   all          tests,kernels,recipes,train,fsdp2-probe
+#   engines      issue #20 at world size 1 on one GPU (needs the deepspeed wheel, .whl/): (a) recipes/pretrain.py,
+#                sft.py, dpo.py with --use_litespark through fsdp2.yaml and deepspeed_zero3.yaml, 6 steps each on a
+#                tiny Llama: train + evaluate + save, reload with plain from_pretrained (logits vs the in-run model),
+#                resume from the sharded checkpoint (losses vs the uninterrupted run); one PASS/FAIL line per check
+#                (benchmarks/engines_check.py; engines_check.log, engines_check.json); (b) litespark-train-bench on
+#                the Llama-3.2-1B shape, sdpa and litespark, --engine fsdp2 and zero3, 12 steps with 6-12 timed:
+#                train_bench_engines.log, train_bench_llama-1b_<engine>_<device>.json/.png
+#   all          tests,kernels,recipes,train,fsdp2-probe,engines
 #
 # OUT_DIR defaults to outputs/gpu_run. Every command also writes device.txt (GPU name, driver, power limit,
 # memory; torch/triton/transformers versions). A failing step is reported ("== STEP exit N") and the next step
@@ -33,12 +40,12 @@ PYTHON=${PYTHON:-python3}
 case "$COMMANDS" in
   -h|--help) usage; exit 0 ;;
   "") usage; exit 2 ;;
-  all) COMMANDS=tests,kernels,recipes,train,fsdp2-probe ;;
+  all) COMMANDS=tests,kernels,recipes,train,fsdp2-probe,engines ;;
 esac
 IFS=, read -r -a CMDS <<< "$COMMANDS"
 for c in "${CMDS[@]}"; do
   case "$c" in
-    tests|kernels|recipes|train|fsdp2-probe) ;;
+    tests|kernels|recipes|train|fsdp2-probe|engines) ;;
     *) echo "gpu_run.sh: unknown command '$c'" >&2; usage; exit 2 ;;
   esac
 done
@@ -47,11 +54,11 @@ mkdir -p "$OUT_DIR"
 export PYTHONPATH=${PYTHONPATH:-}:$PWD/kernels:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 FAILED=()
 
-step() {  # step NAME FUNCTION: run it, report its exit status; a failure is recorded and the run goes on
-  local name=$1 rc=0
+step() {  # step NAME FUNCTION: run it, report its exit status and time; a failure is recorded and the run goes on
+  local name=$1 rc=0 t0=$SECONDS
   shift
   "$@" || rc=$?
-  echo "== $name exit $rc"
+  echo "== $name exit $rc ($((SECONDS - t0)) s)"
   if (( rc != 0 )); then FAILED+=("$name"); fi
 }
 
@@ -132,6 +139,25 @@ fsdp2_probe() {
   tail -c 20000 /tmp/fsdp_lit_tied.log > "$OUT_DIR/fsdp_lit_tied.log" || true
 }
 
+engines_check() {  # the recipes under both engines; work files in /tmp, the summary and the log in OUT_DIR
+  local rc=0
+  "$PYTHON" benchmarks/engines_check.py --out /tmp/engines_check --engines fsdp2,zero3 \
+    > "$OUT_DIR/engines_check.log" 2>&1 || rc=$?
+  grep -E "^(PASS|FAIL) |^engines_check:" "$OUT_DIR/engines_check.log" || tail -20 "$OUT_DIR/engines_check.log"
+  cp /tmp/engines_check/engines_check.json "$OUT_DIR/" 2>/dev/null || true
+  return $rc
+}
+
+engines_bench() {
+  local rc=0 engine
+  for engine in fsdp2 zero3; do
+    "$PYTHON" benchmarks/train_bench.py --config llama-1b --engine "$engine" --variants sdpa,litespark \
+      --steps 12 --time-from 6 --out "$OUT_DIR" --no-progress >> "$OUT_DIR/train_bench_engines.log" 2>&1 || rc=$?
+    grep -E "^\| (sdpa|litespark) " "$OUT_DIR/train_bench_engines.log" | tail -2 | sed "s/^/$engine /"
+  done
+  return $rc
+}
+
 step device-info device_info
 for c in "${CMDS[@]}"; do
   case "$c" in
@@ -143,6 +169,9 @@ for c in "${CMDS[@]}"; do
       step pretrain-tiny-fsdp2 pretrain_tiny_fsdp2 ;;
     train) step train-bench train_bench ;;
     fsdp2-probe) step fsdp2-probe fsdp2_probe ;;
+    engines)
+      step engines-check engines_check
+      step engines-bench engines_bench ;;
   esac
 done
 if (( ${#FAILED[@]} )); then

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import json
 import os
 import sys
@@ -55,6 +54,7 @@ from torch.distributed.fsdp import fully_shard  # noqa: E402
 import litespark_kernels  # noqa: E402
 import litespark_kernels.ops.linear as lk_linear  # noqa: E402
 import litespark_hf  # noqa: E402
+from litespark_hf.efficiency.engines import allow_fsdp_on_cpu  # noqa: E402
 from tiny_models import VOCAB, tiny_model, tiny_tokenizer  # noqa: E402
 
 GLOBAL_BATCH, SEQ, STEPS, LR = 4, 33, 5, 1e-3
@@ -236,26 +236,6 @@ def train_check(mesh, rank, world, layout: str, tied: bool) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # SFTTrainer train + evaluate through accelerate's FSDP2 preparation
 # ---------------------------------------------------------------------------------------------------------------
-def _accelerate_fsdp_on_cpu() -> None:
-    """Let accelerate's state take a gloo CPU run as FSDP (it only does for GPU-like device types)."""
-    import accelerate.state as st
-    from accelerate.utils import DistributedType
-
-    if getattr(st.AcceleratorState.__init__, "_fsdp_on_cpu", False):
-        return
-    init = st.AcceleratorState.__init__
-
-    @functools.wraps(init)
-    def patched(self, *args, fsdp_plugin=None, **kwargs):
-        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type in (DistributedType.MULTI_CPU, DistributedType.NO):
-            self.distributed_type = DistributedType.FSDP
-            self.fsdp_plugin = fsdp_plugin
-
-    patched._fsdp_on_cpu = True
-    st.AcceleratorState.__init__ = patched
-
-
 def _sft_data():
     from datasets import Dataset
 
@@ -274,7 +254,7 @@ def trainer_check(out_dir: Path, trainer_kind: str, old_hooks: bool) -> dict:
     import trl
     from accelerate.state import AcceleratorState, PartialState
 
-    _accelerate_fsdp_on_cpu()
+    allow_fsdp_on_cpu()  # accelerate enables FSDP only for GPU-like devices
     AcceleratorState._reset_state()  # each trainer builds its accelerator afresh (the process group stays)
     cls = trl.SFTTrainer if trainer_kind == "stock" else litespark_hf.SFTTrainer
     config = trl.SFTConfig if trainer_kind == "stock" else litespark_hf.SFTConfig
