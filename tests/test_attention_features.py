@@ -204,3 +204,21 @@ def test_triton_interpret_alone_says_that_the_kernels_need_force_triton(monkeypa
         assert not _dispatch.use_triton("test_op", torch.zeros(2))
     monkeypatch.setenv("LITESPARK_FORCE_TRITON", "1")
     assert _dispatch.use_triton("test_op", torch.zeros(2))
+
+
+def test_float32_queries_under_autocast_take_the_autocast_dtype_like_sdpa():
+    """A q/k norm with float32 weights returns float32 under autocast (Qwen3); SDPA casts such inputs to the autocast
+    dtype, so the backend does too (and the kernel, which takes bf16/fp16, is not bypassed for the reference)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 37, 64, generator=g) for _ in range(3))
+    module = torch.nn.Module()
+    module.is_causal = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = litespark_attention_forward(module, q, k, v, None, scaling=0.125)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.125).transpose(1, 2)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert _rel(out.float(), ref.float()) < 1e-2
+    out32, _ = litespark_attention_forward(module, q, k, v, None, scaling=0.125)  # no autocast: stays float32
+    assert out32.dtype == torch.float32

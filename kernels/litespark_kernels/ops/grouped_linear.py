@@ -42,12 +42,34 @@ def group_of_rows(offsets: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.searchsorted(offsets, torch.arange(rows, device=offsets.device, dtype=offsets.dtype), right=True)
 
 
+class _GroupBias(torch.autograd.Function):
+    """``out + bias[groups]`` in ``out``'s dtype; the bias gradient summed per group in float32 and returned in the
+    bias's own dtype (autograd's index_select backward would accumulate it in the low-precision cast)."""
+
+    @staticmethod
+    def forward(ctx, out, bias, groups):
+        ctx.save_for_backward(groups)
+        ctx.bias_meta = (bias.shape, bias.dtype)
+        return out + bias.to(out.dtype).index_select(0, groups)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (groups,) = ctx.saved_tensors
+        shape, dtype = ctx.bias_meta
+        db = None
+        if ctx.needs_input_grad[1]:
+            db = torch.zeros(shape, dtype=torch.float32, device=dy.device).index_add_(0, groups, dy.float())
+            db = db.to(dtype)
+        return dy, db, None
+
+
 def _add_bias(out, bias, offsets, groups):
+    """``bias`` uncast (its gradient comes back in its own dtype, accumulated in float32)."""
     if bias is None:
         return out
     if groups is None:
         groups = group_of_rows(offsets, out.shape[0])
-    return out + bias.index_select(0, groups)
+    return _GroupBias.apply(out, bias, groups)
 
 
 def grouped_linear_reference(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
@@ -96,10 +118,10 @@ def grouped_linear_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: to
     16-byte aligned rows: what the tests use to check the layout). Rows past ``offsets[-1]`` are left undefined."""
     if _TORCH_GROUPED_MM is None:
         raise RuntimeError("this torch has no grouped GEMM (torch.nn.functional.grouped_mm / torch._grouped_mm)")
-    xc, wc, bc = _prepare(x, weight, bias)
+    xc, wc, _ = _prepare(x, weight, None)
     mat_b = wc if transposed else wc.transpose(1, 2)  # [G, K, N]
     offs = offsets if offsets.dtype == torch.int32 else offsets.to(torch.int32)
-    return _add_bias(_TORCH_GROUPED_MM(xc, mat_b, offs=offs), bc, offs, groups)
+    return _add_bias(_TORCH_GROUPED_MM(xc, mat_b, offs=offs), bias, offs, groups)
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
