@@ -5,7 +5,8 @@ pre-trained model, then DPO on the SFT model), all with ``--use_litespark`` thro
 --num_processes 1``:
 
 1. ``train``: STEPS steps with an evaluation and a (sharded) checkpoint at STEPS/2 and at the end, the recipe's
-   held-out figures, the final save; passes when the run exits 0 and wrote ``results.json`` and an evaluation.
+   held-out figures, the final save; passes when the run exits 0, wrote ``results.json`` and an evaluation, and its
+   checkpoint is the engine's (FSDP2's ``pytorch_model_fsdp_0``, DeepSpeed's ``global_step*``).
 2. ``reload``: the saved model loaded with plain ``AutoModelForCausalLM.from_pretrained`` (fp32, stock attention);
    its logits on a fixed batch against the in-run model's (written by the recipe itself: ``LITESPARK_LOGITS_PROBE``,
    `recipe_utils.evaluation.write_logits_probe`); passes when the relative Frobenius difference is <= RELOAD_TOL
@@ -36,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"fsdp2": "accelerate_configs/fsdp2.yaml", "zero3": "accelerate_configs/deepspeed_zero3.yaml"}
 RELOAD_TOL = 2e-2
 RESUME_TOL = 1e-2
+# what a checkpoint of each engine holds: FSDP2's sharded state dict, DeepSpeed's partitioned states
+CHECKPOINT_MARK = {"fsdp2": "pytorch_model_fsdp_0", "zero3": "global_step"}
 FINAL_FILES = ("model.safetensors", "results.json", "README.md", "efficiency.json", "efficiency.png")
 
 
@@ -98,12 +101,14 @@ def check(engine: str, recipe: str, base: Path | None, steps: int, out: Path, re
     shutil.rmtree(run, ignore_errors=True)
     probe = out / f"{recipe}_{engine}_probe.pt"
     rc, secs = launch(engine, recipe_args(recipe, base, steps), run, out / f"{recipe}_{engine}.log", probe=probe)
-    evaluated = False
+    evaluated = sharded = False
     if rc == 0 and (run / "results.json").is_file():
         state = json.loads((run / f"checkpoint-{steps}" / "trainer_state.json").read_text())
         evaluated = any(k.startswith("eval_") for h in state["log_history"] for k in h)
-    report(engine, recipe, "train", rc == 0 and evaluated, secs,
-           f"exit {rc}, evaluation logged: {evaluated}, log {recipe}_{engine}.log")
+        sharded = any(p.name.startswith(CHECKPOINT_MARK[engine]) for p in (run / f"checkpoint-{half}").iterdir())
+    report(engine, recipe, "train", rc == 0 and evaluated and sharded, secs,
+           f"exit {rc}, evaluation logged: {evaluated}, {engine} checkpoint ({CHECKPOINT_MARK[engine]}*): {sharded}, "
+           f"log {recipe}_{engine}.log")
     if rc != 0:
         return None
 
@@ -117,7 +122,9 @@ def check(engine: str, recipe: str, base: Path | None, steps: int, out: Path, re
 
     resumed = out / f"{recipe}_{engine}_resumed"
     shutil.rmtree(resumed, ignore_errors=True)
-    shutil.copytree(run, resumed, ignore=shutil.ignore_patterns(*FINAL_FILES, f"checkpoint-{steps}"))
+    shutil.copytree(run, resumed, ignore=lambda d, names: [f"checkpoint-{steps}"] if Path(d) == run else [])
+    for name in FINAL_FILES:  # the interrupted run wrote no final model (its checkpoints keep theirs)
+        (resumed / name).unlink(missing_ok=True)
     rc2, secs2 = launch(engine, recipe_args(recipe, base, steps), resumed, out / f"{recipe}_{engine}_resumed.log",
                         extra=["--resume_from_checkpoint", str(resumed / f"checkpoint-{half}")])
     detail, ok = f"exit {rc2}", False
