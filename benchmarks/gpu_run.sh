@@ -21,7 +21,13 @@
 #                (benchmarks/engines_check.py; engines_check.log, engines_check.json); (b) litespark-train-bench on
 #                the Llama-3.2-1B shape, sdpa and litespark, --engine fsdp2 and zero3, 12 steps with 6-12 timed:
 #                train_bench_engines.log, train_bench_llama-1b_<engine>_<device>.json/.png
-#   all          tests,kernels,recipes,train,fsdp2-probe,engines
+#   families     issue #16: the family GPU tests (tests/gpu/test_families_gpu.py, test_moe_gpu.py; families_gpu.log),
+#                then litespark-train-bench on every config of litespark_hf/efficiency/family_configs.py (sdpa,
+#                litespark, liger; in one process per config, 8 steps with 4-8 timed; MoE first; a config is skipped
+#                once 500 s have passed; on the H200 the ten configs took ~11 min, so the last ones may need a second
+#                call; FAMILIES="c1 c2" runs only those): bench_<config>.log,
+#                train_bench_<config>_<device>.json/.png
+#   all          tests,kernels,recipes,train,fsdp2-probe,engines,families
 #
 # OUT_DIR defaults to outputs/gpu_run. Every command also writes device.txt (GPU name, driver, power limit,
 # memory; torch/triton/transformers versions). A failing step is reported ("== STEP exit N") and the next step
@@ -40,12 +46,12 @@ PYTHON=${PYTHON:-python3}
 case "$COMMANDS" in
   -h|--help) usage; exit 0 ;;
   "") usage; exit 2 ;;
-  all) COMMANDS=tests,kernels,recipes,train,fsdp2-probe,engines ;;
+  all) COMMANDS=tests,kernels,recipes,train,fsdp2-probe,engines,families ;;
 esac
 IFS=, read -r -a CMDS <<< "$COMMANDS"
 for c in "${CMDS[@]}"; do
   case "$c" in
-    tests|kernels|recipes|train|fsdp2-probe|engines) ;;
+    tests|kernels|recipes|train|fsdp2-probe|engines|families) ;;
     *) echo "gpu_run.sh: unknown command '$c'" >&2; usage; exit 2 ;;
   esac
 done
@@ -158,6 +164,28 @@ engines_bench() {
   return $rc
 }
 
+families_gpu_tests() {
+  timeout 200 "$PYTHON" -m pytest -m gpu tests/gpu/test_families_gpu.py tests/gpu/test_moe_gpu.py -q -rfE \
+    -p no:cacheprovider --timeout 120 2>&1 | tee "$OUT_DIR/families_gpu.log" | tail -8
+}
+
+families_bench() {  # one process per config (variants in-process: no per-variant import), time-boxed
+  local rc=0 c t0 el configs
+  t0=$(date +%s)
+  configs=${FAMILIES:-}  # FAMILIES="gemma2-1b granite-1b": only those
+  [ -n "$configs" ] || configs=$("$PYTHON" -c "from litespark_hf.efficiency.family_configs import FAMILY_CONFIGS as F
+print(' '.join(sorted(F, key=lambda c: ('moe' not in c, c))))")
+  for c in $configs; do
+    el=$(( $(date +%s) - t0 ))
+    if (( el > 500 )); then echo "families: skipped $c (${el} s elapsed)"; continue; fi
+    timeout $(( 560 - el )) "$PYTHON" -m litespark_hf.efficiency.bench --config "$c" --variants sdpa,litespark,liger \
+      --steps 8 --time-from 4 --no-isolate --no-progress --out "$OUT_DIR" > "$OUT_DIR/bench_$c.log" 2>&1 || rc=$?
+    echo "families: $c done at $(( $(date +%s) - t0 )) s"
+    grep -E "^\| (sdpa|litespark|liger) " "$OUT_DIR/bench_$c.log" | cut -d"|" -f2,4,10 | sed "s/^/  /"
+  done
+  return $rc
+}
+
 step device-info device_info
 for c in "${CMDS[@]}"; do
   case "$c" in
@@ -172,6 +200,9 @@ for c in "${CMDS[@]}"; do
     engines)
       step engines-check engines_check
       step engines-bench engines_bench ;;
+    families)
+      step families-gpu-tests families_gpu_tests
+      step families-bench families_bench ;;
   esac
 done
 if (( ${#FAILED[@]} )); then
