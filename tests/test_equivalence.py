@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import litespark_hf
-from tiny_models import FAMILIES, random_batch, tiny_model
+from tiny_models import FAMILIES, alternating_padded_batches, random_batch, tiny_model, train_side_by_side
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -108,22 +108,8 @@ def test_packed_batch_does_not_attend_across_documents():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_twenty_training_steps_match_stock(family):
     stock, lit = make_pair(family)
-    stock.train(), lit.train()
-    opt_a = torch.optim.AdamW(stock.parameters(), lr=3e-3)
-    opt_b = torch.optim.AdamW(lit.parameters(), lr=3e-3)
-    inputs, _ = padded_batch()
-    g = torch.Generator().manual_seed(11)
-    data = [torch.randint(0, 128, inputs["input_ids"].shape, generator=g) for _ in range(2)]
-    losses = []
-    for step in range(20):
-        ids = data[step % 2]
-        batch = dict(input_ids=ids, attention_mask=inputs["attention_mask"],
-                     labels=padded_labels(ids, inputs["attention_mask"]))
-        for model, opt in ((stock, opt_a), (lit, opt_b)):
-            opt.zero_grad()
-            loss = model(**batch).loss
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        assert abs(losses[-1] - losses[-2]) <= 1e-3, f"step {step}: {losses[-2]} vs {losses[-1]}"
-    assert losses[-2] < losses[0]  # the model did train
+    history = train_side_by_side((stock, lit), alternating_padded_batches(padded_batch()[0]["attention_mask"],
+                                                                          padded_labels))
+    for step, (a, b) in enumerate(history):
+        assert abs(a - b) <= 1e-3, f"step {step}: {a} vs {b}"
+    assert history[-1][0] < history[0][0]  # the model did train

@@ -23,7 +23,7 @@ import litespark_kernels
 from litespark_hf.modules import LitesparkOlmoRMSNorm, original_class, swapped_class
 from litespark_kernels import _dispatch
 from test_equivalence import BATCHES, padded_batch, padded_labels, rel_err
-from tiny_models import DENSE_FAMILIES, random_batch, tiny_model
+from tiny_models import DENSE_FAMILIES, alternating_padded_batches, random_batch, tiny_model, train_side_by_side
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -143,25 +143,11 @@ def test_logits_and_gradients_match_stock(family, batch_kind):
 @pytest.mark.parametrize("family", DENSE_FAMILIES)
 def test_twenty_training_steps_match_stock(family):
     stock, lit = make_pair(family)
-    stock.train(), lit.train()
-    opt_a = torch.optim.AdamW(stock.parameters(), lr=3e-3)
-    opt_b = torch.optim.AdamW(lit.parameters(), lr=3e-3)
-    inputs, _ = padded_batch()
-    mask = inputs["attention_mask"]
-    g = torch.Generator().manual_seed(11)
-    data = [torch.randint(0, 128, mask.shape, generator=g) for _ in range(2)]
-    losses = []
-    for step in range(20):
-        ids = data[step % 2]
-        batch = dict(input_ids=ids, attention_mask=mask, labels=padded_labels(ids, mask))
-        for model, opt in ((stock, opt_a), (lit, opt_b)):
-            opt.zero_grad()
-            loss = model(**batch).loss
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        assert abs(losses[-1] - losses[-2]) <= 1e-3, f"step {step}: {losses[-2]} vs {losses[-1]}"
-    assert losses[-2] < losses[0]  # the model did train
+    history = train_side_by_side((stock, lit), alternating_padded_batches(padded_batch()[0]["attention_mask"],
+                                                                          padded_labels))
+    for step, (a, b) in enumerate(history):
+        assert abs(a - b) <= 1e-3, f"step {step}: {a} vs {b}"
+    assert history[-1][0] < history[0][0]  # the model did train
 
 
 @pytest.mark.parametrize("family", DENSE_FAMILIES)

@@ -27,6 +27,7 @@ import litespark_hf
 from litespark_hf import generic
 from litespark_hf.modules import original_class
 from test_equivalence import BATCHES, padded_batch, padded_labels, rel_err
+from tiny_models import alternating_padded_batches, assert_matches_stock, train_side_by_side
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -104,47 +105,17 @@ def test_swaps_warning_and_restore(model_type):
 @pytest.mark.parametrize("model_type", list(MODELS))
 def test_logits_and_gradients_match_stock(model_type, batch_kind):
     stock, lit = make_pair(model_type)
-    inputs, valid = BATCHES[batch_kind]()
-    no_labels = {**{k: v for k, v in inputs.items() if k != "labels"}, "use_cache": False}
-    stock.eval(), lit.eval()
-    with torch.no_grad():
-        a, b = stock(**no_labels).logits, lit(**no_labels).logits
-    assert rel_err(b[valid], a[valid]) <= 1e-4
-    stock.train(), lit.train()
-    loss_a, loss_b = stock(**inputs).loss, lit(**inputs).loss
-    assert abs(loss_a.item() - loss_b.item()) <= 1e-5 * abs(loss_a.item())
-    loss_a.backward()
-    loss_b.backward()
-    n = 0
-    for (name, pa), (_, pb) in zip(stock.named_parameters(), lit.named_parameters()):
-        assert pa.grad is not None and pb.grad is not None, name
-        assert rel_err(pb.grad, pa.grad) <= 1e-4, name
-        n += 1
-    assert n == len(list(stock.parameters()))
+    assert_matches_stock(stock, lit, *BATCHES[batch_kind]())
 
 
 @pytest.mark.parametrize("model_type", list(MODELS))
 def test_training_steps_match_stock(model_type):
     stock, lit = make_pair(model_type)
-    stock.train(), lit.train()
-    opts = [torch.optim.AdamW(m.parameters(), lr=3e-3) for m in (stock, lit)]
-    inputs, _ = padded_batch()
-    mask = inputs["attention_mask"]
-    g = torch.Generator().manual_seed(11)
-    data = [torch.randint(0, 128, mask.shape, generator=g) for _ in range(2)]
-    first = None
-    for step in range(6):
-        ids = data[step % 2]
-        losses = []
-        for model, opt in zip((stock, lit), opts):
-            opt.zero_grad()
-            loss = model(input_ids=ids, attention_mask=mask, labels=padded_labels(ids, mask)).loss
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        assert abs(losses[0] - losses[1]) <= 1e-4 * losses[0], (step, losses)
-        first = first if first is not None else losses[0]
-    assert losses[0] < first
+    history = train_side_by_side((stock, lit), alternating_padded_batches(padded_batch()[0]["attention_mask"],
+                                                                          padded_labels), steps=6)
+    for step, (a, b) in enumerate(history):
+        assert abs(a - b) <= 1e-4 * a, (step, a, b)
+    assert history[-1][0] < history[0][0]
 
 
 def test_a_module_whose_check_fails_is_not_swapped(monkeypatch):

@@ -115,3 +115,57 @@ class OpLog:
 
     def __exit__(self, *exc):
         return self._mode.__exit__(*exc)
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def assert_matches_stock(stock, lit, inputs: dict, valid: torch.Tensor, tol: float = 1e-4) -> None:
+    """fp32: logits at the ``valid`` positions (eval, ``use_cache=False``), the training loss and every parameter's
+    gradient of ``lit`` equal ``stock``'s within ``tol`` (relative; the loss within 1e-5)."""
+    no_labels = {**{k: v for k, v in inputs.items() if k != "labels"}, "use_cache": False}
+    stock.eval(), lit.eval()
+    with torch.no_grad():
+        a, b = stock(**no_labels).logits, lit(**no_labels).logits
+    assert rel_error(b[valid], a[valid]) <= tol
+    stock.train(), lit.train()
+    loss_a, loss_b = stock(**inputs).loss, lit(**inputs).loss
+    assert abs(loss_a.item() - loss_b.item()) <= 1e-5 * abs(loss_a.item())
+    loss_a.backward()
+    loss_b.backward()
+    n = 0
+    for (name, pa), (_, pb) in zip(stock.named_parameters(), lit.named_parameters()):
+        assert pa.grad is not None and pb.grad is not None, name
+        assert rel_error(pb.grad, pa.grad) <= tol, name
+        n += 1
+    assert n == len(list(stock.parameters()))
+
+
+def train_side_by_side(models, batches, steps: int = 20, lr: float = 3e-3) -> list[list[float]]:
+    """``steps`` AdamW steps of each model on ``batches[step % len(batches)]``, the models in turn at each step;
+    returns the losses, one list (one loss per model) per step."""
+    opts = [torch.optim.AdamW(m.parameters(), lr=lr) for m in models]
+    history = []
+    for step in range(steps):
+        batch = batches[step % len(batches)]
+        losses = []
+        for model, opt in zip(models, opts):
+            model.train()
+            opt.zero_grad()
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        history.append(losses)
+    return history
+
+
+def alternating_padded_batches(mask: torch.Tensor, labels_fn, low: int = 0, high: int = 128, seed: int = 11):
+    """Two batches of random ids in ``[low, high)`` over one padding ``mask``, labels from ``labels_fn(ids, mask)``."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(2):
+        ids = torch.randint(low, high, mask.shape, generator=g)
+        out.append(dict(input_ids=ids, attention_mask=mask, labels=labels_fn(ids, mask)))
+    return out
