@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch.nn as nn
@@ -12,7 +13,16 @@ import litespark_kernels as lk
 from litespark_kernels._dispatch import warn_once
 
 from ..casting import _cast_of, cast_projection_weights, drop_casts
+from ._swap import original_class
 from .embedding import LitesparkEmbedding
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_reads_softcap(cls: type) -> bool:
+    """Whether ``cls.forward`` reads ``final_logit_softcapping`` (``Gemma2ForCausalLM``, ``Gemma3ForCausalLM``;
+    not 5.23's ``Gemma3ForConditionalGeneration``, which ignores its text config's)."""
+    code = getattr(inspect.unwrap(cls.forward), "__code__", None)
+    return code is not None and "final_logit_softcapping" in code.co_names
 
 
 class LitesparkLMHead:
@@ -27,13 +37,15 @@ class LitesparkLMHead:
         return {"lm_head": [self]}
 
     def forward(self, input, labels=None, shift_labels=None, num_items_in_batch=None, label_count=None,
-                tied_grad=None):
+                tied_grad=None, softcap=None):
+        """``softcap``: the model's final-logit soft-cap, applied to the logits inside the fused loss (the logits
+        returned without labels are the plain linear's, as stock's head returns them before its model caps)."""
         if labels is None and shift_labels is None:
             return F.linear(input, self.weight, self.bias)
         return lk.fused_linear_cross_entropy(
             input, self.weight, labels, bias=self.bias, shift_labels=shift_labels,
             num_items_in_batch=num_items_in_batch, label_count=label_count, tied_grad=tied_grad,
-            weight_cast=_cast_of(self, "lm_head"),
+            weight_cast=_cast_of(self, "lm_head"), softcap=softcap,
         )
 
 
@@ -44,8 +56,11 @@ class LitesparkCausalLM:
     stock forward (which returns logits). Honours ``shift_labels``, ``ignore_index=-100`` and ``num_items_in_batch``
     exactly like transformers' ``ForCausalLMLoss``.
 
-    A config with ``final_logit_softcapping`` (Gemma2; Gemma3 can set it) keeps the stock loss, on the soft-capped
-    full logits: the fused loss has no cap (warned once).
+    ``final_logit_softcapping`` (Gemma2; Gemma3 can set it), which ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM``
+    apply as ``cap * tanh(logits / cap)`` before their loss, goes into the fused loss (``softcap=``) when it is on
+    the model's own config and the stock forward reads it. Any other config carrying one (set only on a multimodal
+    wrapper's ``text_config``, or on a class whose forward does not read it) keeps the stock loss on the stock
+    forward's logits (warned once): the fused loss never drops a cap stock applies, nor adds one.
 
     Where the stock forward's parameters differ from these (multimodal wrappers: ``pixel_values``,
     ``token_type_ids``, ...), the swapped class's forward carries the stock signature and binds its arguments by it,
@@ -92,10 +107,16 @@ class LitesparkCausalLM:
             self.training and (labels is not None or shift_labels is not None)
             and isinstance(self.lm_head, LitesparkLMHead)
         )
+        softcap = None
         if fused and (cap := self._litespark_logit_softcap()) is not None:
-            warn_once("fused_cross_entropy", f"final_logit_softcapping={cap} is not in the fused loss: the stock loss "
-                                             "(soft-capped full logits) runs")
-            fused = False
+            stock = original_class(self)
+            if (getattr(self.config, "final_logit_softcapping", None) is not None and stock is not None
+                    and _forward_reads_softcap(stock)):
+                softcap = cap  # the stock forward's cap * tanh(logits / cap), inside the fused loss
+            else:
+                warn_once("fused_cross_entropy", f"final_logit_softcapping={cap} is on a config the fused loss does "
+                                                 "not read it from: the stock loss (on the stock logits) runs")
+                fused = False
         if not fused:
             return super().forward(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -121,7 +142,7 @@ class LitesparkCausalLM:
             )
             loss = self.lm_head(
                 outputs.last_hidden_state, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
-                label_count=label_count, tied_grad=tied,
+                label_count=label_count, tied_grad=tied, softcap=softcap,
             )
         finally:
             drop_casts(given)

@@ -186,3 +186,47 @@ def test_tied_embedding_gradient_added_into_the_fused_loss_gradient():
     for (name, pa), pb in zip(plain.named_parameters(), fast.parameters()):
         err = ((pb.grad - pa.grad).norm() / pa.grad.norm()).item()
         assert err <= 1e-5, (name, err)
+
+
+@pytest.mark.parametrize("cap,logit_std", [(30.0, 2.0), (5.0, 8.0)])
+def test_bf16_gemma_vocab_softcap_vs_fp32_oracle(cap, logit_std):
+    """Final-logit soft-capping (Gemma's final_logit_softcapping) on the Gemma vocabulary 256000, bf16: Gemma2's
+    cap 30, and a cap of 5 on logits of std 8 that saturates tanh. The oracle caps in fp32; transformers' unfused
+    bf16 path caps in bf16 (divide, tanh, multiply each rounded), the Triton path in fp32 on the bf16 logits: the
+    documented tolerances hold as they are."""
+    n_tok, hidden, vocab = 4096, 1152, 256000
+    h, w, _, labels = _inputs(n_tok, hidden, vocab, torch.bfloat16, seed=4)
+    w = (w.float() * (logit_std / (0.02 * hidden**0.5))).to(torch.bfloat16)  # logits of std ~logit_std
+    got = _grads(fused_linear_cross_entropy_triton, h, w, labels=labels, softcap=cap)
+    assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.bfloat16
+    bf16_ref = _grads(fused_linear_cross_entropy_reference, h, w, labels=labels, softcap=cap)
+    oracle = _grads(fused_linear_cross_entropy_reference, h.float(), w.float(), labels=labels, softcap=cap)
+    uncapped = fused_linear_cross_entropy_reference(h.float(), w.float(), labels)
+    assert abs(uncapped.item() - oracle[0].item()) > 1e-3 * oracle[0].item()  # the cap changes the loss
+    _compare(got, bf16_ref, oracle, f"bf16 V=256000 softcap={cap} logit std {logit_std}")
+    chunked = _grads(lambda *a, **kw: fused_linear_cross_entropy_triton(*a, _options={"chunk_rows": 1000}, **kw),
+                     h, w, labels=labels, softcap=cap)  # ~3100 kept rows: 4 chunks, the last one partial
+    _compare(chunked, bf16_ref, oracle, f"bf16 V=256000 softcap={cap} 1000-row chunks")
+
+
+def test_softcap_under_autocast_with_fp32_weights_and_num_items():
+    """HF Trainer with bf16=True on Gemma2: fp32 parameters, autocast to bf16, a cap of 30, num_items_in_batch."""
+    n_tok, hidden, vocab = 2048, 640, 256000
+    h, w, _, labels = _inputs(n_tok, hidden, vocab, torch.float32, seed=5, ignored=0.4)
+    w = w * (2.0 / (0.02 * hidden**0.5))
+    num_items = (labels[:, 1:] != -100).sum() + 9
+
+    def under_autocast(fn):
+        def call(*a, **kw):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return fn(*a, **kw)
+        return call
+
+    got = _grads(under_autocast(fused_linear_cross_entropy_triton), h, w, labels=labels,
+                 num_items_in_batch=num_items, softcap=30.0)
+    assert all(t.dtype == torch.float32 for t in got[1:3])
+    bf16_ref = _grads(under_autocast(fused_linear_cross_entropy_reference), h, w, labels=labels,
+                      num_items_in_batch=num_items, softcap=30.0)
+    oracle = _grads(fused_linear_cross_entropy_reference, h.bfloat16().float(), w.bfloat16().float(),
+                    labels=labels, num_items_in_batch=num_items, softcap=30.0)
+    _compare(got, bf16_ref, oracle, "autocast fp32 weights + softcap 30 + num_items")

@@ -16,6 +16,9 @@ Same function as ``fused_linear_cross_entropy_reference`` (transformers' ``ForCa
      row's loss ``lse - logit[target]`` in fp32 and overwrites the logits IN PLACE with
      ``d loss / d logits = (softmax - onehot) * scale`` (``scale`` = 1 / number of kept rows, or
      1 / ``num_items_in_batch``; read from device memory, so a tensor ``num_items_in_batch`` needs no sync);
+     with ``softcap`` (Gemma's final-logit soft-capping) each logit z is first replaced, in fp32, by
+     ``c = softcap * tanh(z / softcap)`` in both passes (recomputed from z: no extra store), and the gradient
+     written is ``d loss / d c * (1 - tanh(z / softcap)^2)``;
    - ``grad_hidden[rows] = dlogits @ W`` and ``grad_W += dlogits^T @ h_chunk`` (cuBLAS; fp32 accumulator,
      written by cuBLAS's epilogue when torch supports ``addmm(..., out_dtype=float32)`` for bf16/fp16 inputs),
      ``grad_b += dlogits.sum(0)`` in fp32.
@@ -50,6 +53,21 @@ _DEFAULT_CHUNK_MB = 512  # H100, V=128256: 512 MiB ran 7% faster than 256 MiB at
 
 
 @triton.jit
+def _tanh(x):
+    """tanh in fp32 from one exp: sign(x) (1 - e) / (1 + e), e = exp(-2|x|) in (0, 1] (no overflow, tanh(+-inf) =
+    +-1); absolute error ~1e-7 near 0."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _softcap(x, softcap):
+    """softcap * tanh(x / softcap) (Gemma's final-logit soft-capping)."""
+    return softcap * _tanh(x / softcap)
+
+
+@triton.jit
 def _ce_rows_kernel(
     logits_ptr,  # [rows, V] logits of one chunk; overwritten with d loss / d logits when WRITE_GRAD
     stride_row,
@@ -58,8 +76,10 @@ def _ce_rows_kernel(
     scale_ptr,  # [1] fp32: gradient scale (1 / n_items)
     V,
     ignore_index,
+    softcap,  # fp32 cap (read only when SOFTCAP)
     BLOCK_V: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
@@ -69,11 +89,15 @@ def _ce_rows_kernel(
 
     # Pass 1: running max and sum of exp over the row, in fp32 (first block peeled: no -inf - -inf).
     x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+    if SOFTCAP:  # the masked lanes' -inf becomes -softcap: masked again
+        x = tl.where(offs < V, _softcap(x, softcap), float("-inf"))
     m = tl.max(x, axis=0)
     s = tl.sum(tl.exp(x - m), axis=0)
     for start in range(BLOCK_V, V, BLOCK_V):
         cols = start + offs
         x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        if SOFTCAP:
+            x = tl.where(cols < V, _softcap(x, softcap), float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
@@ -81,23 +105,32 @@ def _ce_rows_kernel(
 
     safe_target = tl.where(valid, target, 0)
     x_target = tl.load(base + safe_target).to(tl.float32)
+    if SOFTCAP:
+        x_target = _softcap(x_target, softcap)
     tl.store(loss_ptr + row, tl.where(valid, lse - x_target, 0.0))
 
     if WRITE_GRAD:
-        # Pass 2: (softmax - onehot) * scale, written over the logits (zero for an ignored row).
+        # Pass 2: (softmax - onehot) * scale (times d c / d z = 1 - tanh^2 with SOFTCAP), written over the logits
+        # (zero for an ignored row).
         scale = tl.load(scale_ptr)
         scale = tl.where(valid, scale, 0.0)
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             mask = cols < V
             x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-            p = tl.exp(x - lse)
-            g = (p - tl.where(cols == target, 1.0, 0.0)) * scale
+            if SOFTCAP:
+                t = _tanh(x / softcap)
+                p = tl.exp(softcap * t - lse)
+                g = (p - tl.where(cols == target, 1.0, 0.0)) * scale * (1.0 - t * t)
+            else:
+                p = tl.exp(x - lse)
+                g = (p - tl.where(cols == target, 1.0, 0.0)) * scale
             tl.store(base + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_ce_rows(logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor, scale: torch.Tensor,
-                    ignore_index: int, write_grad: bool, block_v: int | None = None) -> None:
+                    ignore_index: int, write_grad: bool, block_v: int | None = None,
+                    softcap: float | None = None) -> None:
     rows, vocab = logits.shape
     if rows == 0:
         return
@@ -106,7 +139,8 @@ def _launch_ce_rows(logits: torch.Tensor, target: torch.Tensor, loss: torch.Tens
     num_warps = 8 if block_v >= 2048 else 4
     _ce_rows_kernel[(rows,)](
         logits, logits.stride(0), target, loss, scale, vocab, ignore_index,
-        BLOCK_V=block_v, WRITE_GRAD=write_grad, num_warps=num_warps,
+        float(softcap) if softcap is not None else 1.0,
+        BLOCK_V=block_v, WRITE_GRAD=write_grad, SOFTCAP=softcap is not None, num_warps=num_warps,
     )
 
 
@@ -189,8 +223,10 @@ def _chunk_rows(n: int, vocab: int, elem_size: int, chunk_bytes: int | None) -> 
 
 
 def _flce_compute(hidden2d, weight, bias, target, ignore_index, num_items_in_batch, need_gh, need_gw, need_gb,
-                  *, chunk_bytes=None, chunk_rows=None, accum_dtype=None, block_v=None, label_count=None):
-    """Loss and (optionally) gradients. hidden2d [N, H] and weight [V, H] (and bias [V]) in the compute dtype.
+                  *, chunk_bytes=None, chunk_rows=None, accum_dtype=None, block_v=None, label_count=None,
+                  softcap=None):
+    """Loss and (optionally) gradients. hidden2d [N, H] and weight [V, H] (and bias [V]) in the compute dtype;
+    ``softcap``: final-logit soft-capping of each chunk's logits (in the row kernel).
 
     Returns (loss fp32 scalar, grad_hidden [N, H] compute dtype or None, grad_weight (accum dtype) or None,
     grad_bias fp32 or None).
@@ -256,7 +292,7 @@ def _flce_compute(hidden2d, weight, bias, target, ignore_index, num_items_in_bat
                 torch.addmm(bias, h, w_t, out=logits)
             else:
                 torch.mm(h, w_t, out=logits)
-            _launch_ce_rows(logits, t, losses[start:end], scale, ignore_index, need_grad, block_v)
+            _launch_ce_rows(logits, t, losses[start:end], scale, ignore_index, need_grad, block_v, softcap)
             if need_gh:
                 if gather:
                     grad_hidden.index_copy_(0, sel, logits @ weight)
@@ -273,14 +309,14 @@ def _flce_compute(hidden2d, weight, bias, target, ignore_index, num_items_in_bat
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, num_items_in_batch, compute_dtype, options,
-                weight_cast, tied):
+                weight_cast, tied, softcap):
         need_gh, need_gw, need_gb = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         h2d = hidden.reshape(-1, hidden.shape[-1]).to(compute_dtype)
         w = weight_cast if weight_cast is not None else weight.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             loss, gh, gw, gb = _flce_compute(h2d, w, b, target, ignore_index, num_items_in_batch,
-                                             need_gh, need_gw, need_gb, **options)
+                                             need_gh, need_gw, need_gb, softcap=softcap, **options)
         if gh is not None:
             gh = gh.view(hidden.shape).to(hidden.dtype)
         if gw is not None and gw.dtype != weight.dtype:
@@ -304,7 +340,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             tied, weight = ctx.tied
             ctx.tied = None
             tied.offer(gw, weight)
-        return gh, gw, gb, None, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy_triton(
@@ -319,9 +355,11 @@ def fused_linear_cross_entropy_triton(
     label_count: LabelCount | None = None,
     tied_grad=None,
     weight_cast: torch.Tensor | None = None,
+    softcap: float | None = None,
     _options: dict | None = None,
 ) -> torch.Tensor:
-    """Chunked fused linear + cross-entropy; same loss and gradients as ``fused_linear_cross_entropy_reference``.
+    """Chunked fused linear + cross-entropy; same loss and gradients as ``fused_linear_cross_entropy_reference``
+    (``softcap``: final-logit soft-capping, applied in fp32 to each chunk's logits).
 
     ``_options`` (tuning and tests): ``chunk_bytes`` / ``chunk_rows`` (chunk size), ``accum_dtype`` (dtype of the
     weight-gradient accumulator; default fp32 for bf16/fp16), ``block_v`` (Triton block over the vocabulary).
@@ -336,6 +374,10 @@ def fused_linear_cross_entropy_triton(
     if hidden.shape[-1] != weight.shape[-1]:
         raise ValueError(f"hidden size {hidden.shape[-1]} != weight's {weight.shape[-1]}")
     options = dict(_options or {})
+    if softcap is not None:
+        softcap = float(softcap)
+        if not softcap > 0:
+            raise ValueError(f"softcap must be positive, got {softcap}")
     if label_count is not None:
         if label_count.valid.numel() != target.numel() or label_count.valid.device != target.device:
             raise ValueError("label_count was made from other labels (count_labels(shift_labels) of these labels)")
@@ -348,11 +390,11 @@ def fused_linear_cross_entropy_triton(
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     if needs_grad:
         return _FusedLinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, num_items_in_batch,
-                                              compute_dtype, options, weight_cast, tied_grad)
+                                              compute_dtype, options, weight_cast, tied_grad, softcap)
     h2d = hidden.reshape(-1, hidden.shape[-1]).to(compute_dtype)
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         loss, _, _, _ = _flce_compute(
             h2d, weight_cast if weight_cast is not None else weight.to(compute_dtype),
             bias.to(compute_dtype) if bias is not None else None, target,
-            ignore_index, num_items_in_batch, False, False, False, **options)
+            ignore_index, num_items_in_batch, False, False, False, softcap=softcap, **options)
     return loss

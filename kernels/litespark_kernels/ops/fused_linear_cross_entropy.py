@@ -5,6 +5,12 @@ Specification (``fused_linear_cross_entropy_reference``): transformers' ``ForCau
     logits are upcast to fp32; unless ``shift_labels`` is given, labels are shifted left by one (the last position
     gets ``ignore_index``); cross-entropy ignores ``ignore_index``; the mean is over non-ignored tokens, or, when
     ``num_items_in_batch`` is given (gradient accumulation), the sum divided by ``num_items_in_batch``.
+
+``softcap`` (Gemma2/Gemma3's ``final_logit_softcapping``): the logits are first replaced by
+``softcap * tanh(logits / softcap)``, in the order and dtype of transformers' ``Gemma2ForCausalLM.forward``
+(divide, tanh, multiply, on the LM head's output dtype), before the fp32 upcast of the loss. A logit scaling
+(Granite's ``logits / logits_scaling``) is the caller's: it passes ``hidden / logits_scaling`` (the head has no
+bias), so a cap would apply to the scaled logits, as it would in transformers.
 """
 
 from __future__ import annotations
@@ -61,12 +67,18 @@ def fused_linear_cross_entropy_reference(
     shift_labels: torch.Tensor | None = None,
     ignore_index: int = -100,
     num_items_in_batch: torch.Tensor | int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     if shift_labels is None:
         if labels is None:
             raise ValueError("give labels or shift_labels")
         shift_labels = shifted_labels(labels, ignore_index)
-    logits = F.linear(hidden, weight, bias).float()
+    logits = F.linear(hidden, weight, bias)
+    if softcap is not None:  # transformers' Gemma2ForCausalLM, op for op
+        logits = logits / softcap
+        logits = torch.tanh(logits)
+        logits = logits * softcap
+    logits = logits.float()
     logits = logits.reshape(-1, logits.shape[-1])
     target = shift_labels.reshape(-1).to(logits.device)
     if num_items_in_batch is None:
@@ -89,6 +101,7 @@ def fused_linear_cross_entropy(
     label_count: LabelCount | None = None,
     tied_grad=None,
     weight_cast: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Same loss and gradients as the reference; chunked Triton path on CUDA, reference elsewhere.
 
@@ -96,16 +109,18 @@ def fused_linear_cross_entropy(
     Triton path needs no host sync. ``tied_grad``: the `TiedGrad` of a `tied_embedding` lookup of this same
     ``weight`` in this forward; the Triton path hands it the weight gradient (see `litespark_kernels.embedding`).
     ``weight_cast``: ``weight`` already in the compute dtype (e.g. a `CastShadow` view), used by the Triton path
-    instead of casting it; ignored unless its dtype and shape fit.
+    instead of casting it; ignored unless its dtype and shape fit. ``softcap``: final-logit soft-capping
+    ``softcap * tanh(logits / softcap)`` (see the module docstring); the Triton path applies it in fp32 to each
+    chunk's logits and multiplies their gradient by ``1 - tanh(logits / softcap)^2``.
     """
     if use_triton("fused_linear_cross_entropy", hidden, weight):
         return run_triton(
             "_fused_linear_cross_entropy_triton", "fused_linear_cross_entropy_triton",
             hidden, weight, labels, bias=bias, shift_labels=shift_labels, ignore_index=ignore_index,
             num_items_in_batch=num_items_in_batch, label_count=label_count, tied_grad=tied_grad,
-            weight_cast=weight_cast,
+            weight_cast=weight_cast, softcap=softcap,
         )
     return fused_linear_cross_entropy_reference(
         hidden, weight, labels, bias=bias, shift_labels=shift_labels, ignore_index=ignore_index,
-        num_items_in_batch=num_items_in_batch,
+        num_items_in_batch=num_items_in_batch, softcap=softcap,
     )
