@@ -179,7 +179,7 @@ def _gemma_family(model_type: str, prefix: str, causal_lm: str, notes: str,
             f"{prefix}Attention": attention,
             embedding: "scaled_embedding",
             **(extra or {}),
-            causal_lm: "causal_lm",  # stock loss when final_logit_softcapping is set (LitesparkCausalLM)
+            causal_lm: "causal_lm",  # final_logit_softcapping inside the fused loss (LitesparkCausalLM)
         },
         notes=notes,
         optional=(embedding,),  # Gemma2 before it had the class: a plain nn.Embedding, scaled in the model forward
@@ -190,7 +190,7 @@ ARCHITECTURES.update({
     "gemma2": _gemma_family(
         "gemma2", "Gemma2", "Gemma2ForCausalLM",
         "(1 + w) RMSNorm, sandwich norms, GeGLU, query_pre_attn_scalar, attention logit soft-capping (reference "
-        "attention), sliding window per layer, scaled embedding, final-logit soft-capping (stock loss)"),
+        "attention), sliding window per layer, scaled embedding, final-logit soft-capping (in the fused loss)"),
     "gemma3_text": _gemma_family(
         "gemma3_text", "Gemma3", "Gemma3ForCausalLM",
         "as Gemma2 with (1 + w) q/k norms and RoPE per layer type; no attention soft-cap",

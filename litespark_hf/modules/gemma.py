@@ -17,8 +17,10 @@ Llama-family mixins.
 - MLP: gate/up/down with GELU-tanh (``gelu_pytorch_tanh``): `LitesparkGatedMLP` (GeGLU) as is.
 - Embedding scaled by sqrt(hidden_size) (``*TextScaledWordEmbedding``): the stock lookup and scale; tied to a
   Litespark LM head, the lookup's gradient goes into the fused loss's (`LitesparkScaledEmbedding`).
-- Final-logit soft-capping (``final_logit_softcapping``): not in the fused loss, so the stock loss runs when it is
-  set (`LitesparkCausalLM`).
+- Final-logit soft-capping (``final_logit_softcapping``): inside the fused loss (``softcap``: cap * tanh(z / cap) on
+  each chunk of logits, its derivative in the backward) when the stock causal LM's own forward applies it
+  (Gemma2ForCausalLM, Gemma3ForCausalLM; `LitesparkCausalLM`); a cap the stock forward would not apply (the multimodal
+  Gemma3's text config) keeps the stock loss.
 - Masks that are not causal: Gemma3's multimodal base gives batches with image tokens (``token_type_ids``)
   transformers' own masks (bidirectional attention inside each image) and keeps them padded
   (`LitesparkGemma3Model`); ``use_bidirectional_attention`` (EmbeddingGemma-style) batches stay padded too
