@@ -2,7 +2,11 @@
 
 Six causal shapes of benchmarks/baselines.md (fwd+bwd and forward only), one packed-documents shape and one
 sliding-window shape (against SDPA with the equivalent explicit boolean mask, k/v repeated as transformers does
-when it passes a mask). TFLOP/s by the FlashAttention convention: forward 4 * B * S^2 * Hq * D, halved under
+when it passes a mask), and Gemma-2's attention logit soft-cap (50) on the gemma2-1b bench shape (seq 2048, batch 4,
+8 query / 4 key-value heads): the kernel with the cap at head dim 128 (Gemma-2's own head dim, 256, is not in the
+kernel), against the kernel without it, SDPA flash without it (no soft-cap there) and the explicit-math reference
+with it (what runs without the kernel: the [S, S] scores materialised); at head dim 256 the reference and SDPA flash
+only. TFLOP/s by the FlashAttention convention: forward 4 * B * S^2 * Hq * D, halved under
 causality, times 3.5 for forward+backward (backward = 2.5 forwards); the packed and window shapes count only the
 visible (query, key) pairs. Median times from ``triton.testing.do_bench``.
 
@@ -35,6 +39,7 @@ SHAPES = [
 PACKED = dict(S=4096, B=4, D=128, Hq=24, Hkv=8, docs=[[1536, 1024, 1024, 512], [512, 2048, 1024, 512],
                                                       [1024, 1024, 1024, 1024], [2560, 512, 512, 512]])
 WINDOW = dict(S=4096, B=4, D=128, Hq=24, Hkv=8, window=1024)
+SOFTCAP = dict(S=2048, B=4, Hq=8, Hkv=4, softcap=50.0, head_dims=(128, 256))
 
 
 def _bench(fn, grad_to_none=None) -> float:
@@ -165,6 +170,27 @@ def run() -> list[dict]:
          _inputs(B, S, Hq, Hkv, D, True), fwd_flops, **base)
     mask = visibility_mask(S, S, causal=True, sliding_window=W, device="cuda")
     _try(rows, name, "sdpa_masked", _sdpa_masked(mask, Hq // Hkv), _inputs(B, S, Hq, Hkv, D, False), fwd_flops, **base)
+    del mask
+
+    # Attention logit soft-capping (Gemma-2), causal.
+    from litespark_kernels.ops.attention import SUPPORTED_HEAD_DIMS, attention_reference
+
+    c = SOFTCAP
+    S, B, Hq, Hkv, cap = c["S"], c["B"], c["Hq"], c["Hkv"], c["softcap"]
+    for D in c["head_dims"]:
+        name = f"softcap{cap:g} S{S} B{B} D{D} H{Hq}/{Hkv}"
+        fwd_flops = 4 * B * S * S * Hq * D / 2
+        base = dict(S=S, B=B, D=D, Hq=Hq, Hkv=Hkv, causal=True, softcap=cap)
+        if D in SUPPORTED_HEAD_DIMS:
+            _try(rows, name, "litespark_softcap", _litespark(causal=True, softcap=cap),
+                 _inputs(B, S, Hq, Hkv, D, True), fwd_flops, **base)
+            _try(rows, name, "litespark_no_cap", _litespark(causal=True), _inputs(B, S, Hq, Hkv, D, True), fwd_flops,
+                 **base)
+        _try(rows, name, "reference_softcap", lambda q, k, v: attention_reference(q, k, v, causal=True, softcap=cap),
+             _inputs(B, S, Hq, Hkv, D, True), fwd_flops, **base)
+        _try(rows, name, "sdpa_flash_no_cap", _sdpa_backend(SDPBackend.FLASH_ATTENTION),
+             _inputs(B, S, Hq, Hkv, D, False), fwd_flops, **base)
+        torch.cuda.empty_cache()
     return rows
 
 

@@ -256,8 +256,9 @@ def _segments(query, key, attention_mask, kwargs):
 
 
 # Keyword arguments the attention function understands. Applied: ``dropout``, ``scaling``, ``sliding_window``,
-# ``is_causal``, packing (``position_ids``, ``cu_seq_lens_q``, ``seq_idx``), and, through `_reference_attention`,
-# ``softcap`` (Gemma2-style logit soft-capping) and ``s_aux`` (GPT-OSS attention sinks).
+# ``is_causal``, packing (``position_ids``, ``cu_seq_lens_q``, ``seq_idx``), ``softcap`` (Gemma2-style logit
+# soft-capping: in the kernel; through `_reference_attention` with sinks or a 4D mask) and ``s_aux`` (GPT-OSS
+# attention sinks, through `_reference_attention`).
 _HANDLED_KWARGS = frozenset({"position_ids", "cu_seq_lens_q", "seq_idx", "softcap", "s_aux"})
 # Arguments that flow from the model's forward into every attention call and do not change the attention itself:
 # the other flash-attention packing descriptors (implied by the ones above), cache/output switches (the cache was
@@ -301,10 +302,10 @@ def _reference_attention(
     sinks: torch.Tensor | None,
     dropout: float,
 ) -> torch.Tensor:
-    """Plain PyTorch attention with the two score modifications the kernel lacks, as transformers' eager code does
-    them (gemma2 / gpt_oss ``eager_attention_forward``): scores ``* scaling``, then ``softcap * tanh(scores /
-    softcap)``, then the mask, then (sinks) one extra logit per head joined to every row of the softmax and dropped
-    after it. Computed in float32, cast back to the query's dtype.
+    """Plain PyTorch attention with the score modifications for the calls the kernel does not take (sinks; a
+    soft-cap with a 4D mask), as transformers' eager code does them (gemma2 / gpt_oss ``eager_attention_forward``):
+    scores ``* scaling``, then ``softcap * tanh(scores / softcap)``, then the mask, then (sinks) one extra logit per
+    head joined to every row of the softmax and dropped after it. Computed in float32, cast back to the query's dtype.
 
     ``visible``: boolean [B or 1, 1 or H, Sq, Skv], True where a key may be attended; ``additive``: a float mask added
     to the scores (a user's 4D float mask). A query with no visible key outputs zeros (without sinks; with sinks the
@@ -351,23 +352,25 @@ def litespark_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: q [B,Hq,S,D], k/v [B,Hkv,S,D] -> ([B,S,Hq,D], None).
 
-    ``softcap`` (attention logit soft-capping) and ``s_aux`` (attention sinks) run on `_reference_attention`, with a
-    one-time warning; any other keyword argument that would change the attention and is not implemented here raises
-    `UnsupportedAttentionFeatureError` (see ``_HANDLED_KWARGS`` / ``_INERT_KWARGS``)."""
+    ``softcap`` (attention logit soft-capping) goes to the kernel (`litespark_kernels.attention`, which runs its
+    explicit-math reference for inputs the kernel does not take); ``s_aux`` (attention sinks), and ``softcap`` with
+    transformers' 4D mask (KV cache), run on `_reference_attention`, with a one-time warning. Any other keyword
+    argument that would change the attention and is not implemented here raises `UnsupportedAttentionFeatureError`
+    (see ``_HANDLED_KWARGS`` / ``_INERT_KWARGS``)."""
     if kwargs:
         _check_kwargs(module, kwargs)
     softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    reference = softcap is not None or sinks is not None
-    if reference:
-        if softcap is not None:
-            warn_once("attention", "attention logit soft-capping (softcap) is not in the kernel")
-        if sinks is not None:
-            warn_once("attention", "attention sinks (s_aux) are not in the kernel")
+    reference = sinks is not None
+    if sinks is not None:
+        warn_once("attention", "attention sinks (s_aux) are not in the kernel")
     if attention_mask is not None and attention_mask.dim() == 4:
         # transformers' own mask (KV cache, or a custom 4D mask from the user): SDPA with that mask.
         mask = attention_mask
-        if reference:
+        if reference or softcap is not None:
+            if sinks is None:
+                warn_once("attention", "attention logit soft-capping (softcap) with transformers' 4D mask (KV cache "
+                                       "or a custom mask) is not in the kernel")
             boolean = mask.dtype == torch.bool
             out = _reference_attention(query, key, value, visible=mask if boolean else None,
                                        additive=None if boolean else mask, scaling=scaling, softcap=softcap,
@@ -394,7 +397,7 @@ def litespark_attention_forward(
         query, key, value = query.to(low), key.to(low), value.to(low)
     out = lk.attention(
         query, key, value, scale=scaling, causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-        sliding_window=sliding_window, dropout_p=dropout,
+        sliding_window=sliding_window, dropout_p=dropout, softcap=softcap,
     )
     return out, None
 

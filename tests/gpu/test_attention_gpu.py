@@ -6,13 +6,14 @@ where the oracle is ``attention_reference`` on fp32 copies of the inputs (fp32 m
 low-precision reference is the same math run in the input dtype (scores, probabilities and products rounded to
 bf16/fp16, as eager PyTorch attention does), and atol is the dtype's rounding step at the oracle's largest
 magnitude (eps * max|oracle|), a slack for tensors whose reference error is near zero. Every output must be finite;
-queries with no visible key output exactly 0.
+queries with no visible key output exactly 0. Soft-capped cases (Gemma-2's ``softcap``): the low-precision reference
+applies ``cap * tanh(s / cap)`` in the input dtype too, as transformers' eager Gemma-2 attention does.
 """
 
 import pytest
 import torch
 
-from litespark_kernels.ops.attention import attention, attention_reference, visibility_mask
+from litespark_kernels.ops.attention import SUPPORTED_HEAD_DIMS, attention, attention_reference, visibility_mask
 
 pytestmark = pytest.mark.gpu
 
@@ -20,12 +21,15 @@ if torch.cuda.is_available():
     from litespark_kernels.ops._attention_triton import attention_triton
 
 
-def _lowp_reference(q, k, v, *, scale, causal, q_segment_ids=None, kv_segment_ids=None, sliding_window=None):
+def _lowp_reference(q, k, v, *, scale, causal, q_segment_ids=None, kv_segment_ids=None, sliding_window=None,
+                    softcap=None):
     """Attention computed in q's dtype (eager-style): the error budget that the kernel is compared against."""
     B, Hq, Sq, D = q.shape
     G = Hq // k.shape[1]
     kk, vv = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
     scores = torch.matmul(q, kk.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     allowed = visibility_mask(
         Sq, k.shape[2], causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
         sliding_window=sliding_window, device=q.device,
@@ -120,3 +124,56 @@ def test_dispatcher_uses_kernel_on_cuda():
     out = attention(q, k, v, causal=True)
     ref = attention_triton(q, k, v, causal=True)
     assert torch.equal(out, ref)
+
+
+# Soft-capping (Gemma-2). Scores of std 4 (scale 4 / sqrt(D)) against a cap of 5, so that the cap bites on most of
+# them; the cap of Gemma-2 itself (50) on ordinary scores in the last case.
+SOFTCAP_HEAD_DIMS = [d for d in (64, 128, 256) if d in SUPPORTED_HEAD_DIMS]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", SOFTCAP_HEAD_DIMS)
+def test_softcap_causal_gqa(dtype, D):
+    _check(2, 8, 2, 1000, 1000, D, dtype, causal=True, softcap=5.0, scale=4 * D**-0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_softcap_noncausal_contiguous(dtype):
+    _check(1, 8, 4, 1000, 1000, 64, dtype, causal=False, hf_layout=False, softcap=5.0, scale=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", SOFTCAP_HEAD_DIMS)
+def test_softcap_packed_padding_window(dtype, D):
+    # Row 0: left padding, then two documents; row 1: three documents then right padding; a 256-token window.
+    S = 1000
+    rows = [[-1] * 37 + [0] * 500 + [1] * 463, [0] * 300 + [1] * 400 + [2] * 201 + [-1] * 99]
+    seg = torch.tensor(rows, dtype=torch.int32, device="cuda")
+    out, *_ = _check(2, 8, 2, S, S, D, dtype, seg=(seg, seg), causal=True, sliding_window=256, softcap=5.0,
+                     scale=4 * D**-0.5)
+    assert (out[seg < 0] == 0).all()
+
+
+def test_softcap_gemma2_cap_kv_longer_than_q():
+    _check(1, 8, 4, 333, 1000, 128, torch.bfloat16, causal=True, softcap=50.0, scale=256**-0.5)
+
+
+def test_softcap_dispatcher_uses_kernel_on_cuda():
+    q = torch.randn(1, 8, 256, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 256, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    out = attention(q, k, v, causal=True, softcap=5.0)
+    assert torch.equal(out, attention_triton(q, k, v, causal=True, softcap=5.0))
+    assert not torch.equal(out, attention_triton(q, k, v, causal=True))
+
+
+def test_softcap_head_dim_the_kernel_does_not_take_runs_the_reference():
+    # Gemma-2's head dim 256 (2B, 9B, 27B) is outside SUPPORTED_HEAD_DIMS: the dispatcher runs attention_reference
+    # with the soft-cap (never SDPA, which has none).
+    if 256 in SUPPORTED_HEAD_DIMS:
+        pytest.skip("head dim 256 is in the kernel")
+    q = torch.randn(1, 8, 300, 256, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 4, 300, 256, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    out = attention(q, k, v, causal=True, softcap=5.0, scale=0.25)
+    assert torch.equal(out, attention_reference(q, k, v, causal=True, softcap=5.0, scale=0.25))

@@ -1,7 +1,8 @@
 """Triton attention, forward and backward (FlashAttention-2 style; Dao 2023, arXiv:2307.08691).
 
 Same function as ``attention.attention_reference`` (read its docstring for the semantics): GQA without repeating
-k/v, bottom-right-aligned causality, sliding window, and int32 segment ids for padding and packed documents.
+k/v, bottom-right-aligned causality, sliding window, int32 segment ids for padding and packed documents, and
+attention logit soft-capping (Gemma-2: s -> cap * tanh(s / cap) on the scaled scores, before the mask).
 
 Forward, one program per (query block, batch * query head): online softmax over key blocks in fp32 with the scale
 folded into ``exp2`` (s2 = <q, k> * scale * log2(e)); stores the output directly as [B, Sq, Hq, D] and the
@@ -13,6 +14,12 @@ batch * kv head) loops over the G query heads of its group and accumulates dK an
 repeat_kv); a second kernel per (query block, batch * query head) accumulates dQ:
     P = exp2(S2 - L2),  dV += P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dK += scale * dS^T Q,  dQ += scale * dS K.
 
+Soft-capping (``SOFTCAP``, a constexpr: the path without it compiles as before): the kernels turn the unscaled score
+into t = tanh(scale * <q, k> / cap) right after the product and use S2 = t * cap * log2(e) (the cap applies to the
+natural-scale score, before any log2(e) factor); the backward recomputes t the same way and multiplies dS by
+d(cap * t) / d(scale * <q, k>) = 1 - t^2 (folded into P right after the mask, so that no extra tile stays live
+across the products). Nothing extra is stored.
+
 Work skipping: key blocks that no row of a query block may see are never visited. Causality and the window give
 the visited range directly; segment ids give a conservative one (``_segment_range_kernel``: the first and last
 key whose id lies within the query block's [min id, max id], which is exact for packed documents and still correct
@@ -22,6 +29,7 @@ positional mask elementwise; the segment mask, when given, is applied to every v
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -204,6 +212,16 @@ def _load_rows(ptrs, rows, n_rows, offs_d, CHECK_ROWS: tl.constexpr, HEAD_DIM: t
     return x
 
 
+@triton.jit
+def _tanh(x2):
+    """(t, r) with t = tanh(x) and r = 1 - |t| = 2 / (2^|x2| + 1), from x2 = 2 * log2(e) * x (the factor is folded
+    into ``tanh_scale``). Exact limits for large |x| (2^|x2| overflows to inf: r = 0, |t| = 1); r keeps its relative
+    precision there, so the backward's 1 - t^2 = r * (2 - r) has no cancellation."""
+    r = 2.0 / (tl.exp2(tl.abs(x2)) + 1.0)
+    t = tl.where(x2 < 0.0, r - 1.0, 1.0 - r)
+    return t, r
+
+
 # MASK_MODE of the inner loops: 0 = no positional mask (blocks fully visible by position), 1 = positional mask on
 # every block, 2 = one loop over the whole range that masks only the blocks outside [ulo, uhi) (a runtime branch;
 # fewer registers than three specialised loops).
@@ -217,15 +235,18 @@ def _load_rows(ptrs, rows, n_rows, offs_d, CHECK_ROWS: tl.constexpr, HEAD_DIM: t
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
-    start, end, ulo, uhi, Sq, Skv, window, qk_scale,
+    start, end, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, Skv, offs_d,
                        MASK_MODE != 0, HEAD_DIM, BLOCK_D)
         s = tl.dot(q, tl.trans(k))  # unscaled scores; the scale is folded into the exp2 argument below
+        if SOFTCAP:
+            s, _ = _tanh(s * tanh_scale)  # t = tanh(scale * s / cap); qk_scale is then cap * log2(e)
         if HAS_SEG or MASK_MODE == 1:
             kv_seg = q_seg
             if HAS_SEG:
@@ -261,9 +282,10 @@ def _attn_fwd_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_om, stride_oh,
     stride_qsb, stride_ksb,
-    Hq, G, Sq, Skv, window, qk_scale, n_m_blocks,
+    Hq, G, Sq, Skv, window, qk_scale, tanh_scale, n_m_blocks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, SPLIT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     bh = tl.program_id(0)
     m_blk = n_m_blocks - 1 - tl.program_id(1)  # heaviest (last) query blocks first under causality
@@ -293,24 +315,24 @@ def _attn_fwd_kernel(
     if SPLIT:
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
-            lo, tl.minimum(ulo, hi), ulo, uhi, Sq, Skv, window, qk_scale,
-            BLOCK_N, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG,
+            lo, tl.minimum(ulo, hi), ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
         )
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
-            ulo, uhi, ulo, uhi, Sq, Skv, window, qk_scale,
-            BLOCK_N, HEAD_DIM, BLOCK_D, 0, CAUSAL, WINDOW, HAS_SEG,
+            ulo, uhi, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 0, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
         )
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
-            uhi, hi, ulo, uhi, Sq, Skv, window, qk_scale,
-            BLOCK_N, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG,
+            uhi, hi, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
         )
     else:
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
-            lo, hi, ulo, uhi, Sq, Skv, window, qk_scale,
-            BLOCK_N, HEAD_DIM, BLOCK_D, 2, CAUSAL, WINDOW, HAS_SEG,
+            lo, hi, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 2, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
         )
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -348,9 +370,10 @@ def _bwd_delta_kernel(
 @triton.jit
 def _bwd_dkv_inner(
     dk, dv, k, v, kv_seg, offs_n, offs_d, q_base, do_base, lse_base, delta_base, qseg_base,
-    stride_qm, stride_dom, start, end, ulo, uhi, Sq, Skv, window, qk_scale,
+    stride_qm, stride_dom, start, end, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     for m0 in range(start, end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -362,6 +385,8 @@ def _bwd_dkv_inner(
             lse = tl.load(lse_base + offs_m)
         # Transposed tiles [BLOCK_N, BLOCK_M]: keys along rows, so dK and dV accumulate without transposes.
         s_t = tl.dot(k, tl.trans(q))
+        if SOFTCAP:
+            s_t, r_t = _tanh(s_t * tanh_scale)
         p_t = tl.exp2(s_t * qk_scale - lse[None, :])
         if HAS_SEG or MASK_MODE == 1:
             q_seg = offs_m
@@ -375,6 +400,9 @@ def _bwd_dkv_inner(
                 vis_t = _visible(offs_m[None, :], offs_n[:, None], offs_m, offs_m, Sq, Skv, window,
                                  True, CAUSAL, WINDOW, False)
                 p_t = tl.where(vis_t, p_t, 0.0)
+        pc_t = p_t
+        if SOFTCAP:  # P * d(cap * t) / d(scale * s), with 1 - t^2 = r * (2 - r); r is dead from here on
+            pc_t = p_t * (r_t * (2.0 - r_t))
         do = _load_rows(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], offs_m, Sq, offs_d,
                         MASK_MODE != 0, HEAD_DIM, BLOCK_D)
         if MASK_MODE != 0:
@@ -383,7 +411,7 @@ def _bwd_dkv_inner(
             delta = tl.load(delta_base + offs_m)
         dv = tl.dot(p_t.to(do.dtype), do, dv)
         dp_t = tl.dot(v, tl.trans(do))
-        ds_t = p_t * (dp_t - delta[None, :])
+        ds_t = pc_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk)
     return dk, dv
 
@@ -398,9 +426,10 @@ def _attn_bwd_dkv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_qsb, stride_ksb,
-    Hq, Hkv, G, Sq, Skv, window, qk_scale, sm_scale, n_n_blocks,
+    Hq, Hkv, G, Sq, Skv, window, qk_scale, tanh_scale, sm_scale, n_n_blocks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, SPLIT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     bhk = tl.program_id(0)
     n_blk = tl.program_id(1)  # under causality the first key blocks see the most queries: they start first
@@ -434,24 +463,24 @@ def _attn_bwd_dkv_kernel(
         if SPLIT:
             dk, dv = _bwd_dkv_inner(
                 dk, dv, k, v, kv_seg, offs_n, offs_d, q_base, do_base, lse_base, delta_base, qseg_base,
-                stride_qm, stride_dom, lo, tl.minimum(ulo, hi), ulo, uhi, Sq, Skv, window, qk_scale,
-                BLOCK_M, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG,
+                stride_qm, stride_dom, lo, tl.minimum(ulo, hi), ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
+                BLOCK_M, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
             )
             dk, dv = _bwd_dkv_inner(
                 dk, dv, k, v, kv_seg, offs_n, offs_d, q_base, do_base, lse_base, delta_base, qseg_base,
-                stride_qm, stride_dom, ulo, uhi, ulo, uhi, Sq, Skv, window, qk_scale,
-                BLOCK_M, HEAD_DIM, BLOCK_D, 0, CAUSAL, WINDOW, HAS_SEG,
+                stride_qm, stride_dom, ulo, uhi, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
+                BLOCK_M, HEAD_DIM, BLOCK_D, 0, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
             )
             dk, dv = _bwd_dkv_inner(
                 dk, dv, k, v, kv_seg, offs_n, offs_d, q_base, do_base, lse_base, delta_base, qseg_base,
-                stride_qm, stride_dom, uhi, hi, ulo, uhi, Sq, Skv, window, qk_scale,
-                BLOCK_M, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG,
+                stride_qm, stride_dom, uhi, hi, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
+                BLOCK_M, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
             )
         else:
             dk, dv = _bwd_dkv_inner(
                 dk, dv, k, v, kv_seg, offs_n, offs_d, q_base, do_base, lse_base, delta_base, qseg_base,
-                stride_qm, stride_dom, lo, hi, ulo, uhi, Sq, Skv, window, qk_scale,
-                BLOCK_M, HEAD_DIM, BLOCK_D, 2, CAUSAL, WINDOW, HAS_SEG,
+                stride_qm, stride_dom, lo, hi, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
+                BLOCK_M, HEAD_DIM, BLOCK_D, 2, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
             )
     dk = dk * sm_scale
     st_mask = (offs_n[:, None] < Skv) & (offs_d[None, :] < HEAD_DIM)
@@ -464,9 +493,10 @@ def _attn_bwd_dkv_kernel(
 @triton.jit
 def _bwd_dq_inner(
     dq, q, do, lse, delta, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
-    start, end, ulo, uhi, Sq, Skv, window, qk_scale,
+    start, end, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -475,6 +505,8 @@ def _bwd_dq_inner(
         v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, Skv, offs_d,
                        MASK_MODE != 0, HEAD_DIM, BLOCK_D)
         s = tl.dot(q, tl.trans(k))
+        if SOFTCAP:
+            s, r = _tanh(s * tanh_scale)
         p = tl.exp2(s * qk_scale - lse[:, None])
         if HAS_SEG or MASK_MODE == 1:
             kv_seg = q_seg
@@ -488,6 +520,8 @@ def _bwd_dq_inner(
                 vis = _visible(offs_m[:, None], offs_n[None, :], q_seg, q_seg, Sq, Skv, window,
                                True, CAUSAL, WINDOW, False)
                 p = tl.where(vis, p, 0.0)
+        if SOFTCAP:
+            p = p * (r * (2.0 - r))
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -503,9 +537,10 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_dom, stride_doh,
     stride_dqb, stride_dqh, stride_dqm,
     stride_qsb, stride_ksb,
-    Hq, G, Sq, Skv, window, qk_scale, sm_scale, n_m_blocks,
+    Hq, G, Sq, Skv, window, qk_scale, tanh_scale, sm_scale, n_m_blocks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, SPLIT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     bh = tl.program_id(0)
     m_blk = n_m_blocks - 1 - tl.program_id(1)
@@ -538,24 +573,24 @@ def _attn_bwd_dq_kernel(
     if SPLIT:
         dq = _bwd_dq_inner(
             dq, q, do, lse, delta, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
-            lo, tl.minimum(ulo, hi), ulo, uhi, Sq, Skv, window, qk_scale,
-            BLOCK_N, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG,
+            lo, tl.minimum(ulo, hi), ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
         )
         dq = _bwd_dq_inner(
             dq, q, do, lse, delta, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
-            ulo, uhi, ulo, uhi, Sq, Skv, window, qk_scale,
-            BLOCK_N, HEAD_DIM, BLOCK_D, 0, CAUSAL, WINDOW, HAS_SEG,
+            ulo, uhi, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 0, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
         )
         dq = _bwd_dq_inner(
             dq, q, do, lse, delta, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
-            uhi, hi, ulo, uhi, Sq, Skv, window, qk_scale,
-            BLOCK_N, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG,
+            uhi, hi, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
         )
     else:
         dq = _bwd_dq_inner(
             dq, q, do, lse, delta, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
-            lo, hi, ulo, uhi, Sq, Skv, window, qk_scale,
-            BLOCK_N, HEAD_DIM, BLOCK_D, 2, CAUSAL, WINDOW, HAS_SEG,
+            lo, hi, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 2, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
         )
     dq = dq * sm_scale
     tl.store(
@@ -573,11 +608,21 @@ def _unit_last_dim(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _flags(causal: bool, sliding_window: int | None, segs) -> dict:
-    return dict(CAUSAL=bool(causal), WINDOW=sliding_window is not None, HAS_SEG=segs is not None)
+def _flags(causal: bool, sliding_window: int | None, segs, softcap: float | None) -> dict:
+    return dict(CAUSAL=bool(causal), WINDOW=sliding_window is not None, HAS_SEG=segs is not None,
+                SOFTCAP=softcap is not None)
 
 
-def attention_forward(q, k, v, scale, causal, segs, sliding_window):
+def _score_scales(scale: float, softcap: float | None) -> tuple[float, float]:
+    """(qk_scale, tanh_scale) for the kernels. Without a soft-cap the exp2 argument is <q, k> * scale * log2(e)
+    (tanh_scale unused); with one it is t * cap * log2(e), t = tanh(scale * <q, k> / cap) computed by ``_tanh`` from
+    <q, k> * tanh_scale, tanh_scale = 2 * log2(e) * scale / cap."""
+    if softcap is None:
+        return scale * _LOG2E, 0.0
+    return softcap * _LOG2E, 2.0 * _LOG2E * scale / softcap
+
+
+def attention_forward(q, k, v, scale, causal, segs, sliding_window, softcap=None):
     """Launch the forward kernel; returns out [B, Sq, Hq, D] and the base-2 log-sum-exp [B, Hq, Sq] (fp32)."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
@@ -599,14 +644,15 @@ def attention_forward(q, k, v, scale, causal, segs, sliding_window):
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         qseg.stride(0), kvseg.stride(0),
-        Hq, Hq // Hkv, Sq, Skv, window, scale * _LOG2E, n_m,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split, **_flags(causal, sliding_window, segs),
+        Hq, Hq // Hkv, Sq, Skv, window, *_score_scales(scale, softcap), n_m,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split,
+        **_flags(causal, sliding_window, segs, softcap),
         num_warps=warps, num_stages=stages,
     )
     return out, lse
 
 
-def attention_backward(do, q, k, v, out, lse, scale, causal, segs, sliding_window):
+def attention_backward(do, q, k, v, out, lse, scale, causal, segs, sliding_window, softcap=None):
     """Launch the three backward kernels; returns dq, dk, dv with the strides of q, k, v."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
@@ -618,7 +664,8 @@ def attention_backward(do, q, k, v, out, lse, scale, causal, segs, sliding_windo
     dv = torch.empty_like(v)
     delta = torch.empty_like(lse)
     window = 0 if sliding_window is None else int(sliding_window)
-    flags = _flags(causal, sliding_window, segs)
+    flags = _flags(causal, sliding_window, segs, softcap)
+    qk_scale, tanh_scale = _score_scales(scale, softcap)
 
     pre_m = 16 if interpreting() else 64
     _bwd_delta_kernel[(B * Hq, triton.cdiv(Sq, pre_m))](
@@ -642,7 +689,7 @@ def attention_backward(do, q, k, v, out, lse, scale, causal, segs, sliding_windo
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         qseg.stride(0), kvseg.stride(0),
-        Hq, Hkv, G, Sq, Skv, window, scale * _LOG2E, scale, n_n,
+        Hq, Hkv, G, Sq, Skv, window, qk_scale, tanh_scale, scale, n_n,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split, **flags,
         num_warps=warps, num_stages=stages,
     )
@@ -659,7 +706,7 @@ def attention_backward(do, q, k, v, out, lse, scale, causal, segs, sliding_windo
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         qseg.stride(0), kvseg.stride(0),
-        Hq, G, Sq, Skv, window, scale * _LOG2E, scale, n_m,
+        Hq, G, Sq, Skv, window, qk_scale, tanh_scale, scale, n_m,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split, **flags,
         num_warps=warps, num_stages=stages,
     )
@@ -668,20 +715,21 @@ def attention_backward(do, q, k, v, out, lse, scale, causal, segs, sliding_windo
 
 class TritonAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, q_segment_ids, kv_segment_ids, sliding_window):
+    def forward(ctx, q, k, v, scale, causal, q_segment_ids, kv_segment_ids, sliding_window, softcap):
         q, k, v = _unit_last_dim(q), _unit_last_dim(k), _unit_last_dim(v)
         segs = None if q_segment_ids is None else (q_segment_ids, kv_segment_ids)
-        out, lse = attention_forward(q, k, v, scale, causal, segs, sliding_window)
+        out, lse = attention_forward(q, k, v, scale, causal, segs, sliding_window, softcap)
         ctx.save_for_backward(q, k, v, out, lse, q_segment_ids, kv_segment_ids)
-        ctx.scale, ctx.causal, ctx.sliding_window = scale, causal, sliding_window
+        ctx.scale, ctx.causal, ctx.sliding_window, ctx.softcap = scale, causal, sliding_window, softcap
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse, q_segment_ids, kv_segment_ids = ctx.saved_tensors
         segs = None if q_segment_ids is None else (q_segment_ids, kv_segment_ids)
-        dq, dk, dv = attention_backward(do, q, k, v, out, lse, ctx.scale, ctx.causal, segs, ctx.sliding_window)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = attention_backward(do, q, k, v, out, lse, ctx.scale, ctx.causal, segs, ctx.sliding_window,
+                                        ctx.softcap)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def _prepare_segment_ids(ids: torch.Tensor, batch: int, length: int, name: str) -> torch.Tensor:
@@ -704,17 +752,20 @@ def attention_triton(
     kv_segment_ids: torch.Tensor | None = None,
     sliding_window: int | None = None,
     dropout_p: float = 0.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Triton attention with the semantics of ``attention.attention_reference``; returns [B, Sq, Hq, D].
 
     Attention dropout (``dropout_p > 0``) is not in the kernel: such calls run ``attention_sdpa`` (documented
-    fallback). q, k and v may be strided views (e.g. the transposes transformers hands over); only a last
-    dimension with stride != 1 is copied.
+    fallback; ``attention_reference`` with a ``softcap``). q, k and v may be strided views (e.g. the transposes
+    transformers hands over); only a last dimension with stride != 1 is copied.
     """
-    from .attention import _check_shapes, attention_sdpa
+    from .attention import _check_shapes, _check_softcap, attention_reference, attention_sdpa
 
+    _check_softcap(softcap)
     if dropout_p > 0.0:
-        return attention_sdpa(
+        fallback = attention_sdpa if softcap is None else functools.partial(attention_reference, softcap=softcap)
+        return fallback(
             q, k, v, scale=scale, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
             sliding_window=sliding_window, dropout_p=dropout_p,
         )
@@ -729,4 +780,5 @@ def attention_triton(
         kv_segment_ids = _prepare_segment_ids(kv_segment_ids, B, Skv, "kv_segment_ids")
     if sliding_window is not None:
         sliding_window = int(sliding_window)
-    return TritonAttention.apply(q, k, v, scale, causal, q_segment_ids, kv_segment_ids, sliding_window)
+    softcap = None if softcap is None else float(softcap)
+    return TritonAttention.apply(q, k, v, scale, causal, q_segment_ids, kv_segment_ids, sliding_window, softcap)

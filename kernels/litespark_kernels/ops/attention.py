@@ -4,6 +4,7 @@ Specification (``attention_reference``), for q [B, Hq, Sq, D], k and v [B, Hkv, 
 (query head h reads key/value head h // (Hq // Hkv)); the output is [B, Sq, Hq, D] (transformers' layout):
 
     score[b, h, i, j] = scale * <q[b, h, i], k[b, h // G, j]>
+    score = softcap * tanh(score / softcap)        # only with ``softcap`` (Gemma-2's attention logit soft-capping)
     key j is visible from query i  iff
         (not causal or j <= i + (Skv - Sq))                       # bottom-right aligned causality
         and (sliding_window is None or (i + Skv - Sq) - j < sliding_window)   # transformers' sliding_window_overlay
@@ -14,6 +15,10 @@ Specification (``attention_reference``), for q [B, Hq, Sq, D], k and v [B, Hkv, 
 Segment ids (int32, one per token) encode padding (-1: never attended) and packed documents (tokens attend only
 inside their own document); ``segment_ids_from_*`` build them from the inputs transformers hands the attention
 function (2D padding mask, packed ``position_ids`` or ``cu_seq_lens``).
+
+Soft-capping follows transformers' eager Gemma-2 attention: scores times ``scale``, then ``tanh(s / cap) * cap``, then
+the mask, then the softmax in fp32. SDPA has no soft-cap, so calls with one that the kernel does not take (head dim,
+dtype, dropout) run ``attention_reference``, which materialises the [Sq, Skv] scores.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import run_triton, unsupported, use_triton
+from .._dispatch import run_triton, unsupported, use_triton, warn_once
 
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
+SOFTCAP_FALLBACK = ("attention logit soft-capping (softcap) on inputs the kernel does not take runs the explicit-math "
+                    "reference (it materialises the [Sq, Skv] scores)")
 
 
 def visibility_mask(
@@ -64,15 +71,19 @@ def attention_reference(
     kv_segment_ids: torch.Tensor | None = None,
     sliding_window: int | None = None,
     dropout_p: float = 0.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Explicit-math attention (materialises the [Sq, Skv] scores): the specification and test oracle."""
     _check_shapes(q, k, v)
+    _check_softcap(softcap)
     B, Hq, Sq, D = q.shape
     groups = Hq // k.shape[1]
     scale = D**-0.5 if scale is None else scale
     kk = k.repeat_interleave(groups, dim=1)
     vv = v.repeat_interleave(groups, dim=1)
     scores = torch.matmul(q.float(), kk.float().transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     allowed = visibility_mask(
         Sq, k.shape[2], causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
         sliding_window=sliding_window, device=q.device,
@@ -137,15 +148,22 @@ def attention(
     kv_segment_ids: torch.Tensor | None = None,
     sliding_window: int | None = None,
     dropout_p: float = 0.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Attention with the semantics of ``attention_reference``; Triton kernel where it applies, SDPA otherwise."""
+    """Attention with the semantics of ``attention_reference``; Triton kernel where it applies, SDPA otherwise
+    (``attention_reference`` with a ``softcap``: SDPA has none)."""
     sliding_window = effective_window(sliding_window, k.shape[2])
     kwargs = dict(
         scale=scale, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
         sliding_window=sliding_window, dropout_p=dropout_p,
     )
     if use_triton("attention", q, k, v) and _triton_supports(q, k, dropout_p):
+        if softcap is not None:
+            kwargs["softcap"] = softcap
         return run_triton("_attention_triton", "attention_triton", q, k, v, **kwargs)
+    if softcap is not None:
+        warn_once("attention", SOFTCAP_FALLBACK)
+        return attention_reference(q, k, v, softcap=softcap, **kwargs)
     return attention_sdpa(q, k, v, **kwargs)
 
 
@@ -167,6 +185,11 @@ def _triton_supports(q: torch.Tensor, k: torch.Tensor, dropout_p: float) -> bool
     if dropout_p > 0.0:
         return unsupported("attention", "attention dropout > 0 runs through SDPA (documented fallback)")
     return True
+
+
+def _check_softcap(softcap: float | None) -> None:
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 (or None), got {softcap}")
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
