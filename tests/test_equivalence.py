@@ -11,13 +11,11 @@ import pytest
 import torch
 
 import litespark_hf
-from tiny_models import FAMILIES, alternating_padded_batches, random_batch, tiny_model, train_side_by_side
+from tiny_models import FAMILIES, alternating_padded_batches, random_batch, rel_err, tiny_model, train_side_by_side
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 def make_pair(family, **overrides):

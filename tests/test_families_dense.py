@@ -23,7 +23,7 @@ import litespark_kernels
 from litespark_hf.modules import LitesparkOlmoRMSNorm, original_class, swapped_class
 from litespark_kernels import _dispatch
 from test_equivalence import BATCHES, padded_batch, padded_labels, rel_err
-from tiny_models import DENSE_FAMILIES, alternating_padded_batches, random_batch, tiny_model, train_side_by_side
+from tiny_models import DENSE_FAMILIES, alternating_padded_batches, assert_grads_match, random_batch, tiny_model, train_side_by_side
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -50,16 +50,6 @@ def make_pair(family, **overrides):
     return stock, lit
 
 
-def assert_grads_match(stock, lit, tol=1e-4):
-    n = 0
-    for (name, pa), (name_b, pb) in zip(stock.named_parameters(), lit.named_parameters()):
-        assert name == name_b
-        if not pa.requires_grad:
-            continue
-        assert pa.grad is not None and pb.grad is not None, name
-        assert rel_err(pb.grad, pa.grad) <= tol, name
-        n += 1
-    assert n > 0
 
 
 class _Spy:

@@ -28,7 +28,7 @@ from litespark_hf.attention import litespark_attention_forward
 from litespark_hf.modules import original_class
 from litespark_kernels.ops import _rms_norm_triton as rms_mod
 from litespark_kernels.ops.rms_norm import add_rms_norm_reference, rms_norm_reference
-from tiny_models import VOCAB, OpLog, alternating_padded_batches, train_side_by_side
+from tiny_models import VOCAB, OpLog, alternating_padded_batches, rel_err, train_side_by_side
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -47,8 +47,6 @@ GEMMA = {
 FAMILIES = tuple(GEMMA)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 def _spread_norm_weights(model, seed=7):

@@ -20,7 +20,7 @@ import litespark_kernels as lk
 from litespark_kernels.ops import grouped_linear as gl
 from litespark_hf.modules import litespark_experts_forward
 from test_equivalence import BATCHES, padded_batch, padded_labels, rel_err
-from tiny_models import MOE_FAMILIES, OpLog, alternating_padded_batches, tiny_model, train_side_by_side
+from tiny_models import MOE_FAMILIES, OpLog, alternating_padded_batches, assert_grads_match, tiny_model, train_side_by_side
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -47,16 +47,6 @@ def make_pair(family, experts="eager", **overrides):
     return stock, lit
 
 
-def assert_grads_match(stock, lit, tol=1e-4):
-    n = 0
-    for (name, pa), (name_b, pb) in zip(stock.named_parameters(), lit.named_parameters()):
-        assert name == name_b
-        if not pa.requires_grad:
-            continue
-        assert pa.grad is not None and pb.grad is not None, name
-        assert rel_err(pb.grad, pa.grad) <= tol, (name, rel_err(pb.grad, pa.grad))
-        n += 1
-    assert n > 0
 
 
 def _block_masks(lengths, window):

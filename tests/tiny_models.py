@@ -117,7 +117,7 @@ class OpLog:
         return self._mode.__exit__(*exc)
 
 
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
@@ -128,7 +128,7 @@ def assert_matches_stock(stock, lit, inputs: dict, valid: torch.Tensor, tol: flo
     stock.eval(), lit.eval()
     with torch.no_grad():
         a, b = stock(**no_labels).logits, lit(**no_labels).logits
-    assert rel_error(b[valid], a[valid]) <= tol
+    assert rel_err(b[valid], a[valid]) <= tol
     stock.train(), lit.train()
     loss_a, loss_b = stock(**inputs).loss, lit(**inputs).loss
     assert abs(loss_a.item() - loss_b.item()) <= 1e-5 * abs(loss_a.item())
@@ -137,9 +137,22 @@ def assert_matches_stock(stock, lit, inputs: dict, valid: torch.Tensor, tol: flo
     n = 0
     for (name, pa), (_, pb) in zip(stock.named_parameters(), lit.named_parameters()):
         assert pa.grad is not None and pb.grad is not None, name
-        assert rel_error(pb.grad, pa.grad) <= tol, name
+        assert rel_err(pb.grad, pa.grad) <= tol, name
         n += 1
     assert n == len(list(stock.parameters()))
+
+
+def assert_grads_match(stock, lit, tol: float = 1e-4) -> None:
+    """Every trainable parameter's gradient of ``lit`` equals ``stock``'s within ``tol`` (relative)."""
+    n = 0
+    for (name, pa), (name_b, pb) in zip(stock.named_parameters(), lit.named_parameters()):
+        assert name == name_b
+        if not pa.requires_grad:
+            continue
+        assert pa.grad is not None and pb.grad is not None, name
+        assert rel_err(pb.grad, pa.grad) <= tol, (name, rel_err(pb.grad, pa.grad))
+        n += 1
+    assert n > 0
 
 
 def train_side_by_side(models, batches, steps: int = 20, lr: float = 3e-3) -> list[list[float]]:
