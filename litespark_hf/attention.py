@@ -22,7 +22,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 import litespark_kernels as lk
-from litespark_kernels._dispatch import autocast_dtype, warn_once
+from litespark_kernels._dispatch import warn_once
 from litespark_kernels.ops.attention import (
     effective_window,
     segment_ids_from_cu_seqlens,
@@ -390,11 +390,6 @@ def litespark_attention_forward(
         out = _reference_attention(query, key, value, visible=visible, additive=None, scaling=scaling,
                                    softcap=softcap, sinks=sinks, dropout=dropout)
         return out, None
-    low = autocast_dtype(query.device.type)
-    if low is not None and query.dtype == torch.float32:
-        # What SDPA does under autocast (it is on autocast's low-precision list): q/k/v cast to the autocast dtype.
-        # Reached when a q/k norm with float32 weights returns float32 (Qwen3's `weight * x.to(input_dtype)`).
-        query, key, value = query.to(low), key.to(low), value.to(low)
     out = lk.attention(
         query, key, value, scale=scaling, causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
         sliding_window=sliding_window, dropout_p=dropout, softcap=softcap,

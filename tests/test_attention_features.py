@@ -210,7 +210,8 @@ def test_triton_interpret_alone_says_that_the_kernels_need_force_triton(monkeypa
 
 def test_float32_queries_under_autocast_take_the_autocast_dtype_like_sdpa():
     """A q/k norm with float32 weights returns float32 under autocast (Qwen3); SDPA casts such inputs to the autocast
-    dtype, so the backend does too (and the kernel, which takes bf16/fp16, is not bypassed for the reference)."""
+    dtype, so litespark_kernels.attention does too (and the kernel, which takes bf16/fp16, is not bypassed for the
+    reference)."""
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(0)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import run_triton, unsupported, use_triton, warn_once
+from .._dispatch import autocast_dtype, run_triton, unsupported, use_triton, warn_once
 
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
 SOFTCAP_FALLBACK = ("attention logit soft-capping (softcap) on inputs the kernel does not take runs the explicit-math "
@@ -151,7 +151,12 @@ def attention(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention with the semantics of ``attention_reference``; Triton kernel where it applies, SDPA otherwise
-    (``attention_reference`` with a ``softcap``: SDPA has none)."""
+    (``attention_reference`` with a ``softcap``: SDPA has none). Under autocast, float32 q/k/v are cast to the
+    autocast dtype first, as SDPA (on autocast's low-precision list) does: e.g. Qwen3's q/k norms with float32
+    weights return float32, which the kernel would otherwise refuse."""
+    low = autocast_dtype(q.device.type)
+    if low is not None and q.dtype == torch.float32:
+        q, k, v = q.to(low), k.to(low), v.to(low)
     sliding_window = effective_window(sliding_window, k.shape[2])
     kwargs = dict(
         scale=scale, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
