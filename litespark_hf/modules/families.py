@@ -23,12 +23,11 @@ Each class subclasses the Llama-family mixin and overrides only the step that di
 from __future__ import annotations
 
 import torch
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import litespark_kernels as lk
 from litespark_kernels._dispatch import warn_once
 
-from ..casting import _cast_of, cast_projection_weights, drop_casts
+from ..casting import _cast_of
 from ._swap import plain_linears, project
 from .attention import LitesparkConfigWindowAttention, LitesparkLayerWindowAttention, project_each
 from .decoder import LitesparkDecoderLayer, _hookless
@@ -162,38 +161,5 @@ class LitesparkScaledLogitsCausalLM(LitesparkCausalLM):
             return "litespark" if _hookless(head) else None
         return "linear" if _plain_linear(head) else None
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-        head = self._litespark_head() if self.training else None
-        if head is None or (labels is None and kwargs.get("shift_labels") is None):
-            return super(LitesparkCausalLM, self).forward(  # the stock forward (never LitesparkCausalLM's: no scaling)
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                logits_to_keep=logits_to_keep, **kwargs,
-            )
-        shift_labels = kwargs.pop("shift_labels", None)
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        kwargs.pop("ignore_index", None)
-        if shift_labels is None:
-            shift_labels = lk.shifted_labels(labels)
-        label_count = lk.count_labels(shift_labels) if shift_labels.is_cuda else None
-        weight = self.lm_head.weight
-        given = cast_projection_weights(self, weight.device.type)
-        try:
-            outputs = self.model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
-            )
-            hidden = outputs.last_hidden_state / self.config.logits_scaling
-            loss_kwargs = dict(shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
-                               label_count=label_count)
-            if head == "litespark":
-                loss = self.lm_head(hidden, **loss_kwargs)
-            else:
-                loss = lk.fused_linear_cross_entropy(hidden, weight, **loss_kwargs)
-        finally:
-            drop_casts(given)
-        return CausalLMOutputWithPast(
-            loss=loss, logits=None, past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-        )
+    def _litespark_final_hidden(self, hidden):
+        return hidden / self.config.logits_scaling

@@ -91,6 +91,15 @@ class LitesparkCausalLM:
         forward.__doc__ = original.forward.__doc__
         cls.forward = forward
 
+    def _litespark_head(self):
+        """How the fused loss reads the head: 'litespark' (a `LitesparkLMHead`, the loss in its own forward), 'linear'
+        (a plain head whose weight the loss reads; families override), or None (the stock forward)."""
+        return "litespark" if isinstance(self.lm_head, LitesparkLMHead) else None
+
+    def _litespark_final_hidden(self, hidden):
+        """The hidden states the head reads (families with a logit scaling override: Granite)."""
+        return hidden
+
     def _litespark_logit_softcap(self):
         """``final_logit_softcapping`` of the model's (text) config, or None."""
         cfg = self.config
@@ -103,10 +112,8 @@ class LitesparkCausalLM:
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
         shift_labels = kwargs.get("shift_labels")
-        fused = (
-            self.training and (labels is not None or shift_labels is not None)
-            and isinstance(self.lm_head, LitesparkLMHead)
-        )
+        head = self._litespark_head() if self.training and (labels is not None or shift_labels is not None) else None
+        fused = head is not None
         softcap = None
         if fused and (cap := self._litespark_logit_softcap()) is not None:
             stock = original_class(self)
@@ -140,10 +147,13 @@ class LitesparkCausalLM:
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
             )
-            loss = self.lm_head(
-                outputs.last_hidden_state, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
-                label_count=label_count, tied_grad=tied, softcap=softcap,
-            )
+            hidden = self._litespark_final_hidden(outputs.last_hidden_state)
+            loss_kwargs = dict(shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
+                               label_count=label_count, tied_grad=tied, softcap=softcap)
+            if head == "litespark":
+                loss = self.lm_head(hidden, **loss_kwargs)
+            else:
+                loss = lk.fused_linear_cross_entropy(hidden, self.lm_head.weight, **loss_kwargs)
         finally:
             drop_casts(given)
             if tied is not None:
