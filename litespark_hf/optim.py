@@ -10,6 +10,12 @@ the gradients untouched (torch's fused kernel writes back grad / grad_scale), an
 Same update as ``torch.optim.AdamW(amsgrad=False, maximize=False)``, same ``state_dict`` layout (``step``,
 ``exp_avg``, ``exp_avg_sq``; ``step`` kept on the CPU), so checkpoints load either way. Parameters that the
 kernel does not take (not fp32, not contiguous, not on CUDA) are updated by the reference (torch ops).
+
+Frozen rows/columns: ``optimizer.set_frozen({param: (dim, keep_mask)})`` before ``step()`` leaves, in that step
+only, the rows (dim 0) or columns (dim 1) of ``param`` where ``keep_mask`` is False untouched, bit for bit: the
+weight, its ``exp_avg`` / ``exp_avg_sq`` and its low-precision copy; the kept elements get the usual update and
+the parameter's step count advances as usual. The same launch does it (no save-and-restore pass, no host sync);
+this is how SAT (`litespark_hf.sat`, ``sat_freeze_omitted``) freezes the omitted weights with this optimizer.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class LitesparkAdamW(torch.optim.Optimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self._caches: dict = {}
+        self._frozen: dict | None = None
         self.shadow: CastShadow | None = None
         if model is not None and shadow_dtype is not None:
             shadow = attach_cast_shadow(model, shadow_dtype)
@@ -57,12 +64,21 @@ class LitesparkAdamW(torch.optim.Optimizer):
                 else:  # weights this optimizer does not update would go stale in the copy
                     detach_cast_shadow(model)
 
+    def set_frozen(self, frozen: dict[torch.Tensor, tuple[int, torch.Tensor]] | None) -> None:
+        """Freeze rows/columns in the next `step` only: ``{param: (dim, keep_mask)}``, ``keep_mask`` a bool (or
+        uint8) tensor of length ``param.shape[dim]`` on the parameter's device; where it is False the weight, its
+        moments and its shadow are left bit-for-bit unchanged by that step. The next `step` consumes the mapping
+        (it applies to that step only); ``None`` or ``{}`` withdraws it. Entries for parameters this optimizer does
+        not update, or that have no gradient at the step, are ignored; masks are checked when the step runs."""
+        self._frozen = dict(frozen) if frozen else None
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        frozen_map, self._frozen = self._frozen, None
         grad_scale = self.__dict__.get("grad_scale")  # the folded clip (litespark_hf.trainer) sets it per step
         shadow = self.shadow
         if shadow is not None and not shadow.alive:
@@ -71,7 +87,7 @@ class LitesparkAdamW(torch.optim.Optimizer):
         views = shadow.param_views if live else None
         updated: list[torch.Tensor] = []
         for gi, group in enumerate(self.param_groups):
-            ps, gs, ms, vs, ss, steps = [], [], [], [], [], []
+            ps, gs, ms, vs, ss, fz, steps = [], [], [], [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -89,6 +105,7 @@ class LitesparkAdamW(torch.optim.Optimizer):
                 ms.append(state["exp_avg"])
                 vs.append(state["exp_avg_sq"])
                 ss.append(views.get(p) if views is not None else None)
+                fz.append(frozen_map.get(p) if frozen_map is not None else None)
                 steps.append(state["step"])
             if not ps:
                 continue
@@ -100,10 +117,12 @@ class LitesparkAdamW(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             for bi, (s, idx) in enumerate(sorted(buckets.items())):  # one bucket unless a weight missed a step
                 sh = [ss[i] for i in idx]
+                fr = [fz[i] for i in idx]
                 adamw_step([ps[i] for i in idx], [gs[i] for i in idx], [ms[i] for i in idx], [vs[i] for i in idx],
                            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                            weight_decay=group["weight_decay"], step=int(s), grad_scale=grad_scale,
                            shadows=sh if any(x is not None for x in sh) else None,
+                           frozen=fr if any(x is not None for x in fr) else None,
                            cache=self._caches.setdefault((gi, bi), {}))
             updated.extend(ps)
         if updated:

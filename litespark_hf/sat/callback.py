@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import TrainerCallback
 
 from ..config import LitesparkConfig
-from .core import OmittedFreezer, controller, enable_sat, executed_flops_fraction, omission_rates
+from .core import controller, enable_sat, executed_flops_fraction, omission_rates, omitted_freezer
 
 
 class SATCallback(TrainerCallback):
@@ -17,7 +17,9 @@ class SATCallback(TrainerCallback):
     - ``on_step_begin`` (once per optimizer step, before its first micro-batch): `sat_step` with the global step
       and ``state.max_steps``: schedule, importance folding, selection.
     - around ``optimizer.step()`` (``on_pre_optimizer_step`` / ``on_optimizer_step``): with
-      ``sat_freeze_omitted`` the omitted weights and their optimizer state are put back unchanged.
+      ``sat_freeze_omitted`` the omitted weights and their optimizer state are left unchanged by the step: a
+      `LitesparkAdamW` is handed the step's kept masks and skips them in its launch, any other optimizer gets them
+      saved before and put back after (`omitted_freezer`).
     - ``on_log``: adds ``sat/omission_rate_mlp``, ``sat/omission_rate_heads`` (scheduled) and
       ``sat/executed_flops_fraction`` (mean over the steps since the last log, dense-refresh steps counted as 1.0).
     """
@@ -45,7 +47,7 @@ class SATCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         ctrl = controller(model) if model is not None else None
         if ctrl is not None and ctrl.cfg.sat_freeze_omitted:
-            self._freezer = OmittedFreezer(model, optimizer)
+            self._freezer = omitted_freezer(model, optimizer)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self._freezer is not None:

@@ -1,5 +1,6 @@
 """SAT controller: enabling SAT on a model, choosing the kept channels/heads each optimizer step, freezing the
-omitted weights in the optimizer step, and counting the FLOPs actually executed."""
+omitted weights in the optimizer step (inside `LitesparkAdamW`'s launch, from kept masks; around any other
+optimizer's step, by save and restore), and counting the FLOPs actually executed."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from litespark_kernels.ops.sparse_attention_heads import head_rows
 
 from ..config import LitesparkConfig
 from ..model_utils import unwrap_model
+from ..optim import LitesparkAdamW
 from .modules import LayerState, SATAttention, SATGatedMLP, SATGeluMLP, base_class, is_sat_module, sat_class
 from .schedule import scheduled_rate
 
@@ -313,29 +315,70 @@ def executed_flops_fraction(model: nn.Module, seq_len: int | None = None) -> flo
 
 
 # ---------------------------------------------------------------------- optimizer
+def _module_slices(m: nn.Module, kind: str, units, q_rows=None, kv_rows=None) -> list:
+    """(param, dim, what) for the weights of one SAT module that a selection cuts: ``what`` is the omitted indices
+    or the keep mask, over the MLP's channels (``units``) or the attention's query / KV rows."""
+    if kind == "mlp":
+        if hasattr(m, "gate_proj"):
+            return [(m.gate_proj.weight, 0, units), (m.up_proj.weight, 0, units), (m.down_proj.weight, 1, units)]
+        out = [(m.c_fc.weight, 0, units), (m.c_proj.weight, 1, units)]
+        if m.c_fc.bias is not None:
+            out.append((m.c_fc.bias, 0, units))
+        return out
+    out = [(m.q_proj.weight, 0, q_rows), (m.k_proj.weight, 0, kv_rows), (m.v_proj.weight, 0, kv_rows),
+           (m.o_proj.weight, 1, q_rows)]
+    for proj, rows in ((m.q_proj, q_rows), (m.k_proj, kv_rows), (m.v_proj, kv_rows)):
+        if proj.bias is not None:
+            out.append((proj.bias, 0, rows))
+    return out
+
+
+def _cut_modules(ctrl: SATController) -> list[nn.Module]:
+    out = []
+    for m in ctrl.modules:
+        st = m._sat_state
+        if st.index is not None and st.omitted is not None and st.omitted.numel() > 0:
+            out.append(m)
+    return out
+
+
 def _omitted_slices(ctrl: SATController):
     """(param, dim, omitted index) for every weight the current selection leaves out (indices computed at selection
     time, on the GPU: no host sync here)."""
     out = []
-    for m in ctrl.modules:
+    for m in _cut_modules(ctrl):
         st = m._sat_state
-        if st.index is None or st.omitted is None or st.omitted.numel() == 0:
-            continue
         if st.kind == "mlp":
-            om = st.omitted
-            if hasattr(m, "gate_proj"):
-                out += [(m.gate_proj.weight, 0, om), (m.up_proj.weight, 0, om), (m.down_proj.weight, 1, om)]
-            else:
-                out += [(m.c_fc.weight, 0, om), (m.c_proj.weight, 1, om)]
-                if m.c_fc.bias is not None:
-                    out.append((m.c_fc.bias, 0, om))
+            out += _module_slices(m, "mlp", st.omitted)
         else:
-            q_om, kv_om = st.omitted_rows
-            out += [(m.q_proj.weight, 0, q_om), (m.k_proj.weight, 0, kv_om), (m.v_proj.weight, 0, kv_om),
-                    (m.o_proj.weight, 1, q_om)]
-            for proj, om in ((m.q_proj, q_om), (m.k_proj, kv_om), (m.v_proj, kv_om)):
-                if proj.bias is not None:
-                    out.append((proj.bias, 0, om))
+            out += _module_slices(m, "attention", None, *st.omitted_rows)
+    return out
+
+
+def _kept_masks(ctrl: SATController):
+    """(param, dim, keep mask) for the same weights as `_omitted_slices`: bool vectors over the rows (dim 0) or
+    columns (dim 1), False where the selection omits. Built on the device from the omitted indices, batched like
+    the selection (modules of equal shape share one scatter), with no host sync."""
+    groups: dict[tuple, list[nn.Module]] = {}
+    for m in _cut_modules(ctrl):
+        st = m._sat_state
+        key = (st.kind, st.units, st.omitted.numel(), st.n_rep, st.head_dim, st.omitted.device)
+        groups.setdefault(key, []).append(m)
+    out = []
+    for (kind, units, _, n_rep, head_dim, device), mods in groups.items():
+        n = len(mods)
+        omitted = torch.stack([m._sat_state.omitted for m in mods])
+        keep = torch.ones(n, units, dtype=torch.bool, device=device).scatter_(1, omitted, False)
+        if kind == "mlp":
+            for i, m in enumerate(mods):
+                out += _module_slices(m, "mlp", keep[i])
+            continue
+        # KV group g owns query rows [g * n_rep * head_dim, (g + 1) * n_rep * head_dim) and KV rows
+        # [g * head_dim, (g + 1) * head_dim) (the layout of `head_rows`)
+        q = keep[:, :, None].expand(n, units, n_rep * head_dim).reshape(n, -1)
+        kv = keep[:, :, None].expand(n, units, head_dim).reshape(n, -1)
+        for i, m in enumerate(mods):
+            out += _module_slices(m, "attention", None, q[i], kv[i])
     return out
 
 
@@ -345,7 +388,8 @@ class OmittedFreezer:
     Per tensor one ``index_select`` before and one ``index_copy_`` after the step, with the omitted indices computed
     at selection time (no host sync, so the copies queue behind the backward). Only tensors the optimizer will
     actually change are saved: a parameter without a gradient is skipped by torch optimizers, and a parameter with
-    no state yet (first step) has no moments to protect.
+    no state yet (first step) has no moments to protect. This is the path of every optimizer but `LitesparkAdamW`,
+    which freezes in its own launch (`StepFreezer`; `omitted_freezer` picks).
     """
 
     def __init__(self, model: nn.Module, optimizer):
@@ -375,6 +419,34 @@ class OmittedFreezer:
         self.saved = []
 
 
+class StepFreezer:
+    """The omitted weights frozen inside `LitesparkAdamW`'s step: the kept masks (`_kept_masks`) are handed to
+    `LitesparkAdamW.set_frozen` before the step, whose one launch neither reads nor writes the omitted rows/columns
+    of the weights, their moments and their low-precision copies (no snapshot, no copy back). Same result, bit for
+    bit, as an `OmittedFreezer` around the same optimizer. `restore` withdraws masks a skipped step (e.g. an fp16
+    overflow) did not consume, so they cannot leak into a later step."""
+
+    def __init__(self, model: nn.Module, optimizer: LitesparkAdamW):
+        self.optimizer = optimizer
+        ctrl = controller(model)
+        entries = _kept_masks(ctrl) if ctrl is not None else []
+        optimizer.set_frozen({p: (dim, keep) for p, dim, keep in entries} if entries else None)
+
+    def restore(self) -> None:
+        self.optimizer.set_frozen(None)
+
+
+def omitted_freezer(model: nn.Module, optimizer) -> OmittedFreezer | StepFreezer:
+    """Build before ``optimizer.step()``, call ``.restore()`` after it: the omitted weights and their optimizer
+    state are left unchanged by the step. `LitesparkAdamW` (also inside accelerate's ``AcceleratedOptimizer``)
+    takes the kept masks into its step (`StepFreezer`); any other optimizer gets the save-and-restore
+    `OmittedFreezer`."""
+    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    if isinstance(opt, LitesparkAdamW):
+        return StepFreezer(model, opt)
+    return OmittedFreezer(model, optimizer)
+
+
 @contextlib.contextmanager
 def frozen_omitted(model: nn.Module, optimizer):
     """``with frozen_omitted(model, opt): opt.step()``: omitted weights and their optimizer state stay unchanged.
@@ -382,9 +454,10 @@ def frozen_omitted(model: nn.Module, optimizer):
     With SAT the omitted weights' gradients are exactly zero; a stateful optimizer would still move them (AdamW:
     momentum and decoupled weight decay) and decay their moments. Inside this context the step runs as usual and
     the omitted rows/columns of each parameter and of its same-shaped optimizer state tensors (Adam's exp_avg,
-    exp_avg_sq) are put back afterwards. Scalar state (Adam's per-tensor step count) still advances.
+    exp_avg_sq) are left as they were: `LitesparkAdamW` skips them inside its step (kept masks), other optimizers
+    get them put back afterwards. Scalar state (Adam's per-tensor step count) still advances.
     """
-    freezer = OmittedFreezer(model, optimizer)
+    freezer = omitted_freezer(model, optimizer)
     try:
         yield
     finally:

@@ -8,6 +8,15 @@ last block of a tensor is masked. The block map depends only on the tensors' siz
 table is rebuilt (on the host, copied asynchronously) only when an address changes, e.g. gradients re-allocated
 after ``zero_grad(set_to_none=True)`` at a new address.
 
+Frozen rows/columns (``frozen``, see `optim.adamw_step`): a second, small table with one row per tensor,
+``[keep mask (or 0), inner, size]``, where element ``i`` of the flat tensor belongs to index
+``(i // inner) % size`` of the frozen dimension (``inner`` = product of the later dimensions, ``size`` = that
+dimension's length). Only when some tensor has a mask is the variant with ``HAS_FROZEN`` compiled; in it, a tensor
+without a mask takes the usual paths, and a program of a masked tensor loads its block's keep flags (one byte per
+element, from the row/column mask) and loads and stores only the kept elements: frozen elements are neither read
+nor written, so they stay bit-for-bit as they were (and cost no memory traffic); a block whose elements are all
+kept takes the unmasked path, a block whose elements are all frozen does nothing.
+
 Memory traffic per element: 16 bytes read, 12 written, plus 2 for a shadow; torch's fused AdamW reads the same
 16 bytes and writes 16 (it stores the scaled gradient back), and a separate cast to bf16 reads 4 and writes 2.
 """
@@ -25,10 +34,9 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _adamw_update(P, G, M, V, S, SCALE, offs, n, has_s, decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
+def _adamw_update(P, G, M, V, S, SCALE, offs, mask, has_s, decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
                   bc2_sqrt, eps, HAS_SCALE: tl.constexpr, S_FP16: tl.constexpr, MASKED: tl.constexpr):
-    if MASKED:
-        mask = offs < n
+    if MASKED:  # mask: in bounds (the last block of a tensor) and, for a frozen tensor, kept
         p = tl.load(P + offs, mask=mask, other=0.0)
         g = tl.load(G + offs, mask=mask, other=0.0)
         m = tl.load(M + offs, mask=mask, other=0.0)
@@ -64,9 +72,21 @@ def _adamw_update(P, G, M, V, S, SCALE, offs, n, has_s, decay, one_minus_beta1, 
 
 
 @triton.jit
-def _adamw_kernel(TABLE, BLOCK_TENSOR, BLOCK_START, SCALE, decay, one_minus_beta1, beta2, one_minus_beta2,
+def _adamw_block(P, G, M, V, S, SCALE, start, offs, n, has_s, decay, one_minus_beta1, beta2, one_minus_beta2,
+                 step_size, bc2_sqrt, eps, HAS_SCALE: tl.constexpr, S_FP16: tl.constexpr, BLOCK: tl.constexpr):
+    """A block of a tensor without frozen rows/columns: unmasked when full, masked at the tensor's tail."""
+    if start + BLOCK <= n:
+        _adamw_update(P, G, M, V, S, SCALE, offs, offs, has_s, decay, one_minus_beta1, beta2, one_minus_beta2,
+                      step_size, bc2_sqrt, eps, HAS_SCALE, S_FP16, False)
+    else:
+        _adamw_update(P, G, M, V, S, SCALE, offs, offs < n, has_s, decay, one_minus_beta1, beta2,
+                      one_minus_beta2, step_size, bc2_sqrt, eps, HAS_SCALE, S_FP16, True)
+
+
+@triton.jit
+def _adamw_kernel(TABLE, FROZEN, BLOCK_TENSOR, BLOCK_START, SCALE, decay, one_minus_beta1, beta2, one_minus_beta2,
                   step_size, bc2_sqrt, eps, HAS_SCALE: tl.constexpr, S_FP16: tl.constexpr, ALIGNED: tl.constexpr,
-                  BLOCK: tl.constexpr):
+                  HAS_FROZEN: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(BLOCK_TENSOR + pid).to(tl.int64)
     start = tl.load(BLOCK_START + pid)
@@ -90,12 +110,32 @@ def _adamw_kernel(TABLE, BLOCK_TENSOR, BLOCK_START, SCALE, decay, one_minus_beta
         S = tl.multiple_of(S, 16)
     start = tl.multiple_of(start, BLOCK)
     offs = start + tl.arange(0, BLOCK)
-    if start + BLOCK <= n:
-        _adamw_update(P, G, M, V, S, SCALE, offs, n, has_s, decay, one_minus_beta1, beta2, one_minus_beta2,
-                      step_size, bc2_sqrt, eps, HAS_SCALE, S_FP16, False)
+    if HAS_FROZEN:
+        frow = FROZEN + t * 3
+        k_addr = tl.load(frow)
+        if k_addr != 0:
+            # index of each element along the frozen dimension, in int32 (`optim._check_frozen` checks that inner and
+            # size + BLOCK fit): (offs // inner) % size, with the block's first quotient taken out in int64
+            inner = tl.load(frow + 1)
+            size = tl.load(frow + 2)
+            q0 = start // inner
+            r = (start - q0 * inner).to(tl.int32) + tl.arange(0, BLOCK)
+            idx = ((q0 % size).to(tl.int32) + r // inner.to(tl.int32)) % size.to(tl.int32)
+            inside = offs < n
+            keep = inside & (tl.load(k_addr.to(tl.pointer_type(tl.int8)) + idx, mask=inside, other=0) != 0)
+            kept = tl.sum(keep.to(tl.int32), axis=0)
+            if kept == BLOCK:  # a full block of kept rows: the unmasked, vectorised path
+                _adamw_update(P, G, M, V, S, SCALE, offs, keep, has_s, decay, one_minus_beta1, beta2,
+                              one_minus_beta2, step_size, bc2_sqrt, eps, HAS_SCALE, S_FP16, False)
+            elif kept > 0:  # (a block of frozen elements only does nothing)
+                _adamw_update(P, G, M, V, S, SCALE, offs, keep, has_s, decay, one_minus_beta1, beta2,
+                              one_minus_beta2, step_size, bc2_sqrt, eps, HAS_SCALE, S_FP16, True)
+        else:
+            _adamw_block(P, G, M, V, S, SCALE, start, offs, n, has_s, decay, one_minus_beta1, beta2,
+                         one_minus_beta2, step_size, bc2_sqrt, eps, HAS_SCALE, S_FP16, BLOCK)
     else:
-        _adamw_update(P, G, M, V, S, SCALE, offs, n, has_s, decay, one_minus_beta1, beta2, one_minus_beta2,
-                      step_size, bc2_sqrt, eps, HAS_SCALE, S_FP16, True)
+        _adamw_block(P, G, M, V, S, SCALE, start, offs, n, has_s, decay, one_minus_beta1, beta2, one_minus_beta2,
+                     step_size, bc2_sqrt, eps, HAS_SCALE, S_FP16, BLOCK)
 
 
 def _block_map(numels: tuple[int, ...], block: int, device: torch.device):
@@ -115,8 +155,35 @@ def _memo(cache: dict, slot: str, key, build):
     return value
 
 
+def _frozen_table(frozen, params, device: torch.device, cache: dict):
+    """The ``[keep mask address, inner, size]`` rows (one per tensor; zeros where nothing is frozen), and the
+    masks themselves (kept alive with the table until the launch is queued)."""
+    rows, masks = [], []
+    for p, f in zip(params, frozen):
+        if f is None:
+            rows += [0, 0, 0]
+            continue
+        dim, keep = f
+        if keep.device != device or not keep.is_contiguous():
+            keep = keep.to(device).contiguous()
+        masks.append(keep)
+        shape = p.shape
+        inner = 1
+        for d in shape[dim + 1:]:
+            inner *= d
+        rows += [keep.data_ptr(), inner, shape[dim]]
+    key = tuple(rows)
+
+    def build():
+        host = torch.tensor(rows, dtype=torch.int64)
+        return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+
+    return _memo(cache, "frozen", key, build), masks
+
+
 def adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, step,
-                      grad_scale=None, shadows=None, cache: dict, block: int = BLOCK, num_warps: int = NUM_WARPS):
+                      grad_scale=None, shadows=None, frozen=None, cache: dict, block: int = BLOCK,
+                      num_warps: int = NUM_WARPS):
     device = params[0].device
     numels = tuple(p.numel() for p in params)
     block_tensor, block_start = _memo(cache, "blocks", (numels, block, device),
@@ -136,12 +203,14 @@ def adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2,
         return table, all(a % 16 == 0 for i, a in enumerate(addrs) if i % 6 != 5)
 
     table, aligned = _memo(cache, "table", key, build_table)
+    has_frozen = frozen is not None and any(f is not None for f in frozen)
+    frozen_rows, _masks = _frozen_table(frozen, params, device, cache) if has_frozen else (table, None)
     scale = grad_scale.to(device=device, dtype=torch.float32) if grad_scale is not None else table
     bc1 = 1.0 - beta1 ** step
     bc2_sqrt = (1.0 - beta2 ** step) ** 0.5
     grid = (block_tensor.numel(),)
     _adamw_kernel[grid](
-        table, block_tensor, block_start, scale, 1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2,
-        lr / bc1, bc2_sqrt, eps, HAS_SCALE=grad_scale is not None, S_FP16=s_dtype == torch.float16,
-        ALIGNED=aligned, BLOCK=block, num_warps=num_warps,
+        table, frozen_rows, block_tensor, block_start, scale, 1.0 - lr * weight_decay, 1.0 - beta1, beta2,
+        1.0 - beta2, lr / bc1, bc2_sqrt, eps, HAS_SCALE=grad_scale is not None, S_FP16=s_dtype == torch.float16,
+        ALIGNED=aligned, HAS_FROZEN=has_frozen, BLOCK=block, num_warps=num_warps,
     )
