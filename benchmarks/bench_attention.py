@@ -3,10 +3,9 @@
 Six causal shapes of benchmarks/baselines.md (fwd+bwd and forward only), one packed-documents shape and one
 sliding-window shape (against SDPA with the equivalent explicit boolean mask, k/v repeated as transformers does
 when it passes a mask), and Gemma-2's attention logit soft-cap (50) on the gemma2-1b bench shape (seq 2048, batch 4,
-8 query / 4 key-value heads): the kernel with the cap at head dim 128 (Gemma-2's own head dim, 256, is not in the
-kernel), against the kernel without it, SDPA flash without it (no soft-cap there) and the explicit-math reference
-with it (what runs without the kernel: the [S, S] scores materialised); at head dim 256 the reference and SDPA flash
-only. TFLOP/s by the FlashAttention convention: forward 4 * B * S^2 * Hq * D, halved under
+8 query / 4 key-value heads): the kernel with the cap at head dims 128 and 256 (Gemma-2's own), against the kernel
+without it, SDPA flash without it (no soft-cap there) and the explicit-math reference with it (what runs without the
+kernel: the [S, S] scores materialised). TFLOP/s by the FlashAttention convention: forward 4 * B * S^2 * Hq * D, halved under
 causality, times 3.5 for forward+backward (backward = 2.5 forwards); the packed and window shapes count only the
 visible (query, key) pairs. Median times from ``triton.testing.do_bench``.
 
@@ -14,6 +13,7 @@ litespark gets q/k/v as transformers hands them ([B, H, S, D] transposes of [B, 
 output as [B, S, H, D]; SDPA gets contiguous [B, H, S, D] tensors (its natural layout, as in baselines.md).
 
     python benchmarks/bench_attention.py [--out DIR] [--sweep]     # writes attention_<device>.json and .png
+    python benchmarks/bench_attention.py --sweep-only --sweep-dims 256   # time the head-dim-256 configurations only
 
 ``run()`` returns the rows (list of dicts) for the combined benchmark runner; ``--sweep`` also times the launch
 configurations of each kernel (forward, backward dK/dV, backward dQ) on one shape per head dim.
@@ -204,8 +204,14 @@ SWEEP_CANDIDATES = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages, SPLIT) per ker
     ("dq", 64): [(128, 64, 8, 3, False), (128, 64, 8, 4, False), (64, 64, 4, 2, False), (128, 64, 8, 3, True)],
     ("dq", 128): [(64, 32, 4, 3, False), (64, 32, 4, 2, False), (64, 64, 4, 2, False), (64, 32, 4, 3, True),
                   (128, 64, 8, 3, True)],
+    ("fwd", 256): [(64, 64, 4, 2, False), (64, 64, 8, 2, False), (128, 64, 8, 2, False), (64, 32, 4, 3, False),
+                   (128, 32, 8, 2, False), (64, 64, 4, 1, False)],
+    ("dkv", 256): [(64, 64, 8, 1, False), (32, 64, 8, 2, False), (32, 64, 4, 2, False), (16, 64, 4, 2, False),
+                   (32, 32, 4, 2, False), (64, 64, 8, 2, False)],
+    ("dq", 256): [(64, 64, 8, 2, False), (64, 32, 4, 2, False), (64, 64, 4, 2, False), (128, 64, 8, 1, False),
+                  (64, 32, 4, 3, False)],
 }
-SWEEP_SHAPES = [(4096, 4, 64, 32, 8), (4096, 4, 128, 24, 8)]
+SWEEP_SHAPES = [(4096, 4, 64, 32, 8), (4096, 4, 128, 24, 8), (2048, 4, 256, 8, 4)]  # the last: gemma2-1b's
 
 
 def _sweep_case(shape, kind, cfg, time_it: bool):
@@ -241,7 +247,7 @@ def _compile_only(job):
         return f"{type(e).__name__}: {str(e)[:100]}"
 
 
-def sweep() -> list[dict]:
+def sweep(head_dims=None) -> list[dict]:
     """Time each kernel's launch configurations (litespark_kernels.ops._attention_triton.CONFIGS) on SWEEP_SHAPES.
 
     The configurations are first compiled in parallel worker processes (filling Triton's on-disk cache), then
@@ -250,8 +256,8 @@ def sweep() -> list[dict]:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    jobs = [(shape, kind, cfg) for shape in SWEEP_SHAPES for (kind, d), cands in SWEEP_CANDIDATES.items()
-            if d == shape[2] for cfg in cands]
+    jobs = [(shape, kind, cfg) for shape in SWEEP_SHAPES if head_dims is None or shape[2] in head_dims
+            for (kind, d), cands in SWEEP_CANDIDATES.items() if d == shape[2] for cfg in cands]
     t0 = time.time()
     with ProcessPoolExecutor(max_workers=min(12, os.cpu_count() or 4), mp_context=mp.get_context("spawn")) as ex:
         list(ex.map(_compile_only, jobs))
@@ -317,6 +323,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--sweep", action="store_true", help="also time the kernels' launch configurations")
+    parser.add_argument("--sweep-dims", default=None,
+                        help="comma-separated head dims the sweep covers (default: all of SWEEP_SHAPES)")
+    parser.add_argument("--sweep-only", action="store_true", help="run the sweep alone (no benchmark rows)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     import triton
@@ -325,8 +334,11 @@ def main(argv=None):
                time=time.strftime("%Y-%m-%d %H:%M:%S"))
     print(env, flush=True)
     result = dict(env=env)
-    if args.sweep:
-        result["sweep"] = sweep()
+    if args.sweep or args.sweep_only:
+        dims = None if not args.sweep_dims else {int(d) for d in args.sweep_dims.split(",")}
+        result["sweep"] = sweep(dims)
+        if args.sweep_only:  # printed above; the result file keeps the benchmark rows
+            return None
     rows = run()
     result["rows"] = rows
     from litespark_hf.efficiency.device import device_tag

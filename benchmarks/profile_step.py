@@ -4,7 +4,7 @@ Runs `litespark_hf.efficiency.bench.run_variant` (same model, data and settings 
 a profiler callback on steps ``--from``..``--to`` (1-based, inclusive), then prints per variant: wall time per
 step, GPU busy time per step (union of kernel intervals), idle time, and milliseconds per step by kernel group
 (GEMM, attention, fused linear CE, norms, RoPE, activations, optimizer, casts/copies, ...) plus the top kernels.
-Writes ``<out>/profile_<config>_<device>.json`` and, with ``--trace``, the Chrome traces.
+Writes ``<out>/profile_<config>_<device>.json`` (``profile_<config>_<engine>_<device>.json`` with ``--engine``) and, with ``--trace``, the Chrome traces.
 
 Usage (GPU): ``python benchmarks/profile_step.py --config llama-1b --variants sdpa,litespark``
 """
@@ -167,6 +167,8 @@ def main(argv=None):
     p.add_argument("--cuda-only", action="store_true",
                    help="record GPU activity only: host overhead is not inflated by CPU-op recording, so the idle "
                         "time is close to an unprofiled step's (no per-op attribution of the gaps)")
+    p.add_argument("--engine", default="none", choices=("none", "fsdp2", "zero3"),
+                   help="train under this sharding engine at world size 1 (as litespark-train-bench --engine)")
     p.add_argument("--syncs", action="store_true",
                    help="record Python stacks and list, for every device-to-host copy (a host sync), the Python "
                         "frames that issued it")
@@ -178,7 +180,8 @@ def main(argv=None):
     for v in a.variants.split(","):
         trace = os.path.join(a.out, f"trace_{a.config}_{v}.json")
         res = run_variant(a.config, v, a.steps, a.first, progress=False,
-                          callbacks=[profiler_callback(a.first, a.last, trace, a.cuda_only, a.syncs)])
+                          callbacks=[profiler_callback(a.first, a.last, trace, a.cuda_only, a.syncs)],
+                          engine=a.engine)
         info = analyse(trace, a.last - a.first + 1)
         if a.syncs:
             info["syncs"] = host_syncs(trace)
@@ -210,7 +213,8 @@ def main(argv=None):
         sys.stdout.flush()
     from litespark_hf.efficiency.device import device_tag
 
-    path = os.path.join(a.out, f"profile_{a.config}_{device_tag()}.json")
+    engine = f"{a.engine}_" if a.engine != "none" else ""
+    path = os.path.join(a.out, f"profile_{a.config}_{engine}{device_tag()}.json")
     with open(path, "w") as fh:
         json.dump(report, fh, indent=1)
     print("wrote", path)

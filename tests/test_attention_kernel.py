@@ -56,6 +56,18 @@ def test_dense_gqa_odd_length(dtype, causal, Hq, Hkv, D):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_head_dim_256_padded_window_softcap(dtype):
+    """Head dim 256 (Gemma 2/3, the kernel's own launch configuration): causal GQA with left padding, a sliding window
+    shorter than the row and Gemma-2's soft-cap."""
+    q, k, v, do = _inputs(2, 4, 2, 45, 45, 256, dtype, seed=3)
+    pos = torch.arange(45)[None]
+    seg = torch.where(pos >= torch.tensor([[0], [13]]), 0, -1).to(torch.int32)
+    out, *_ = _compare(q, k, v, do, causal=True, q_segment_ids=seg, kv_segment_ids=seg, sliding_window=9,
+                       softcap=5.0, scale=4 * 256**-0.5)
+    assert (out[seg < 0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("Sq,Skv", [(19, 53), (53, 19), (1, 37)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_q_and_kv_lengths_differ(dtype, Sq, Skv, causal):

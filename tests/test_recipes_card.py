@@ -103,3 +103,38 @@ def test_hub_model_and_dataset_are_linked_and_in_the_metadata(tmp_path):
     card.save(tmp_path / "README.md")
     meta = ModelCard.load(tmp_path / "README.md").data.to_dict()
     assert meta["base_model"] == "meta-llama/Llama-3.2-1B" and meta["datasets"] == ["HuggingFaceFW/fineweb-edu"]
+
+
+class _FakeFsdpTrainer:
+    """What `save_model` reads of a Trainer under FSDP: the plugin's state-dict type, the gather and the two saves."""
+
+    def __init__(self, state_dict_type: str, should_save: bool = True):
+        self.is_fsdp_enabled = True
+        self.model = object()
+        self.args = SimpleNamespace(should_save=should_save)
+        self.calls = []
+        plugin = SimpleNamespace(state_dict_type=state_dict_type)
+        self.accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin),
+                                           get_state_dict=lambda m: self.calls.append(("gather", m)) or {"w": 1})
+
+    def _save(self, output_dir, state_dict=None):
+        self.calls.append(("_save", output_dir, state_dict))
+
+    def save_model(self, output_dir):
+        self.calls.append(("save_model", output_dir))
+
+
+def test_save_model_gathers_a_sharded_fsdp_state_dict():
+    """Under FSDP with SHARDED_STATE_DICT the Trainer's save_model writes no weights (found on the H200: the saved
+    directory did not load); the recipes gather the full state dict on every process and the main one writes it."""
+    from recipe_utils.card import save_model
+
+    t = _FakeFsdpTrainer("StateDictType.SHARDED_STATE_DICT")
+    save_model(t, "out")
+    assert t.calls == [("gather", t.model), ("_save", "out", {"w": 1})]
+    t = _FakeFsdpTrainer("StateDictType.SHARDED_STATE_DICT", should_save=False)  # another rank: gathers, no write
+    save_model(t, "out")
+    assert t.calls == [("gather", t.model)]
+    t = _FakeFsdpTrainer("StateDictType.FULL_STATE_DICT")  # the Trainer saves this one itself
+    save_model(t, "out")
+    assert t.calls == [("save_model", "out")]

@@ -194,10 +194,28 @@ def install_model_card(trainer, recipe: str, start: str | None, source: str, dat
     trainer.create_model_card = create_model_card
 
 
+def save_model(trainer, output_dir: str) -> None:
+    """``trainer.save_model(output_dir)``, also under FSDP with a sharded state-dict type.
+
+    transformers' ``Trainer.save_model`` writes the weights under FSDP only for ``FULL_STATE_DICT``; with
+    ``SHARDED_STATE_DICT`` (``accelerate_configs/fsdp2.yaml``: fast sharded checkpoints) it writes nothing, and the
+    output directory would hold no model. Then the full state dict is gathered here (a collective: every process
+    calls it; `Accelerator.get_state_dict`) and the main process writes it with the Trainer's own ``_save`` (weights,
+    config), so the directory loads with plain ``from_pretrained``. Checkpoints keep the configured type."""
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "fsdp_plugin", None)
+    if getattr(trainer, "is_fsdp_enabled", False) and plugin is not None \
+            and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)
+        if trainer.args.should_save:
+            trainer._save(output_dir, state_dict=state_dict)
+        return
+    trainer.save_model(output_dir)
+
+
 def save_all(trainer, tokenizer, output_dir: str, recipe: str, results: dict):
     """Save the model and tokenizer, write the model card (with a results section) and results.json (and, when
     ``LITESPARK_LOGITS_PROBE`` names a file, the in-run model's logits on a fixed batch: `write_logits_probe`)."""
-    trainer.save_model(output_dir)
+    save_model(trainer, output_dir)
     probe = os.environ.get(PROBE_ENV)
     if probe:
         write_logits_probe(trainer, probe)

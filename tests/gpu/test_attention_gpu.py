@@ -79,7 +79,7 @@ def _check(B, Hq, Hkv, Sq, Skv, D, dtype, *, seg=None, hf_layout=True, **kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 128, 256])
 def test_causal_gqa_real_size(dtype, D):
     _check(2, 32, 8, 2048, 2048, D, dtype, causal=True)
 
@@ -99,7 +99,7 @@ def test_odd_head_dims_left_padding(D):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 128, 256])
 def test_packed_padding_window(dtype, D):
     # Row 0: three documents; row 1: two documents then right padding; plus a 512-token sliding window.
     S = 2048
@@ -168,12 +168,11 @@ def test_softcap_dispatcher_uses_kernel_on_cuda():
 
 
 def test_softcap_head_dim_the_kernel_does_not_take_runs_the_reference():
-    # Gemma-2's head dim 256 (2B, 9B, 27B) is outside SUPPORTED_HEAD_DIMS: the dispatcher runs attention_reference
-    # with the soft-cap (never SDPA, which has none).
-    if 256 in SUPPORTED_HEAD_DIMS:
-        pytest.skip("head dim 256 is in the kernel")
-    q = torch.randn(1, 8, 300, 256, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, 4, 300, 256, device="cuda", dtype=torch.bfloat16)
+    # A head dim outside SUPPORTED_HEAD_DIMS (48): the dispatcher runs attention_reference with the soft-cap (never
+    # SDPA, which has none).
+    assert 48 not in SUPPORTED_HEAD_DIMS
+    q = torch.randn(1, 8, 300, 48, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 4, 300, 48, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     out = attention(q, k, v, causal=True, softcap=5.0, scale=0.25)
     assert torch.equal(out, attention_reference(q, k, v, causal=True, softcap=5.0, scale=0.25))

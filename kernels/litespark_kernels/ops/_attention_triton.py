@@ -41,7 +41,7 @@ from .._dispatch import interpreting
 _LOG2E = math.log2(math.e)
 
 # Hand-picked launch configurations (BLOCK_M, BLOCK_N, num_warps, num_stages, SPLIT), keyed by kernel and padded head
-# dim (80 and 96 use the 128 entries). fwd and dq: BLOCK_M query rows per program, BLOCK_N keys per step; dkv: BLOCK_N
+# dim (80 and 96 use the 128 entries; 256 its own). fwd and dq: BLOCK_M query rows per program, BLOCK_N keys per step; dkv: BLOCK_N
 # keys per program, BLOCK_M query rows per step. SPLIT: three specialised loops (masked / unmasked / masked) instead of
 # one loop that masks through a runtime branch (fewer registers). Chosen from timings on an H100 with triton 3.6
 # (benchmarks/bench_attention.py --sweep; benchmarks/NOTES.md, "Attention").
@@ -52,6 +52,12 @@ CONFIGS: dict[tuple[str, int], tuple[int, int, int, int, bool]] = {
     ("dkv", 128): (64, 64, 4, 2, False),
     ("dq", 64): (128, 64, 8, 3, False),
     ("dq", 128): (128, 64, 8, 3, True),
+    # head dim 256 (Gemma 2/3): the fp32 accumulators of a [64, 256] tile take 64 KiB of registers, so smaller
+    # tiles and fewer stages (shared memory: the k/v tiles are 32 KiB each per stage). Chosen on the H200 from the
+    # candidates in benchmarks/bench_attention.py --sweep-256 (benchmarks/NOTES.md, session 8).
+    ("fwd", 256): (64, 64, 4, 2, False),
+    ("dkv", 256): (64, 64, 8, 1, False),
+    ("dq", 256): (64, 64, 8, 2, False),
 }
 # In Triton's CPU interpreter: small blocks, so that tiny test shapes still cross several blocks, and larger ones
 # for long sequences (the interpreter's cost grows with the number of block steps).
@@ -61,7 +67,7 @@ INTERPRETER_CONFIGS = {"short": (16, 16, 4, 1, True), "long": (64, 64, 4, 1, Fal
 def _config(kind: str, block_d: int, seqlen: int) -> tuple[int, int, int, int, bool]:
     if interpreting():
         return INTERPRETER_CONFIGS["short" if seqlen <= 256 else "long"]
-    return CONFIGS[(kind, 64 if block_d <= 64 else 128)]
+    return CONFIGS[(kind, 64 if block_d <= 64 else 128 if block_d <= 128 else 256)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .._dispatch import autocast_dtype, run_triton, unsupported, use_triton, warn_once
 
-SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
 SOFTCAP_FALLBACK = ("attention logit soft-capping (softcap) on inputs the kernel does not take runs the explicit-math "
                     "reference (it materialises the [Sq, Skv] scores)")
 
