@@ -101,14 +101,20 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
 
 
 def run_triton(module: str, name: str, *args, **kwargs):
-    """Call ``litespark_kernels.<module>.<name>`` eagerly.
+    """Call ``litespark_kernels.<module>.<name>`` (an autograd Function's entry point).
 
-    Under ``torch.compile`` the call is a graph break: Dynamo does not trace into the Triton launches (Inductor
-    cannot re-compile these kernels), the surrounding code is still compiled. Outside compilation the entry is
-    called directly (the ``torch.compiler.disable`` wrapper costs several microseconds of host time per call, and
-    a training step makes hundreds of these calls).
+    Outside compilation the entry is called directly: its autograd Function, no custom-op dispatch and no
+    ``torch.compiler.disable`` wrapper (each costs microseconds of host time per call, and a training step makes
+    hundreds of these calls). Under ``torch.compile`` the call goes to the op's ``torch.library`` custom op
+    (`litespark_kernels.ops._custom_ops`, imported on the first compiled call), which Dynamo traces without a graph
+    break; an entry without one (the optimizer) is called eagerly, a graph break.
     """
     if torch.compiler.is_compiling():
+        from .ops import _custom_ops
+
+        compiled = _custom_ops.COMPILED.get((module, name))
+        if compiled is not None:
+            return compiled(*args, **kwargs)
         return _eager_call(module, name, *args, **kwargs)
     return _triton_entry(module, name)(*args, **kwargs)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -135,8 +136,10 @@ class LitesparkCausalLM:
         kwargs.pop("ignore_index", None)
         if shift_labels is None:
             shift_labels = lk.shifted_labels(labels)
-        # started before the decoder so that the loss reads a finished copy instead of syncing (LabelCount)
-        label_count = lk.count_labels(shift_labels) if shift_labels.is_cuda else None
+        # started before the decoder so that the loss reads a finished copy instead of syncing (LabelCount); not
+        # under torch.compile (a pinned copy behind a CUDA event: a graph break; the compiled loss counts itself)
+        label_count = lk.count_labels(shift_labels) \
+            if shift_labels.is_cuda and not torch.compiler.is_compiling() else None
         given = cast_projection_weights(self, self.lm_head.weight.device.type)
         embed = self.get_input_embeddings()
         tied = None

@@ -178,7 +178,8 @@ class LitesparkMoeCausalLM(LitesparkCausalLM):
         kwargs.pop("ignore_index", None)
         if shift_labels is None:
             shift_labels = lk.shifted_labels(labels)
-        label_count = lk.count_labels(shift_labels) if shift_labels.is_cuda else None
+        label_count = lk.count_labels(shift_labels) \
+            if shift_labels.is_cuda and not torch.compiler.is_compiling() else None  # as LitesparkCausalLM
         given = cast_projection_weights(self, self.lm_head.weight.device.type)
         try:
             outputs = self.model(

@@ -173,6 +173,10 @@ def fused_linear(x: torch.Tensor, weights: Sequence[torch.Tensor],
     for b in biases:
         if not _gathered(b):
             return fused_linear_reference(x, weights, biases)
+    if torch.compiler.is_compiling():  # the same GEMMs as a torch.library custom op (traced, no graph break)
+        from . import _custom_ops
+
+        return _custom_ops.fused_linear(x, weights, biases, cast)
     return _FusedLinear.apply(x, n, cast, *weights, *biases)
 
 
