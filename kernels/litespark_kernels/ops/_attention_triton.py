@@ -52,12 +52,12 @@ CONFIGS: dict[tuple[str, int], tuple[int, int, int, int, bool]] = {
     ("dkv", 128): (64, 64, 4, 2, False),
     ("dq", 64): (128, 64, 8, 3, False),
     ("dq", 128): (128, 64, 8, 3, True),
-    # head dim 256 (Gemma 2/3): the fp32 accumulators of a [64, 256] tile take 64 KiB of registers, so smaller
-    # tiles and fewer stages (shared memory: the k/v tiles are 32 KiB each per stage). Chosen on the H200 from the
-    # candidates in benchmarks/bench_attention.py --sweep-256 (benchmarks/NOTES.md, session 8).
-    ("fwd", 256): (64, 64, 4, 2, False),
+    # head dim 256 (Gemma 2/3): fewer stages (shared memory: a [64, 256] k or v tile is 32 KiB per stage) and, for
+    # dK/dV, smaller tiles (two [64, 256] fp32 accumulators). Chosen on the H200 from the candidates of
+    # `benchmarks/bench_attention.py --sweep-only --sweep-dims 256` (gemma2-1b's shape; benchmarks/NOTES.md, session 8).
+    ("fwd", 256): (128, 64, 8, 2, False),
     ("dkv", 256): (64, 64, 8, 1, False),
-    ("dq", 256): (64, 64, 8, 2, False),
+    ("dq", 256): (128, 64, 8, 1, False),
 }
 # In Triton's CPU interpreter: small blocks, so that tiny test shapes still cross several blocks, and larger ones
 # for long sequences (the interpreter's cost grows with the number of block steps).
