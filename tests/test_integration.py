@@ -342,3 +342,21 @@ def test_trainer_nan_filter_runs_on_the_gpu_side_with_the_same_logs(tmp_path):
     assert len(a) == 2 and all(math.isfinite(x) for x in a)
     assert a == pytest.approx(b, rel=1e-6)
     assert math.isnan(raw[0])  # no filter asked for: the NaN is logged
+
+
+@pytest.mark.parametrize("family", ["llama", "granite", "mixtral"])
+def test_save_pretrained_names_the_stock_class(tmp_path, family):
+    """A Litespark model saves what the stock one would: config.architectures names the stock class (transformers
+    writes type(self).__name__, which is Litespark<Name> for the swapped class), and it loads back as stock."""
+    import json
+
+    model = tiny_model(family)
+    stock_name = type(model).__name__
+    litespark_hf.apply(model)
+    assert type(model).__name__ != stock_name
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [stock_name]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(reloaded).__name__ == stock_name
+    for (n, p), (n2, p2) in zip(model.state_dict().items(), reloaded.state_dict().items(), strict=True):
+        assert n == n2 and torch.equal(p, p2), n

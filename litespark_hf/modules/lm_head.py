@@ -92,6 +92,25 @@ class LitesparkCausalLM:
         forward.__doc__ = original.forward.__doc__
         cls.forward = forward
 
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        """The stock ``save_pretrained``, with the stock class in the config's ``architectures``.
+
+        transformers writes ``type(self).__name__`` there (minus an ``FSDP`` prefix), which is ``Litespark<Name>`` for
+        a swapped model: the saved directory would name a class no one else has. The config is rewritten with the
+        stock class's name (``litespark_hf.restore`` gives the model back its class; the weights are the stock ones).
+        With ``push_to_hub=True`` the upload goes through ``push_to_hub``, which saves through this method."""
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        stock = getattr(type(self), "__litespark_original__", None)  # inherited by FSDP2's FSDP<class>
+        if stock is not None and kwargs.get("is_main_process", True):
+            self.config.architectures = [stock.__name__]
+            self.config.save_pretrained(save_directory)
+        if push_to_hub:
+            hub = {k: kwargs[k] for k in ("repo_id", "commit_message", "private", "token", "create_pr",
+                                          "revision", "commit_description") if k in kwargs}
+            hub.setdefault("repo_id", str(save_directory).rstrip("/").split("/")[-1])
+            self.push_to_hub(**hub)
+        return out
+
     def _litespark_head(self):
         """How the fused loss reads the head: 'litespark' (a `LitesparkLMHead`, the loss in its own forward), 'linear'
         (a plain head whose weight the loss reads; families override), or None (the stock forward)."""
