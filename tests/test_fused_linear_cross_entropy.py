@@ -203,3 +203,16 @@ def test_weight_cast_is_read_instead_of_casting_and_ignored_when_it_does_not_fit
     for bad in (other.to(torch.float64), other[:, :8]):
         torch.testing.assert_close(fused_linear_cross_entropy_triton(hidden, weight, labels, weight_cast=bad), plain,
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_vocabulary_not_a_multiple_of_8_is_padded_for_the_gemms(bias):
+    """Granite's vocabulary (49,155) is odd: the GEMMs run on a weight padded with zero rows to a multiple of 64
+    (aligned cuBLAS kernels); loss and every gradient still equal the reference, and grad_weight has the real
+    vocabulary's rows."""
+    h, w, b, labels = _inputs((2, 300), 123, 1001, bias=bias, seed=11)
+    labels[0, :37] = -100
+    want = _run(fused_linear_cross_entropy_reference, h, w, b, labels=labels)
+    got = _run(_triton, h, w, b, labels=labels)
+    _check(got, want, 2e-5)
+    assert got[2].shape == (1001, 123) and got[2].is_contiguous()

@@ -212,7 +212,7 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fused_fp
         acc.add_(torch.mm(a, b))
 
 
-_ROW_ALIGN = 64  # elements per row of the logits buffer are a multiple of this (aligned GEMM leading dimension)
+_VOCAB_ALIGN = 64  # a vocabulary that is not a multiple of 8 is padded to a multiple of this for the GEMMs
 
 
 def _chunk_rows(n: int, vocab: int, elem_size: int, chunk_bytes: int | None) -> int:
@@ -266,10 +266,17 @@ def _flce_compute(hidden2d, weight, bias, target, ignore_index, num_items_in_bat
     fused_fp32 = False
     if need_gh:
         grad_hidden = (torch.zeros if gather else torch.empty)((n, hidden2d.shape[1]), dtype=cdt, device=device)
+    # A vocabulary that is not a multiple of 8 (Granite's 49,155) is padded with zero rows of the weight (and zero
+    # bias) to a multiple of 64 for the GEMMs: with an odd extent along the contiguous dimension of the logits,
+    # cuBLAS can only use its align-1 kernels for all three GEMMs (on the H200 43 ms of a 145 ms granite-1b step).
+    # The padded columns are never read by the row kernel (it sees the [:, :vocab] view); their logits are h . 0 = 0
+    # and their gradient stays 0, so they add nothing to grad_hidden; grad_weight is the [:vocab] rows.
+    vocab_p = vocab if vocab % 8 == 0 else -(-vocab // _VOCAB_ALIGN) * _VOCAB_ALIGN
     if need_gw:
         acc_dtype = accum_dtype or (torch.float32 if cdt in (torch.bfloat16, torch.float16) else cdt)
         # written by the first chunk's GEMM (beta=0); zeros only if no row is counted
-        grad_weight = (torch.empty if n_valid else torch.zeros)(weight.shape, dtype=acc_dtype, device=device)
+        grad_weight = (torch.empty if n_valid else torch.zeros)((vocab_p, weight.shape[1]), dtype=acc_dtype,
+                                                                device=device)
         fused_fp32 = acc_dtype != cdt and _addmm_fp32_supported(device)
     if need_gb:
         grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device)
@@ -278,10 +285,15 @@ def _flce_compute(hidden2d, weight, bias, target, ignore_index, num_items_in_bat
     if n_valid:
         rows = chunk_rows or _chunk_rows(n_valid, vocab, hidden2d.element_size(), chunk_bytes)
         rows = min(rows, n_valid)
-        # Row stride rounded up to 64 elements: with an odd vocabulary (Granite's 49,155) a [rows, vocab] buffer
-        # has a leading dimension cuBLAS cannot align, and all three GEMMs then run on its align-1 kernels (on the
-        # H200 ~3-4x slower: 43 ms of a 145 ms granite-1b step). The GEMMs write and read the [:, :vocab] view.
-        logits_buf = torch.empty((rows, -(-vocab // _ROW_ALIGN) * _ROW_ALIGN), dtype=cdt, device=device)
+        logits_buf = torch.empty((rows, vocab_p), dtype=cdt, device=device)
+        if vocab_p != vocab:
+            padded = weight.new_zeros((vocab_p, weight.shape[1]))
+            padded[:vocab].copy_(weight)
+            weight = padded
+            if bias is not None:
+                padded = bias.new_zeros(vocab_p)
+                padded[:vocab].copy_(bias)
+                bias = padded
         w_t = weight.t()
         for start in range(0, n_valid, rows):
             end = min(start + rows, n_valid)
@@ -293,12 +305,13 @@ def _flce_compute(hidden2d, weight, bias, target, ignore_index, num_items_in_bat
             else:
                 h = hidden2d[start:end]
                 t = target[start:end]
-            logits = logits_buf[:m, :vocab]
+            logits = logits_buf[:m]
             if bias is not None:
                 torch.addmm(bias, h, w_t, out=logits)
             else:
                 torch.mm(h, w_t, out=logits)
-            _launch_ce_rows(logits, t, losses[start:end], scale, ignore_index, need_grad, block_v, softcap)
+            _launch_ce_rows(logits[:, :vocab], t, losses[start:end], scale, ignore_index, need_grad, block_v,
+                            softcap)
             if need_gh:
                 if gather:
                     grad_hidden.index_copy_(0, sel, logits @ weight)
@@ -307,7 +320,9 @@ def _flce_compute(hidden2d, weight, bias, target, ignore_index, num_items_in_bat
             if need_gw:
                 _accumulate_mm(grad_weight, logits.t(), h, fused_fp32, first=start == 0)
             if need_gb:
-                grad_bias.add_(logits.sum(0, dtype=torch.float32))
+                grad_bias.add_(logits[:, :vocab].sum(0, dtype=torch.float32))
+    if grad_weight is not None and vocab_p != vocab:
+        grad_weight = grad_weight[:vocab]
     loss = losses.sum() / denom
     return loss, grad_hidden, grad_weight, grad_bias
 
