@@ -16,11 +16,21 @@ only, the rows (dim 0) or columns (dim 1) of ``param`` where ``keep_mask`` is Fa
 weight, its ``exp_avg`` / ``exp_avg_sq`` and its low-precision copy; the kept elements get the usual update and
 the parameter's step count advances as usual. The same launch does it (no save-and-restore pass, no host sync);
 this is how SAT (`litespark_hf.sat`, ``sat_freeze_omitted``) freezes the omitted weights with this optimizer.
+
+Sharded parameters (FSDP2's ``fully_shard``: ``torch.distributed.tensor.DTensor`` weights and gradients): each
+process updates its local shards (AdamW is elementwise, so that is the exact update at any world size) in the same
+one launch per group, on the ``_local_tensor`` of the weight, gradient and moments. The moments are DTensors with
+the weight's mesh and placements (``zeros_like`` of the weight, as torch's AdamW makes them) and ``step`` the same
+CPU scalar, so ``torch.distributed.checkpoint.state_dict``'s get/set_optimizer_state_dict (accelerate's sharded
+checkpoints) save and load this optimizer's state as they do torch's. No low-precision copy is kept for DTensor
+weights (FSDP2's mixed precision casts the gathered weights itself); a process whose shard of a small weight is
+empty only advances its step count. Frozen masks (`set_frozen`) are over the full weight and sliced to the shard.
 """
 
 from __future__ import annotations
 
 import torch
+from litespark_kernels._dispatch import _is_dtensor
 from litespark_kernels.ops.optim import adamw_step
 
 from .casting import CastShadow, attach_cast_shadow, detach_cast_shadow
@@ -59,7 +69,7 @@ class LitesparkAdamW(torch.optim.Optimizer):
             shadow = attach_cast_shadow(model, shadow_dtype)
             if shadow is not None:
                 mine = {p for g in self.param_groups for p in g["params"]}
-                if all(p in mine for p in shadow.params):
+                if all(p in mine for p in shadow.params) and not any(_is_dtensor(p) for p in mine):
                     self.shadow = shadow
                 else:  # weights this optimizer does not update would go stale in the copy
                     detach_cast_shadow(model)
@@ -86,8 +96,11 @@ class LitesparkAdamW(torch.optim.Optimizer):
         live = shadow is not None and shadow.consistent()
         views = shadow.param_views if live else None
         updated: list[torch.Tensor] = []
+        drop_shadow = False
         for gi, group in enumerate(self.param_groups):
-            ps, gs, ms, vs, ss, fz, steps = [], [], [], [], [], [], []
+            # per tensor that the kernel updates: weight, gradient, moments, shadow, frozen mask, step count (the
+            # local shards for a DTensor); all_steps: every parameter with a gradient (an empty shard included)
+            ps, gs, ms, vs, ss, fz, steps, all_steps = [], [], [], [], [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -100,16 +113,33 @@ class LitesparkAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 elif state["step"].device.type != "cpu":  # loaded from a fused/capturable torch optimizer
                     state["step"] = state["step"].detach().to("cpu", torch.float32)
-                ps.append(p)
-                gs.append(p.grad)
-                ms.append(state["exp_avg"])
-                vs.append(state["exp_avg_sq"])
-                ss.append(views.get(p) if views is not None else None)
-                fz.append(frozen_map.get(p) if frozen_map is not None else None)
+                all_steps.append(state["step"])
+                f = frozen_map.get(p) if frozen_map is not None else None
+                if _is_dtensor(p):
+                    drop_shadow = drop_shadow or shadow is not None
+                    p_, g_, m_, v_, f = _local_shards(p, state, f)
+                    updated.append(p)
+                    if p_.numel() == 0:  # this process holds none of the weight
+                        continue
+                    ps.append(p_)
+                    gs.append(g_)
+                    ms.append(m_)
+                    vs.append(v_)
+                    ss.append(None)
+                else:
+                    if p.numel() == 0:
+                        continue
+                    ps.append(p)
+                    gs.append(p.grad)
+                    ms.append(state["exp_avg"])
+                    vs.append(state["exp_avg_sq"])
+                    ss.append(views.get(p) if views is not None else None)
+                fz.append(f)
                 steps.append(state["step"])
+            if all_steps:
+                torch._foreach_add_(all_steps, 1.0)
             if not ps:
                 continue
-            torch._foreach_add_(steps, 1.0)
             values = torch.stack(steps).tolist()
             buckets: dict[float, list[int]] = {}
             for i, s in enumerate(values):
@@ -125,6 +155,9 @@ class LitesparkAdamW(torch.optim.Optimizer):
                            frozen=fr if any(x is not None for x in fr) else None,
                            cache=self._caches.setdefault((gi, bi), {}))
             updated.extend(ps)
+        if drop_shadow:  # weights sharded after the copies were made (accelerate's FSDP2 prepare): none to keep
+            shadow.alive = False
+            shadow = self.shadow = None
         if updated:
             torch.autograd.graph.increment_version(updated)  # the kernel wrote them without torch seeing it
         if shadow is not None:
@@ -133,3 +166,36 @@ class LitesparkAdamW(torch.optim.Optimizer):
             else:
                 shadow.fill()
         return loss
+
+
+def _local_shards(p, state: dict, frozen):
+    """The local tensors of a DTensor weight, its gradient and moments (moments and gradient brought to the
+    weight's placements if they differ), and a frozen ``(dim, keep)`` over the full weight cut to the shard."""
+    mesh, placements = p.device_mesh, p.placements
+    g = p.grad
+    if not _is_dtensor(g):
+        raise RuntimeError("LitesparkAdamW: a DTensor parameter with a plain-tensor gradient")
+    if (g.device_mesh is not mesh and g.device_mesh != mesh) or g.placements != placements:
+        g = g.redistribute(mesh, placements)
+    for key in ("exp_avg", "exp_avg_sq"):
+        t = state[key]
+        if not _is_dtensor(t):
+            raise RuntimeError(f"LitesparkAdamW: {key} of a DTensor parameter is a plain tensor")
+        if (t.device_mesh is not mesh and t.device_mesh != mesh) or t.placements != placements:
+            state[key] = t.redistribute(mesh, placements)
+    p_ = p._local_tensor
+    if frozen is not None:
+        dim, keep = frozen
+        if not isinstance(dim, int) or not -p.dim() <= dim < p.dim():
+            raise ValueError(f"frozen dim {dim!r} for a parameter of shape {tuple(p.shape)}")
+        dim %= p.dim()
+        if not torch.is_tensor(keep) or keep.dim() != 1 or keep.numel() != p.shape[dim]:
+            raise ValueError(f"frozen keep mask must be a vector of length {p.shape[dim]} (dim {dim} of shape "
+                             f"{tuple(p.shape)})")
+        if p_.shape[dim] != p.shape[dim]:  # sharded along the frozen dimension: this shard's part of the mask
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+            shape, offset = compute_local_shape_and_global_offset(p.shape, mesh, placements)
+            keep = keep[offset[dim]:offset[dim] + shape[dim]]
+        frozen = (dim, keep)
+    return p_, g._local_tensor, state["exp_avg"]._local_tensor, state["exp_avg_sq"]._local_tensor, frozen

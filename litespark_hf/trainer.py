@@ -186,6 +186,11 @@ def _guard_fsdp2_root(model) -> None:
             _clear_stale_fsdp_groups, prepend=True)
 
 
+# Accelerator device types on which the Trainer hands FSDP2's sharded weights to `LitesparkAdamW` (the kernel runs
+# on CUDA; tests/fsdp2_cpu_worker.py adds "cpu" to drive the whole accelerate path on gloo, through the reference).
+_FSDP2_ADAMW_DEVICES = ("cuda",)
+
+
 class LitesparkTrainerMixin:
     """Applies `litespark_hf.apply` when ``args.use_litespark`` is set; mixed into the trainers below."""
 
@@ -255,13 +260,35 @@ class LitesparkTrainerMixin:
                 self.optimizer = optimizer = swapped
         return optimizer
 
+    def _litespark_fsdp2(self) -> bool:
+        """The Trainer runs accelerate's FSDP2 (``fully_shard``), without DeepSpeed and without FSDP2's CPU offload
+        (whose shards, on the CPU, the kernel does not take)."""
+        if not getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            return False
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if plugin is None or getattr(plugin, "fsdp_version", 1) != 2:
+            return False
+        try:
+            from torch.distributed.fsdp import CPUOffloadPolicy
+        except ImportError:  # pragma: no cover - torch without FSDP2
+            return False
+        return not isinstance(getattr(plugin, "cpu_offload", None), CPUOffloadPolicy)
+
     def _litespark_adamw(self, optimizer):
         """`LitesparkAdamW` in place of the Trainer's torch AdamW (`LitesparkConfig.fused_optimizer`), or None.
 
-        Only for exactly ``torch.optim.AdamW`` without amsgrad/maximize/capturable/differentiable, fp32 trainable
-        weights on one CUDA device, on one process or DDP (FSDP and DeepSpeed shard the weights and own the step).
+        Only for exactly ``torch.optim.AdamW`` without amsgrad/maximize/capturable/differentiable and fp32 trainable
+        weights, on one process or DDP (every weight on one CUDA device) or under FSDP2: there the Trainer creates the
+        optimizer before ``accelerator.prepare`` shards the model, and accelerate then points the optimizer's
+        ``param_groups`` at the sharded DTensor weights (``fsdp2_switch_optimizer_parameters``), which
+        `LitesparkAdamW` steps on their local shards; the weights may be plain fp32 tensors (on the CPU or the meta
+        device until prepare moves them) or fp32 DTensors, on a CUDA accelerator. No low-precision copies under
+        FSDP2, and the gradient clip stays the Trainer's. Never for FSDP1 or DeepSpeed (which own the step).
         """
-        if type(optimizer) is not torch.optim.AdamW or not self._litespark_full_weights():
+        if type(optimizer) is not torch.optim.AdamW:
+            return None
+        fsdp2 = self._litespark_fsdp2()
+        if not fsdp2 and not self._litespark_full_weights():
             return None
         groups = optimizer.param_groups
         if any(g.get("amsgrad") or g.get("maximize") or g.get("capturable") or g.get("differentiable")
@@ -270,17 +297,23 @@ class LitesparkTrainerMixin:
         params = [p for g in groups for p in g["params"]]
         from litespark_kernels._dispatch import _is_dtensor
 
-        if not params or any(p.dtype != torch.float32 or not p.is_cuda or _is_dtensor(p) for p in params) \
-                or len({p.device for p in params}) != 1:
+        if not params or any(p.dtype != torch.float32 for p in params):
+            return None
+        keys = ("params", "lr", "betas", "eps", "weight_decay")
+        new_groups = [{k: g[k] for k in keys if k in g} for g in groups]
+        d = optimizer.defaults
+        hyper = dict(lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"])
+        if fsdp2:
+            if self.accelerator.device.type not in _FSDP2_ADAMW_DEVICES \
+                    or any(_is_dtensor(p) and p.device.type != self.accelerator.device.type for p in params):
+                return None
+            return LitesparkAdamW(new_groups, **hyper)
+        if any(not p.is_cuda or _is_dtensor(p) for p in params) or len({p.device for p in params}) != 1:
             return None
         from .patching import unwrap_model
 
         dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-        keys = ("params", "lr", "betas", "eps", "weight_decay")
-        new_groups = [{k: g[k] for k in keys if k in g} for g in groups]
-        d = optimizer.defaults
-        return LitesparkAdamW(new_groups, lr=d["lr"], betas=d["betas"], eps=d["eps"],
-                              weight_decay=d["weight_decay"], model=unwrap_model(self.model), shadow_dtype=dtype)
+        return LitesparkAdamW(new_groups, **hyper, model=unwrap_model(self.model), shadow_dtype=dtype)
 
     def call_model_init(self, trial=None):
         return self._apply_litespark(super().call_model_init(trial))

@@ -21,6 +21,18 @@ GPU-like devices, so its state is told that this gloo CPU run is FSDP), tied tin
 a sharded checkpoint at step 2, then ``trainer.evaluate()``. ``old_hooks``: with the group forward hooks of torch before
 pytorch/pytorch#180428 (what the H100/H200 machines run, torch 2.11; see `_old_group_hooks`), where the stock trainer
 fails exactly as seen on the H100 and litespark_hf's trainers (`litespark_hf.trainer._clear_stale_fsdp_groups`) do not.
+
+``optim_*`` (issue #20, `LitesparkAdamW` on FSDP2's sharded weights): ``optim_adamw``: in each layout above, a tiny
+Llama with a one-output probe head (``Linear(64, 1)``: at world size 2 the second rank holds empty shards of its weight
+and bias), 3 steps of `LitesparkAdamW` and of ``torch.optim.AdamW(foreach=False)`` from the same weights on the same
+batches (two parameter groups, decay 0.1 and 0); recorded: the largest relative difference of the full weights
+(``full_tensor()``) and of both moments, the state's types and placements, the empty shards. ``optim_state_dict``:
+after 3 steps the sharded optimizer state through ``torch.distributed.checkpoint.state_dict``'s
+get/set_optimizer_state_dict into a fresh `LitesparkAdamW` (and into a torch AdamW), then one more step, against
+continuing with the first optimizer. ``trainer_litespark_adamw``: as ``trainer_litespark`` with "cpu" allowed for the
+Trainer's FSDP2 swap to `LitesparkAdamW` (`litespark_hf.trainer._FSDP2_ADAMW_DEVICES`; on CUDA it needs nothing),
+so that accelerate's prepare re-points its parameter groups at the sharded weights and the step-2 checkpoint saves
+its sharded state.
 """
 
 from __future__ import annotations
@@ -234,6 +246,176 @@ def train_check(mesh, rank, world, layout: str, tied: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# LitesparkAdamW on the sharded weights
+# ---------------------------------------------------------------------------------------------------------------
+class _Probed(torch.nn.Module):
+    """The tiny Llama plus a one-output head on its last hidden state (a weight with fewer rows than processes)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        self.probe = torch.nn.Linear(lm.config.hidden_size, 1)
+
+    def forward(self, ids):
+        out = self.lm(input_ids=ids, labels=ids, output_hidden_states=True)
+        return out.loss + self.probe(out.hidden_states[-1]).square().mean()
+
+
+def _probed(mesh, layout: str, tied: bool):
+    torch.manual_seed(3)
+    model = _Probed(tiny_model("llama", seed=0, attn_implementation="sdpa", tie_word_embeddings=tied))
+    shard(model.lm, mesh, layout, tied)
+    return fully_shard(model, mesh=mesh)
+
+
+def _groups(model):
+    named = list(model.named_parameters())
+    return [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def _make_opt(kind: str, model):
+    if kind == "litespark":
+        return litespark_hf.LitesparkAdamW(_groups(model), lr=LR, betas=(0.9, 0.95), eps=1e-8)
+    return torch.optim.AdamW(_groups(model), lr=LR, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+
+
+def _steps(model, opt, data, rows):
+    for ids in data:
+        model(ids[rows]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _full(model, opt) -> dict:
+    """Full (gathered) weights and moments by parameter name."""
+    out = {}
+    for n, p in model.named_parameters():
+        out[n] = p.full_tensor()
+        st = opt.state[p]
+        out[n + ".exp_avg"] = st["exp_avg"].full_tensor()
+        out[n + ".exp_avg_sq"] = st["exp_avg_sq"].full_tensor()
+    return out
+
+
+def _max_rel(a: dict, b: dict) -> dict:
+    worst = {"param": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
+    for k, x in a.items():
+        y = b[k]
+        kind = k.rsplit(".", 1)[-1] if k.endswith(("exp_avg", "exp_avg_sq")) else "param"
+        rel = ((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
+        worst[kind] = max(worst[kind], rel)
+    return worst
+
+
+def optim_check(mesh, rank, world) -> dict:
+    """Both optimizers step on the same gradients (the Litespark model's, copied into the torch model's shards), so
+    that the comparison measures the update, not how a rounding difference grows through later gradients."""
+    data = batches(3)
+    rows = slice(rank * (GLOBAL_BATCH // world), (rank + 1) * (GLOBAL_BATCH // world))
+    res = {}
+    for layout, tied in (("layers", False), ("accelerate", False), ("accelerate", True), ("root", False)):
+        model, ref = _probed(mesh, layout, tied), _probed(mesh, layout, tied)
+        opt, ref_opt = _make_opt("litespark", model), _make_opt("torch", ref)
+        for ids in data:
+            model(ids[rows]).backward()
+            for p, q in zip(model.parameters(), ref.parameters()):
+                q.grad = p.grad.clone()
+            opt.step()
+            ref_opt.step()
+            opt.zero_grad(set_to_none=True)
+            ref_opt.zero_grad(set_to_none=True)
+        states = [opt.state[p] for p in model.parameters()]
+        empty = torch.tensor([sum(p.to_local().numel() == 0 for p in model.parameters())])
+        dist.all_reduce(empty)
+        res[f"{layout}{'_tied' if tied else ''}"] = {
+            "max_rel": _max_rel(_full(model, opt), _full(ref, ref_opt)),
+            "steps": sorted({float(s["step"]) for s in states}),
+            "step_types": sorted({f"{type(s['step']).__name__}/{s['step'].dtype}/{s['step'].device}" for s in states}),
+            "ref_step_types": sorted({f"{type(s['step']).__name__}/{s['step'].dtype}/{s['step'].device}"
+                                      for s in ref_opt.state.values()}),
+            "moments_like_params": all(
+                type(s[k]).__name__ == "DTensor" and s[k].placements == p.placements
+                and s[k].device_mesh == p.device_mesh for p, s in zip(model.parameters(), states)
+                for k in ("exp_avg", "exp_avg_sq")),
+            "empty_local_shards": int(empty.item()),
+            "n_params": len(states),
+        }
+    return res
+
+
+def optim_frozen_check(mesh, rank, world) -> dict:
+    """`LitesparkAdamW.set_frozen` masks over the full weights of DTensor parameters: rows (dim 0, the dimension
+    FSDP2 shards: the mask is cut to each shard) and columns (dim 1) frozen in the second of two steps."""
+    data = batches(2)
+    rows = slice(rank * (GLOBAL_BATCH // world), (rank + 1) * (GLOBAL_BATCH // world))
+    model, ref = _probed(mesh, "layers", False), _probed(mesh, "layers", False)
+    opt, ref_opt = _make_opt("litespark", model), _make_opt("torch", ref)
+    mlp = model.lm.model.layers[0].mlp
+    g = torch.Generator().manual_seed(5)
+    masks = {"gate_proj": (mlp.gate_proj.weight, 0), "down_proj": (mlp.down_proj.weight, 1)}
+    masks = {k: (w, d, torch.rand(w.shape[d], generator=g) > 0.5) for k, (w, d) in masks.items()}
+    before = {}
+    for i, ids in enumerate(data):
+        model(ids[rows]).backward()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            q.grad = p.grad.clone()
+        if i == 1:
+            before = {k: [w.full_tensor()] + [opt.state[w][s].full_tensor() for s in ("exp_avg", "exp_avg_sq")]
+                      for k, (w, _, _) in masks.items()}
+            opt.set_frozen({w: (d, keep) for w, d, keep in masks.values()})
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad(set_to_none=True)
+        ref_opt.zero_grad(set_to_none=True)
+    res = {}
+    ref_w = dict(zip(model.parameters(), ref.parameters()))
+    for k, (w, d, keep) in masks.items():
+        shape = [1, 1]
+        shape[d] = -1
+        kept = keep.reshape(shape).expand(w.shape)
+        after = [w.full_tensor()] + [opt.state[w][s].full_tensor() for s in ("exp_avg", "exp_avg_sq")]
+        q = ref_w[w]
+        wanted = [q.full_tensor()] + [ref_opt.state[q][s].full_tensor() for s in ("exp_avg", "exp_avg_sq")]
+        res[k] = {
+            "sharded_dim": [getattr(pl, "dim", None) for pl in w.placements],
+            "frozen_unchanged": all(bool(torch.equal(a[~kept], b[~kept])) for a, b in zip(after, before[k])),
+            "kept_max_rel": max(((a - b)[kept].abs().max() / b[kept].abs().max()).item()
+                                for a, b in zip(after, wanted)),
+            "n_frozen": int((~kept).sum()),
+        }
+    return res
+
+
+def optim_state_dict_check(mesh, rank, world) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.utils._pytree import tree_map
+
+    data = batches(4)
+    rows = slice(rank * (GLOBAL_BATCH // world), (rank + 1) * (GLOBAL_BATCH // world))
+    model = _probed(mesh, "accelerate", False)
+    opt = _make_opt("litespark", model)
+    _steps(model, opt, data[:3], rows)
+    saved = tree_map(lambda t: t.clone() if torch.is_tensor(t) else t, get_optimizer_state_dict(model, opt))
+    weights = [p.to_local().clone() for p in model.parameters()]
+    _steps(model, opt, data[3:], rows)
+    cont = _full(model, opt)
+    res = {"saved_types": sorted({type(v).__name__ for st in saved["state"].values() for v in st.values()})}
+    for kind in ("litespark", "torch"):
+        with torch.no_grad():
+            for p, w in zip(model.parameters(), weights):
+                p.to_local().copy_(w)
+        fresh = _make_opt(kind, model)
+        # a copy per load: load_state_dict keeps the tensors it is given, and the next step advances them in place
+        set_optimizer_state_dict(model, fresh, tree_map(lambda t: t.clone() if torch.is_tensor(t) else t, saved))
+        res[f"{kind}_loaded_steps"] = sorted({float(s["step"]) for s in fresh.state.values()})
+        _steps(model, fresh, data[3:], rows)
+        res[f"{kind}_resumed_vs_continued"] = _max_rel(_full(model, fresh), cont)
+        res[f"{kind}_resumed_steps"] = sorted({float(s["step"]) for s in fresh.state.values()})
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # SFTTrainer train + evaluate through accelerate's FSDP2 preparation
 # ---------------------------------------------------------------------------------------------------------------
 def _sft_data():
@@ -248,9 +430,10 @@ def _sft_data():
     return Dataset.from_list(rows(32)), Dataset.from_list(rows(8))
 
 
-def trainer_check(out_dir: Path, trainer_kind: str, old_hooks: bool) -> dict:
+def trainer_check(out_dir: Path, trainer_kind: str, old_hooks: bool, cpu_adamw: bool = False) -> dict:
     """``trainer_kind``: "stock" (trl.SFTTrainer), "ours" (litespark_hf.SFTTrainer, use_litespark=False) or
-    "litespark" (litespark_hf.SFTTrainer, use_litespark=True)."""
+    "litespark" (litespark_hf.SFTTrainer, use_litespark=True). ``cpu_adamw``: the Trainer's FSDP2 swap to
+    `LitesparkAdamW` allowed on this CPU run."""
     import trl
     from accelerate.state import AcceleratorState, PartialState
 
@@ -259,7 +442,7 @@ def trainer_check(out_dir: Path, trainer_kind: str, old_hooks: bool) -> dict:
     cls = trl.SFTTrainer if trainer_kind == "stock" else litespark_hf.SFTTrainer
     config = trl.SFTConfig if trainer_kind == "stock" else litespark_hf.SFTConfig
     extra = {"use_litespark": True} if trainer_kind == "litespark" else {}
-    out = out_dir / f"sft_{trainer_kind}_{int(old_hooks)}"
+    out = out_dir / f"sft_{trainer_kind}_{int(old_hooks)}{'_adamw' if cpu_adamw else ''}"
     args = config(
         output_dir=str(out), max_steps=2, per_device_train_batch_size=2, per_device_eval_batch_size=2,
         learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=1, eval_strategy="steps", eval_steps=2,
@@ -269,6 +452,11 @@ def trainer_check(out_dir: Path, trainer_kind: str, old_hooks: bool) -> dict:
     model = tiny_model("llama", seed=0, attn_implementation="sdpa", tie_word_embeddings=True)
     ctx = _old_group_hooks() if old_hooks else contextlib.nullcontext()
     res = {"trainer": f"{cls.__module__}.{cls.__name__}"}
+    import litespark_hf.trainer as lt
+
+    devices = lt._FSDP2_ADAMW_DEVICES
+    if cpu_adamw:
+        lt._FSDP2_ADAMW_DEVICES = devices + ("cpu",)
     with ctx:
         trainer = cls(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                       processing_class=tiny_tokenizer())
@@ -281,10 +469,20 @@ def trainer_check(out_dir: Path, trainer_kind: str, old_hooks: bool) -> dict:
             res["eval_loss"] = trainer.evaluate()["eval_loss"]
             res["embed_weight_after"] = type(trainer.model.model.embed_tokens.weight).__name__
             res["wrapped"] = type(trainer.model).__name__
+            opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+            res["optimizer"] = type(opt).__name__
+            res["optimizer_params"] = sorted({type(p).__name__ for g in opt.param_groups for p in g["params"]})
+            res["optimizer_state"] = sorted({type(s["exp_avg"]).__name__ for s in opt.state.values()})
+            res["n_optimizer_params"] = sum(len(g["params"]) for g in opt.param_groups)
+            res["n_model_params"] = len(list(trainer.model.parameters()))
+            res["checkpoint_optimizer"] = sorted(os.listdir(out / "checkpoint-2" / "optimizer_0")) \
+                if (out / "checkpoint-2" / "optimizer_0").is_dir() else None
         except Exception as e:  # recorded: the stock trainer under the old hooks is expected to fail
             res["error"] = f"{type(e).__name__}: {e}"
             res["traceback"] = traceback.format_exc()[-2500:]
             res["failed_in"] = "evaluate" if "train_losses" in res else "train"
+        finally:
+            lt._FSDP2_ADAMW_DEVICES = devices
     PartialState().wait_for_everyone()
     return res
 
@@ -305,6 +503,10 @@ def main():
         "trainer_litespark_old_hooks": lambda: trainer_check(out_dir, "litespark", old_hooks=True),
         "trainer_stock": lambda: trainer_check(out_dir, "stock", old_hooks=False),
         "trainer_litespark": lambda: trainer_check(out_dir, "litespark", old_hooks=False),
+        "trainer_litespark_adamw": lambda: trainer_check(out_dir, "litespark", old_hooks=False, cpu_adamw=True),
+        "optim_adamw": lambda: optim_check(mesh, rank, world),
+        "optim_frozen": lambda: optim_frozen_check(mesh, rank, world),
+        "optim_state_dict": lambda: optim_state_dict_check(mesh, rank, world),
     }
     only = sys.argv[2].split(",") if len(sys.argv) > 2 else list(checks)
     results = {"world_size": world, "torch": torch.__version__}

@@ -228,3 +228,107 @@ def test_cast_shadow_is_dropped_when_the_model_is_restored_or_weights_replaced()
     model3 = _litespark_model()
     opt3 = LitesparkAdamW(list(model3.parameters())[:3], model=model3, shadow_dtype=torch.bfloat16)
     assert opt3.shadow is None and "_litespark_shadow" not in model3.__dict__
+
+
+def _fsdp_trainer(fsdp_version=2, deepspeed=False, device="cuda", offload=False):
+    """The attributes of a Trainer that `LitesparkTrainerMixin._litespark_adamw` reads, as accelerate sets them
+    (``accelerate launch --config_file accelerate_configs/fsdp2.yaml``), without launching anything."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    plugin = SimpleNamespace(fsdp_version=fsdp_version, cpu_offload=CPUOffloadPolicy() if offload else OffloadPolicy())
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), device=torch.device(device),
+                                  distributed_type=DistributedType.DEEPSPEED if deepspeed else DistributedType.FSDP)
+    return SimpleNamespace(accelerator=accelerator, is_fsdp_enabled=not deepspeed, is_deepspeed_enabled=deepspeed,
+                           args=SimpleNamespace(bf16=True, fp16=False), model=None)
+
+
+def _trainer_adamw(trainer, optimizer):
+    from litespark_hf.trainer import LitesparkTrainerMixin
+
+    trainer._litespark_fsdp2 = lambda: LitesparkTrainerMixin._litespark_fsdp2(trainer)
+    trainer._litespark_full_weights = lambda: LitesparkTrainerMixin._litespark_full_weights(trainer)
+    return LitesparkTrainerMixin._litespark_adamw(trainer, optimizer)
+
+
+def test_trainer_swap_under_fsdp2_only():
+    # Under FSDP2 the Trainer creates the optimizer before accelerate's prepare shards the model: plain fp32 weights
+    # (here on the CPU, as before prepare moves them) are swapped when the accelerator is CUDA, with no shadow.
+    w, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4))
+    groups = [{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=2e-4, betas=(0.9, 0.95), eps=1e-7, fused=False)
+    swapped = _trainer_adamw(_fsdp_trainer(), opt)
+    assert type(swapped) is LitesparkAdamW and swapped.shadow is None
+    assert [g["params"] for g in swapped.param_groups] == [[w], [b]]
+    assert [(g["lr"], g["betas"], g["eps"], g["weight_decay"]) for g in swapped.param_groups] == \
+        [(2e-4, (0.9, 0.95), 1e-7, 0.1), (2e-4, (0.9, 0.95), 1e-7, 0.0)]
+    assert _trainer_adamw(_fsdp_trainer(fsdp_version=1), opt) is None  # FSDP1 owns flat parameters
+    assert _trainer_adamw(_fsdp_trainer(deepspeed=True), opt) is None  # DeepSpeed owns the step
+    assert _trainer_adamw(_fsdp_trainer(offload=True), opt) is None  # shards on the CPU
+    assert _trainer_adamw(_fsdp_trainer(device="cpu"), opt) is None  # no CUDA kernel
+    half = torch.optim.AdamW([torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16))])
+    assert _trainer_adamw(_fsdp_trainer(), half) is None
+    amsgrad = torch.optim.AdamW([w], amsgrad=True)
+    assert _trainer_adamw(_fsdp_trainer(), amsgrad) is None
+
+
+def test_optimizer_survives_accelerates_fsdp2_parameter_switch():
+    # accelerate's _prepare_fsdp2 replaces each group's "params" list (fsdp2_switch_optimizer_parameters) after the
+    # optimizer was made; nothing in LitesparkAdamW holds the old tensors, so it steps the new ones.
+    from accelerate.utils.fsdp_utils import fsdp2_switch_optimizer_parameters
+
+    old = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(2, 3))]
+    new = [torch.nn.Parameter(p.detach().clone()) for p in old]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in old]
+    mine = LitesparkAdamW([{"params": old[:1]}, {"params": old[1:]}], lr=1e-2)
+    theirs = torch.optim.AdamW([{"params": ref[:1]}, {"params": ref[1:]}], lr=1e-2, foreach=False)
+    fsdp2_switch_optimizer_parameters(mine, {p.data_ptr: q for p, q in zip(old, new)})
+    for step in range(2):
+        for p, q in zip(new, ref):
+            p.grad = torch.full_like(p, 0.5 + step)
+            q.grad = p.grad.clone()
+        mine.step()
+        theirs.step()
+    for p, q in zip(new, ref):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert all(p in mine.state for p in new) and not any(p in mine.state for p in old)
+
+
+def test_kernel_steps_the_local_shards_of_dtensor_params(monkeypatch, tmp_path):
+    """DTensor weights (one-process gloo mesh, Shard(0) as FSDP2 shards them; an empty [0, 4] one among them): the
+    Triton kernel (interpreter) gets their local tensors; same update as torch's AdamW on the same DTensors."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    monkeypatch.setenv("LITESPARK_FORCE_TRITON", "1")
+    made = not dist.is_initialized()
+    if made:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        shapes = [(7, 45), (3,), (0, 4), (64, 64)]
+        ps, _, _ = _tensors(4, shapes)
+        mine = [torch.nn.Parameter(distribute_tensor(p.clone(), mesh, [Shard(0)])) for p in ps]
+        ref = [torch.nn.Parameter(distribute_tensor(p.clone(), mesh, [Shard(0)])) for p in ps]
+        opt = LitesparkAdamW(mine, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+        ref_opt = torch.optim.AdamW(ref, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=False)
+        for step in range(1, 4):
+            for p, q, g in zip(mine, ref, _grads(step, shapes)):
+                p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+                q.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+            opt.step()
+            ref_opt.step()
+        assert any({"blocks", "table"} <= set(c) for c in opt._caches.values())  # the kernel ran, on the locals
+        for p, q in zip(mine, ref):
+            torch.testing.assert_close(p.full_tensor(), q.full_tensor(), rtol=2e-6, atol=1e-7)
+            for k in ("exp_avg", "exp_avg_sq"):
+                m = opt.state[p][k]
+                assert type(m).__name__ == "DTensor" and m.placements == p.placements
+                torch.testing.assert_close(m.full_tensor(), ref_opt.state[q][k].full_tensor(), rtol=2e-6, atol=1e-7)
+            assert opt.state[p]["step"].item() == ref_opt.state[q]["step"].item() == 3.0
+    finally:
+        if made:
+            dist.destroy_process_group()
