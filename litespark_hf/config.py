@@ -48,8 +48,8 @@ class LitesparkConfig:
             "help": "Trainers only: replace torch's AdamW (optim adamw_torch / adamw_torch_fused) by LitesparkAdamW: "
             "the same update in one Triton launch per parameter group, which also writes next forward's bf16/fp16 "
             "copy of each fused projection weight (so the forward casts nothing) and leaves the gradients unwritten. "
-            "Used for fp32 weights on one CUDA device or DDP (not FSDP/DeepSpeed); otherwise the Trainer's optimizer "
-            "is kept."
+            "Used for fp32 weights on one CUDA device or DDP, and under FSDP2 (on each process's local shards, "
+            "without the bf16 copy; not with FSDP2 CPU offload); FSDP1 and DeepSpeed keep the Trainer's optimizer."
         },
     )
     sync_free_nan_filter: bool = field(
