@@ -70,7 +70,13 @@ def _wants_unpad(module: nn.Module, args, kwargs) -> bool:
 
 
 def unpad_pre_hook(module: nn.Module, args, kwargs):
-    """Forward pre-hook (with kwargs) for the decoder stack: a padded batch becomes one packed row of real tokens."""
+    """Forward pre-hook (with kwargs) for the decoder stack: a padded batch becomes one packed row of real tokens.
+
+    Never under torch.compile (the unpadding needs a host sync), where it touches no state either: ``__dict__.pop``
+    is a graph break for torch 2.11's Dynamo. A state left by an eager forward that raised is popped by the next
+    eager call, and never read by a compiled one (`repad_post_hook`)."""
+    if torch.compiler.is_compiling():
+        return None
     module.__dict__.pop(_STATE, None)
     if not _wants_unpad(module, args, kwargs):
         return None
@@ -106,6 +112,8 @@ def unpad_pre_hook(module: nn.Module, args, kwargs):
 
 def repad_post_hook(module: nn.Module, args, kwargs, output):
     """Forward hook (with kwargs) for the decoder stack: the packed output back in the caller's padded layout."""
+    if torch.compiler.is_compiling():  # the pre-hook unpads nothing there
+        return None
     state = module.__dict__.pop(_STATE, None)
     if state is None:
         return None
