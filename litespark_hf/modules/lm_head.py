@@ -162,7 +162,10 @@ class LitesparkCausalLM:
         given = cast_projection_weights(self, self.lm_head.weight.device.type)
         embed = self.get_input_embeddings()
         tied = None
-        if isinstance(embed, LitesparkEmbedding) and embed.weight is self.lm_head.weight:
+        # not under torch.compile: the embedding takes the stock lookup there and the compiled loss ignores the slot
+        # (and ``__dict__.pop`` in the ``finally`` below is a graph break for torch 2.11's Dynamo)
+        if isinstance(embed, LitesparkEmbedding) and embed.weight is self.lm_head.weight \
+                and not torch.compiler.is_compiling():
             tied = embed.__dict__["_litespark_tied"] = lk.TiedGrad()  # this forward's hand-over slot
         try:
             outputs = self.model(

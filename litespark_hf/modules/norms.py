@@ -42,10 +42,13 @@ class LitesparkRMSNorm:
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # The previous decoder layer may have computed this norm of its output already, fused with its residual add
-        # (`LitesparkDecoderLayer`): used only for that very tensor.
-        stash = self.__dict__.pop("_litespark_prenormed", None)
-        if stash is not None and stash[0] is hidden_states:
-            return stash[1]
+        # (`LitesparkDecoderLayer`): used only for that very tensor. Never under torch.compile, where no layer leaves
+        # one (`LitesparkDecoderLayer._next_norm`) and ``__dict__.pop`` is a graph break (Dynamo of torch 2.11 traces
+        # ``__dict__`` get/setitem/contains only); an eager stash left over is popped by the next eager call.
+        if not torch.compiler.is_compiling():
+            stash = self.__dict__.pop("_litespark_prenormed", None)
+            if stash is not None and stash[0] is hidden_states:
+                return stash[1]
         return lk.rms_norm(hidden_states, self.weight, self._litespark_eps(),
                            out_dtype=self._out_dtype(hidden_states.dtype, hidden_states.device.type),
                            offset=self._litespark_offset)
