@@ -749,6 +749,25 @@ def _prepare_segment_ids(ids: torch.Tensor, batch: int, length: int, name: str) 
     return ids.expand(batch, length)  # stride 0 over the batch when shared
 
 
+def kernel_arguments(q, k, v, scale, q_segment_ids, kv_segment_ids, sliding_window):
+    """The kernel's arguments from `attention_triton`'s (shapes checked; also used by the torch.compile custom op):
+    (scale as a float, segment ids as int32 [B, S] or None, the window as an int or None)."""
+    from .attention import _check_shapes
+
+    _check_shapes(q, k, v)
+    B, _, Sq, D = q.shape
+    Skv = k.shape[2]
+    scale = D**-0.5 if scale is None else float(scale)
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+    if q_segment_ids is not None:
+        q_segment_ids = _prepare_segment_ids(q_segment_ids, B, Sq, "q_segment_ids")
+        kv_segment_ids = _prepare_segment_ids(kv_segment_ids, B, Skv, "kv_segment_ids")
+    if sliding_window is not None:
+        sliding_window = int(sliding_window)
+    return scale, q_segment_ids, kv_segment_ids, sliding_window
+
+
 def attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -768,7 +787,7 @@ def attention_triton(
     fallback; ``attention_reference`` with a ``softcap``). q, k and v may be strided views (e.g. the transposes
     transformers hands over); only a last dimension with stride != 1 is copied.
     """
-    from .attention import _check_shapes, _check_softcap, attention_reference, attention_sdpa
+    from .attention import _check_softcap, attention_reference, attention_sdpa
 
     _check_softcap(softcap)
     if dropout_p > 0.0:
@@ -777,16 +796,7 @@ def attention_triton(
             q, k, v, scale=scale, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
             sliding_window=sliding_window, dropout_p=dropout_p,
         )
-    _check_shapes(q, k, v)
-    B, _, Sq, D = q.shape
-    Skv = k.shape[2]
-    scale = D**-0.5 if scale is None else float(scale)
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("q_segment_ids and kv_segment_ids must be given together")
-    if q_segment_ids is not None:
-        q_segment_ids = _prepare_segment_ids(q_segment_ids, B, Sq, "q_segment_ids")
-        kv_segment_ids = _prepare_segment_ids(kv_segment_ids, B, Skv, "kv_segment_ids")
-    if sliding_window is not None:
-        sliding_window = int(sliding_window)
+    scale, q_segment_ids, kv_segment_ids, sliding_window = kernel_arguments(
+        q, k, v, scale, q_segment_ids, kv_segment_ids, sliding_window)
     softcap = None if softcap is None else float(softcap)
     return TritonAttention.apply(q, k, v, scale, causal, q_segment_ids, kv_segment_ids, sliding_window, softcap)

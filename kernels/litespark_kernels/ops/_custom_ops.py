@@ -545,7 +545,7 @@ attention_fwd.register_autograd(_attn_backward, setup_context=_attn_setup)
 def attention(q, k, v, *, scale=None, causal=True, q_segment_ids=None, kv_segment_ids=None, sliding_window=None,
               dropout_p=0.0, softcap=None):
     """`attention_triton`'s argument handling, then the custom op (dropout: its traceable fallbacks)."""
-    from .attention import _check_shapes, _check_softcap, attention_reference, attention_sdpa
+    from .attention import _check_softcap, attention_reference, attention_sdpa
 
     _check_softcap(softcap)
     if dropout_p > 0.0:
@@ -555,19 +555,10 @@ def attention(q, k, v, *, scale=None, causal=True, q_segment_ids=None, kv_segmen
         return attention_reference(q, k, v, scale=scale, causal=causal, q_segment_ids=q_segment_ids,
                                    kv_segment_ids=kv_segment_ids, sliding_window=sliding_window,
                                    dropout_p=dropout_p, softcap=softcap)
-    _check_shapes(q, k, v)
-    B, _, Sq, D = q.shape
-    Skv = k.shape[2]
-    scale = D**-0.5 if scale is None else float(scale)
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("q_segment_ids and kv_segment_ids must be given together")
-    if q_segment_ids is not None:
-        from ._attention_triton import _prepare_segment_ids as prep
+    from ._attention_triton import kernel_arguments
 
-        q_segment_ids = prep(q_segment_ids, B, Sq, "q_segment_ids")
-        kv_segment_ids = prep(kv_segment_ids, B, Skv, "kv_segment_ids")
-    if sliding_window is not None:
-        sliding_window = int(sliding_window)
+    scale, q_segment_ids, kv_segment_ids, sliding_window = kernel_arguments(
+        q, k, v, scale, q_segment_ids, kv_segment_ids, sliding_window)
     return attention_fwd(q, k, v, scale, bool(causal), q_segment_ids, kv_segment_ids, sliding_window,
                          _opt(softcap))[0]
 
@@ -600,16 +591,10 @@ def fused_linear_fwd(x: Tensor, weights: list[Tensor], biases: list[Tensor], has
     else:
         w = torch.empty((n_out, k), dtype=cdt, device=x.device)
         torch.cat(weights, out=w)
-    x2 = x.reshape(-1, k)
-    fresh_x = x2.dtype != cdt
-    if fresh_x:
-        x2 = x2.to(cdt)
-    if any(b is not None for b in biases):
-        b = torch.cat([bi.to(cdt) if bi is not None else torch.zeros(n, dtype=cdt, device=x.device)
-                       for bi, n in zip(biases, sizes)])
-        y = torch.addmm(b, x2, w.t())
-    else:
-        y = torch.mm(x2, w.t())
+    from .linear import project_2d
+
+    fresh_x = x.dtype != cdt
+    x2, y = project_2d(x, w, biases, sizes, cdt)
     return y.view(*x.shape[:-1], n_out), (x2 if fresh_x else _none(y)), (w if fresh_w else _none(y))
 
 
@@ -776,8 +761,6 @@ def fused_linear_cross_entropy(hidden, weight, labels=None, *, bias=None, shift_
                                softcap=None, _options=None):
     """`fused_linear_cross_entropy_triton`'s argument handling, then the custom op. ``label_count`` and
     ``tied_grad`` are not used (see the module docstring); ``_options`` (tests, tuning) takes the eager Function."""
-    from .fused_linear_cross_entropy import shifted_labels
-
     if _options:  # tuning and tests: the autograd Function, called eagerly (a graph break)
         from .._dispatch import _eager_call
 
@@ -785,19 +768,9 @@ def fused_linear_cross_entropy(hidden, weight, labels=None, *, bias=None, shift_
                            labels, bias=bias, shift_labels=shift_labels, ignore_index=ignore_index,
                            num_items_in_batch=num_items_in_batch, label_count=label_count, tied_grad=tied_grad,
                            weight_cast=weight_cast, softcap=softcap, _options=_options)
-    if shift_labels is None:
-        if labels is None:
-            raise ValueError("give labels or shift_labels")
-        shift_labels = shifted_labels(labels, ignore_index)
-    target = shift_labels.reshape(-1).to(device=hidden.device, dtype=torch.int64)
-    if target.numel() * hidden.shape[-1] != hidden.numel():
-        raise ValueError(f"labels {tuple(shift_labels.shape)} do not match hidden {tuple(hidden.shape)}")
-    if hidden.shape[-1] != weight.shape[-1]:
-        raise ValueError(f"hidden size {hidden.shape[-1]} != weight's {weight.shape[-1]}")
-    if softcap is not None:
-        softcap = float(softcap)
-        if not softcap > 0:
-            raise ValueError(f"softcap must be positive, got {softcap}")
+    from ._fused_linear_cross_entropy_triton import loss_arguments
+
+    target, softcap = loss_arguments(hidden, weight, labels, shift_labels, ignore_index, softcap)
     from .._dispatch import autocast_dtype
 
     compute_dtype = autocast_dtype(hidden.device.type) or hidden.dtype

@@ -327,6 +327,25 @@ def _flce_compute(hidden2d, weight, bias, target, ignore_index, num_items_in_bat
     return loss, grad_hidden, grad_weight, grad_bias
 
 
+def loss_arguments(hidden, weight, labels, shift_labels, ignore_index, softcap):
+    """(flat int64 targets on hidden's device, softcap as a float or None) from the public arguments, checked (also
+    used by the torch.compile custom op)."""
+    if shift_labels is None:
+        if labels is None:
+            raise ValueError("give labels or shift_labels")
+        shift_labels = shifted_labels(labels, ignore_index)
+    target = shift_labels.reshape(-1).to(device=hidden.device, dtype=torch.int64)
+    if target.numel() * hidden.shape[-1] != hidden.numel():
+        raise ValueError(f"labels {tuple(shift_labels.shape)} do not match hidden {tuple(hidden.shape)}")
+    if hidden.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"hidden size {hidden.shape[-1]} != weight's {weight.shape[-1]}")
+    if softcap is not None:
+        softcap = float(softcap)
+        if not softcap > 0:
+            raise ValueError(f"softcap must be positive, got {softcap}")
+    return target, softcap
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, num_items_in_batch, compute_dtype, options,
@@ -385,20 +404,8 @@ def fused_linear_cross_entropy_triton(
     ``_options`` (tuning and tests): ``chunk_bytes`` / ``chunk_rows`` (chunk size), ``accum_dtype`` (dtype of the
     weight-gradient accumulator; default fp32 for bf16/fp16), ``block_v`` (Triton block over the vocabulary).
     """
-    if shift_labels is None:
-        if labels is None:
-            raise ValueError("give labels or shift_labels")
-        shift_labels = shifted_labels(labels, ignore_index)
-    target = shift_labels.reshape(-1).to(device=hidden.device, dtype=torch.int64)
-    if target.numel() * hidden.shape[-1] != hidden.numel():
-        raise ValueError(f"labels {tuple(shift_labels.shape)} do not match hidden {tuple(hidden.shape)}")
-    if hidden.shape[-1] != weight.shape[-1]:
-        raise ValueError(f"hidden size {hidden.shape[-1]} != weight's {weight.shape[-1]}")
+    target, softcap = loss_arguments(hidden, weight, labels, shift_labels, ignore_index, softcap)
     options = dict(_options or {})
-    if softcap is not None:
-        softcap = float(softcap)
-        if not softcap > 0:
-            raise ValueError(f"softcap must be positive, got {softcap}")
     if label_count is not None:
         if label_count.valid.numel() != target.numel() or label_count.valid.device != target.device:
             raise ValueError("label_count was made from other labels (count_labels(shift_labels) of these labels)")

@@ -56,6 +56,19 @@ def _compute_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     return autocast_dtype(x.device.type) or torch.promote_types(x.dtype, w.dtype)
 
 
+def project_2d(x: torch.Tensor, w: torch.Tensor, biases, sizes, cdt: torch.dtype):
+    """(x as [M, in] in ``cdt``, ``x w^T`` plus the biases, zeros where a weight has none, [M, sum(out)]): the GEMM
+    of `_FusedLinear.forward` (also the torch.compile custom op's)."""
+    x2 = x.reshape(-1, w.shape[1])
+    if x2.dtype != cdt:
+        x2 = x2.to(cdt)
+    if any(b is not None for b in biases):
+        b = torch.cat([bi.to(cdt) if bi is not None else torch.zeros(n, dtype=cdt, device=x.device)
+                       for bi, n in zip(biases, sizes)])
+        return x2, torch.addmm(b, x2, w.t())
+    return x2, torch.mm(x2, w.t())
+
+
 class _FusedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, n_weights, w_cast, *params):
@@ -73,15 +86,7 @@ class _FusedLinear(torch.autograd.Function):
         else:  # one [sum(out), in] buffer written by one cast-and-concatenate (autocast casts each weight)
             w = torch.empty((n_out, k), dtype=cdt, device=x.device)
             torch.cat(weights, out=w)
-        x2 = x.reshape(-1, k)
-        if x2.dtype != cdt:
-            x2 = x2.to(cdt)
-        if any(b is not None for b in biases):
-            b = torch.cat([bi.to(cdt) if bi is not None else torch.zeros(n, dtype=cdt, device=x.device)
-                           for bi, n in zip(biases, sizes)])
-            y = torch.addmm(b, x2, w.t())
-        else:
-            y = torch.mm(x2, w.t())
+        x2, y = project_2d(x, w, biases, sizes, cdt)
         ctx.save_for_backward(x2, w)
         ctx.meta = (x.shape, x.dtype, sizes, [wi.dtype for wi in weights],
                     [bi.dtype if bi is not None else None for bi in biases])
