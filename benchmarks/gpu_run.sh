@@ -27,7 +27,14 @@
 #                once 500 s have passed; on the H200 the ten configs took ~11 min, so the last ones may need a second
 #                call; FAMILIES="c1 c2" runs only those): bench_<config>.log,
 #                train_bench_<config>_<device>.json/.png
-#   all          tests,kernels,recipes,train,fsdp2-probe,engines,families
+#   sat          issue #19: benchmarks/bench_sat.py --profile, SAT on top of Litespark with dense Litespark as the
+#                reference: the MLP microbenchmark; pre-training rows on the Llama-3.2-1B shape (stock, litespark,
+#                litespark+SAT at 0.25/0.5 x freeze on/off, constant rate; 14 steps, 5-14 timed) and one profiled
+#                SAT 0.5 step; TRL SFT dense Litespark vs ladder SAT 0.5 on the post-bench length distribution (a
+#                24-step priming pass, then 96 steps each, held-out loss at the end); time-boxed to 480 s (~6 min
+#                estimated; the JSON is rewritten after every row): bench_sat.log, bench_sat_<device>.json/.png,
+#                profile_sat_step_<device>.txt
+#   all          tests,kernels,recipes,train,fsdp2-probe,engines,families,sat
 #
 # OUT_DIR defaults to outputs/gpu_run. Every command also writes device.txt (GPU name, driver, power limit,
 # memory; torch/triton/transformers versions). A failing step is reported ("== STEP exit N") and the next step
@@ -46,12 +53,12 @@ PYTHON=${PYTHON:-python3}
 case "$COMMANDS" in
   -h|--help) usage; exit 0 ;;
   "") usage; exit 2 ;;
-  all) COMMANDS=tests,kernels,recipes,train,fsdp2-probe,engines,families ;;
+  all) COMMANDS=tests,kernels,recipes,train,fsdp2-probe,engines,families,sat ;;
 esac
 IFS=, read -r -a CMDS <<< "$COMMANDS"
 for c in "${CMDS[@]}"; do
   case "$c" in
-    tests|kernels|recipes|train|fsdp2-probe|engines|families) ;;
+    tests|kernels|recipes|train|fsdp2-probe|engines|families|sat) ;;
     *) echo "gpu_run.sh: unknown command '$c'" >&2; usage; exit 2 ;;
   esac
 done
@@ -186,6 +193,14 @@ print(' '.join(sorted(F, key=lambda c: ('moe' not in c, c))))")
   return $rc
 }
 
+sat_bench() {  # SAT on Litespark (issue #19): pre-training and TRL SFT rows, time-boxed; the JSON survives a timeout
+  local rc=0
+  timeout 480 "$PYTHON" benchmarks/bench_sat.py --modes pretrain,sft --profile --out "$OUT_DIR" \
+    > "$OUT_DIR/bench_sat.log" 2>&1 || rc=$?
+  grep -E "^\[bench_sat\] |^\| |^targets:" "$OUT_DIR/bench_sat.log" | tail -40 || tail -30 "$OUT_DIR/bench_sat.log"
+  return $rc
+}
+
 step device-info device_info
 for c in "${CMDS[@]}"; do
   case "$c" in
@@ -203,6 +218,7 @@ for c in "${CMDS[@]}"; do
     families)
       step families-gpu-tests families_gpu_tests
       step families-bench families_bench ;;
+    sat) step sat-bench sat_bench ;;
   esac
 done
 if (( ${#FAILED[@]} )); then
