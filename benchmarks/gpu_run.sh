@@ -34,6 +34,12 @@
 #                24-step priming pass, then 96 steps each, held-out loss at the end); time-boxed to 480 s (~6 min
 #                estimated; the JSON is rewritten after every row): bench_sat.log, bench_sat_<device>.json/.png,
 #                profile_sat_step_<device>.txt
+#   verify       what session 8 wrote after its last GPU call: the GPU tests never run yet (head-dim-256 attention
+#                at the sweep's faster configs, torch.compile custom ops, LitesparkAdamW under FSDP2, the fused loss
+#                with an odd vocabulary; verify_tests.log), then the two bench rows they should move: granite-1b
+#                (sdpa, litespark, liger: the padded-vocabulary loss) and llama-1b under FSDP2 (sdpa, litespark:
+#                LitesparkAdamW on the shards); ~6 min estimated: bench_granite-1b.log, bench_fsdp2.log and their
+#                train_bench_*_<device>.json/.png
 #   all          tests,kernels,recipes,train,fsdp2-probe,engines,families,sat
 #
 # OUT_DIR defaults to outputs/gpu_run. Every command also writes device.txt (GPU name, driver, power limit,
@@ -58,7 +64,7 @@ esac
 IFS=, read -r -a CMDS <<< "$COMMANDS"
 for c in "${CMDS[@]}"; do
   case "$c" in
-    tests|kernels|recipes|train|fsdp2-probe|engines|families|sat) ;;
+    tests|kernels|recipes|train|fsdp2-probe|engines|families|sat|verify) ;;
     *) echo "gpu_run.sh: unknown command '$c'" >&2; usage; exit 2 ;;
   esac
 done
@@ -193,6 +199,23 @@ print(' '.join(sorted(F, key=lambda c: ('moe' not in c, c))))")
   return $rc
 }
 
+verify_tests() {
+  timeout 260 "$PYTHON" -m pytest -m gpu tests/gpu/test_custom_ops_gpu.py tests/gpu/test_fsdp2_adamw_gpu.py \
+    tests/gpu/test_fused_linear_cross_entropy_gpu.py "tests/gpu/test_attention_gpu.py::test_head_dim_256_faster_configs" \
+    -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT_DIR/verify_tests.log" | tail -12
+}
+
+verify_bench() {
+  local rc=0
+  timeout 80 "$PYTHON" -m litespark_hf.efficiency.bench --config granite-1b --variants sdpa,litespark,liger --steps 8 \
+    --time-from 4 --no-isolate --no-progress --out "$OUT_DIR" > "$OUT_DIR/bench_granite-1b.log" 2>&1 || rc=$?
+  grep -E "^\| (sdpa|litespark|liger) " "$OUT_DIR/bench_granite-1b.log" | cut -d"|" -f2,4,10 | sed "s/^/granite /"
+  timeout 100 "$PYTHON" benchmarks/train_bench.py --config llama-1b --engine fsdp2 --variants sdpa,litespark \
+    --steps 12 --time-from 6 --out "$OUT_DIR" --no-progress > "$OUT_DIR/bench_fsdp2.log" 2>&1 || rc=$?
+  grep -E "^\| (sdpa|litespark) " "$OUT_DIR/bench_fsdp2.log" | cut -d"|" -f2,4,10 | sed "s/^/fsdp2 /"
+  return $rc
+}
+
 sat_bench() {  # SAT on Litespark (issue #19): pre-training and TRL SFT rows, time-boxed; the JSON survives a timeout
   local rc=0
   timeout 480 "$PYTHON" benchmarks/bench_sat.py --modes pretrain,sft --profile --out "$OUT_DIR" \
@@ -219,6 +242,9 @@ for c in "${CMDS[@]}"; do
       step families-gpu-tests families_gpu_tests
       step families-bench families_bench ;;
     sat) step sat-bench sat_bench ;;
+    verify)
+      step verify-tests verify_tests
+      step verify-bench verify_bench ;;
   esac
 done
 if (( ${#FAILED[@]} )); then
