@@ -13,17 +13,12 @@ import torch
 
 from litespark_kernels.ops._attention_triton import attention_triton
 from litespark_kernels.ops.attention import attention, attention_reference
+from tiny_models import attention_inputs
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
 
 
-def _inputs(B, Hq, Hkv, Sq, Skv, D, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, Sq, D, generator=g).to(dtype).requires_grad_()
-    k = torch.randn(B, Hkv, Skv, D, generator=g).to(dtype).requires_grad_()
-    v = torch.randn(B, Hkv, Skv, D, generator=g).to(dtype).requires_grad_()
-    do = torch.randn(B, Sq, Hq, D, generator=g).to(dtype)
-    return q, k, v, do
+_inputs = attention_inputs
 
 
 def _rel(x, ref):

@@ -18,6 +18,7 @@ import torch
 from litespark_kernels.ops import _attention_triton as at
 from litespark_kernels.ops._attention_triton import attention_triton
 from litespark_kernels.ops.attention import attention, attention_reference
+from tiny_models import attention_inputs
 
 A = importlib.import_module("litespark_kernels.ops.attention")  # the module (the package re-exports the function)
 
@@ -27,12 +28,7 @@ Q_GAIN = 4.0  # scaled scores of about +-4 (D=64): tanh(s / 2) saturates on many
 
 
 def _inputs(B, Hq, Hkv, Sq, Skv, D, dtype, seed=0, gain=Q_GAIN):
-    g = torch.Generator().manual_seed(seed)
-    q = (gain * torch.randn(B, Hq, Sq, D, generator=g)).to(dtype).requires_grad_()
-    k = torch.randn(B, Hkv, Skv, D, generator=g).to(dtype).requires_grad_()
-    v = torch.randn(B, Hkv, Skv, D, generator=g).to(dtype).requires_grad_()
-    do = torch.randn(B, Sq, Hq, D, generator=g).to(dtype)
-    return q, k, v, do
+    return attention_inputs(B, Hq, Hkv, Sq, Skv, D, dtype, seed, q_gain=gain)
 
 
 def _rel(x, ref):

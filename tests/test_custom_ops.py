@@ -20,7 +20,7 @@ import torch
 import litespark_hf
 import litespark_kernels as lk
 from litespark_kernels.ops import _custom_ops as C
-from tests.tiny_models import tiny_model
+from tiny_models import layer_output_and_grads, tiny_model
 
 pytestmark = [
     pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter tests (tests/gpu/test_custom_ops_gpu.py)"),
@@ -284,12 +284,8 @@ def _layer_inputs(model):
 
 
 def _run_layer(layer, hidden, pos, emb):
-    hidden = hidden.detach().clone().requires_grad_()
-    out = layer(hidden, attention_mask=None, position_ids=pos, position_embeddings=emb)
-    out = out[0] if isinstance(out, tuple) else out
-    loss = (out * torch.randn(out.shape, generator=_gen(7))).sum()
-    grads = torch.autograd.grad(loss, [hidden, *layer.parameters()])
-    return out.detach(), grads
+    out, *grads = layer_output_and_grads(layer, hidden, pos, emb, seed=7)
+    return out, grads
 
 
 LAYER_OPS = {f"litespark.{op}.default" for op in ("rms_norm_fwd", "add_rms_norm_fwd", "fused_linear_fwd", "rope_fwd",

@@ -121,6 +121,28 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
+def attention_inputs(B, Hq, Hkv, Sq, Skv, D, dtype, seed=0, q_gain=1.0):
+    """Random q [B, Hq, Sq, D] (times ``q_gain``), k, v [B, Hkv, Skv, D] (requiring grad) and an output gradient
+    [B, Sq, Hq, D] for the attention kernel tests (CPU generator, then ``dtype``)."""
+    g = torch.Generator().manual_seed(seed)
+    q = (q_gain * torch.randn(B, Hq, Sq, D, generator=g)).to(dtype).requires_grad_()
+    k = torch.randn(B, Hkv, Skv, D, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(B, Hkv, Skv, D, generator=g).to(dtype).requires_grad_()
+    do = torch.randn(B, Sq, Hq, D, generator=g).to(dtype)
+    return q, k, v, do
+
+
+def layer_output_and_grads(layer, hidden, position_ids, position_embeddings, seed: int) -> list[torch.Tensor]:
+    """One decoder layer's [output, d_hidden, *parameter gradients] under the loss sum(output * noise) (fp32,
+    noise from a CPU generator seeded with ``seed``)."""
+    hidden = hidden.detach().clone().requires_grad_()
+    out = layer(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=position_embeddings)
+    out = out[0] if isinstance(out, tuple) else out
+    noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device)
+    grads = torch.autograd.grad((out.float() * noise).sum(), [hidden, *layer.parameters()])
+    return [out.detach(), *grads]
+
+
 def assert_matches_stock(stock, lit, inputs: dict, valid: torch.Tensor, tol: float = 1e-4) -> None:
     """fp32: logits at the ``valid`` positions (eval, ``use_cache=False``), the training loss and every parameter's
     gradient of ``lit`` equal ``stock``'s within ``tol`` (relative; the loss within 1e-5)."""

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import litespark_hf
-from tiny_models import tiny_model
+from tiny_models import layer_output_and_grads, rel_err, tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -25,10 +25,6 @@ GPU_SIZE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, n
 SEQ = 256
 FAMILIES = ["llama", "qwen3", "starcoder2"]
 LAYER_OPS = {"litespark.fused_linear_fwd.default", "litespark.rope_fwd.default", "litespark.attention_fwd.default"}
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 @pytest.fixture(autouse=True)
@@ -60,13 +56,7 @@ def _layer_inputs(model, dtype):
 
 
 def _run_layer(layer, hidden, pos, emb):
-    hidden = hidden.detach().clone().requires_grad_()
-    out = layer(hidden, attention_mask=None, position_ids=pos, position_embeddings=emb)
-    out = out[0] if isinstance(out, tuple) else out
-    g = torch.Generator().manual_seed(1)
-    loss = (out.float() * torch.randn(out.shape, generator=g).cuda()).sum()
-    grads = torch.autograd.grad(loss, [hidden, *layer.parameters()])
-    return [out.detach(), *grads]
+    return layer_output_and_grads(layer, hidden, pos, emb, seed=1)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -43,6 +43,7 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -286,14 +287,9 @@ def _flce_compute(hidden2d, weight, bias, target, ignore_index, num_items_in_bat
         rows = chunk_rows or _chunk_rows(n_valid, vocab, hidden2d.element_size(), chunk_bytes)
         rows = min(rows, n_valid)
         logits_buf = torch.empty((rows, vocab_p), dtype=cdt, device=device)
-        if vocab_p != vocab:
-            padded = weight.new_zeros((vocab_p, weight.shape[1]))
-            padded[:vocab].copy_(weight)
-            weight = padded
-            if bias is not None:
-                padded = bias.new_zeros(vocab_p)
-                padded[:vocab].copy_(bias)
-                bias = padded
+        if vocab_p != vocab:  # one padded copy (zero rows / zero bias), one kernel each
+            weight = F.pad(weight, (0, 0, 0, vocab_p - vocab))
+            bias = F.pad(bias, (0, vocab_p - vocab)) if bias is not None else None
         w_t = weight.t()
         for start in range(0, n_valid, rows):
             end = min(start + rows, n_valid)
