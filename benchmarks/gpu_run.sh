@@ -37,9 +37,9 @@
 #   verify       what session 8 wrote after its last GPU call: the GPU tests never run yet (head-dim-256 attention
 #                at the sweep's faster configs, torch.compile custom ops, LitesparkAdamW under FSDP2, the fused loss
 #                with an odd vocabulary; verify_tests.log), then the two bench rows they should move: granite-1b
-#                (sdpa, litespark, liger: the padded-vocabulary loss) and llama-1b under FSDP2 (sdpa, litespark:
-#                LitesparkAdamW on the shards); ~6 min estimated: bench_granite-1b.log, bench_fsdp2.log and their
-#                train_bench_*_<device>.json/.png
+#                (sdpa, litespark, liger: the padded-vocabulary loss) and llama-1b and llama-3b under FSDP2 (sdpa,
+#                litespark: LitesparkAdamW on the shards); ~8 min estimated: bench_granite-1b.log, bench_fsdp2.log,
+#                bench_fsdp2_3b.log and their train_bench_*_<device>.json/.png
 #   all          tests,kernels,recipes,train,fsdp2-probe,engines,families,sat
 #
 # OUT_DIR defaults to outputs/gpu_run. Every command also writes device.txt (GPU name, driver, power limit,
@@ -213,6 +213,9 @@ verify_bench() {
   timeout 100 "$PYTHON" benchmarks/train_bench.py --config llama-1b --engine fsdp2 --variants sdpa,litespark \
     --steps 12 --time-from 6 --out "$OUT_DIR" --no-progress > "$OUT_DIR/bench_fsdp2.log" 2>&1 || rc=$?
   grep -E "^\| (sdpa|litespark) " "$OUT_DIR/bench_fsdp2.log" | cut -d"|" -f2,4,10 | sed "s/^/fsdp2 /"
+  timeout 140 "$PYTHON" benchmarks/train_bench.py --config llama-3b --engine fsdp2 --variants sdpa,litespark \
+    --steps 10 --time-from 5 --out "$OUT_DIR" --no-progress > "$OUT_DIR/bench_fsdp2_3b.log" 2>&1 || rc=$?
+  grep -E "^\| (sdpa|litespark) " "$OUT_DIR/bench_fsdp2_3b.log" | cut -d"|" -f2,4,10 | sed "s/^/fsdp2-3b /"
   return $rc
 }
 
