@@ -18,12 +18,24 @@ def run_main(main):
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         main()
+        _finish_distributed()
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted (the same command resumes from the newest checkpoint, if one was saved)", file=sys.stderr)
         sys.exit(130)
+
+
+def _finish_distributed() -> None:
+    """A finished multi-process run: wait for every process (the main one may still be writing the model and its
+    card), then close the process group. A process that exits while the group is alive can abort in gloo's teardown
+    ("terminate called without an active exception", SIGABRT), failing a run whose work was all done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def attach_callbacks(trainer, options, output_dir=None, training_type: str = "fine-tuning") -> None:
