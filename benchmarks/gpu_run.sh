@@ -11,7 +11,8 @@
 #                pretrain_1b.log, pretrain_recipe_llama-1b_<device>.json/.png: the run's efficiency.json/.png);
 #                a tiny pretrain through fsdp2.yaml with one process (pretrain_tiny_fsdp2.log)
 #   train        litespark-train-bench on the Llama-3.2-1B shape, every variant but eager (out of memory at batch
-#                4), 14 steps with 5-14 timed: train_bench.log, train_bench_llama-1b_<device>.json/.png
+#                4): sdpa, compile, liger, litespark, litespark_compile, litespark_fp8; 14 steps with 5-14 timed:
+#                train_bench.log, train_bench_llama-1b_<device>.json/.png
 #   fsdp2-probe  four tiny FSDP2 one-process pretrain runs that isolate the FSDP2 evaluate() failure (litespark
 #                on/off, untied embeddings, cpu_ram_efficient_loading off): summary on stdout, fsdp_lit_tied.log
 #   engines      issue #20 at world size 1 on one GPU (needs the deepspeed wheel, .whl/): (a) recipes/pretrain.py,
@@ -40,6 +41,10 @@
 #                (sdpa, litespark, liger: the padded-vocabulary loss) and llama-1b and llama-3b under FSDP2 (sdpa,
 #                litespark: LitesparkAdamW on the shards); ~8 min estimated: bench_granite-1b.log, bench_fsdp2.log,
 #                bench_fsdp2_3b.log and their train_bench_*_<device>.json/.png
+#   fp8          issue #17 item 2: the float8 GPU tests (tests/gpu/test_fp8_gpu.py; fp8_gpu.log); recipes/pretrain.py
+#                on the 1B config for FP8_STEPS (default 300) steps, bf16 and --fp8 true, compared by
+#                benchmarks/fp8_quality.py (fp8_quality.log, pretrain_1b_bf16.log, pretrain_1b_fp8.log,
+#                fp8_quality_llama-1b_<device>.json/.png); ~6 min estimated (the speed is `train`'s litespark_fp8 row)
 #   all          tests,kernels,recipes,train,fsdp2-probe,engines,families,sat
 #
 # OUT_DIR defaults to outputs/gpu_run. Every command also writes device.txt (GPU name, driver, power limit,
@@ -64,7 +69,7 @@ esac
 IFS=, read -r -a CMDS <<< "$COMMANDS"
 for c in "${CMDS[@]}"; do
   case "$c" in
-    tests|kernels|recipes|train|fsdp2-probe|engines|families|sat|verify) ;;
+    tests|kernels|recipes|train|fsdp2-probe|engines|families|sat|verify|fp8) ;;
     *) echo "gpu_run.sh: unknown command '$c'" >&2; usage; exit 2 ;;
   esac
 done
@@ -129,7 +134,8 @@ pretrain_tiny_fsdp2() {
 
 train_bench() {
   local rc=0
-  "$PYTHON" benchmarks/train_bench.py --config llama-1b --variants sdpa,litespark,compile,litespark_compile,liger \
+  "$PYTHON" benchmarks/train_bench.py --config llama-1b \
+    --variants sdpa,compile,liger,litespark,litespark_compile,litespark_fp8 \
     --steps 14 --time-from 5 --out "$OUT_DIR" --no-progress > "$OUT_DIR/train_bench.log" 2>&1 || rc=$?
   tail -14 "$OUT_DIR/train_bench.log"
   return $rc
@@ -219,6 +225,30 @@ verify_bench() {
   return $rc
 }
 
+fp8_tests() {
+  timeout 150 "$PYTHON" -m pytest -m gpu tests/gpu/test_fp8_gpu.py -q -rfE -p no:cacheprovider 2>&1 \
+    | tee "$OUT_DIR/fp8_gpu.log" | tail -8
+}
+
+fp8_quality() {  # the same 1B pre-training run in bf16 and with float8 projections; loss curves compared
+  local rc=0 v extra
+  for v in bf16 fp8; do
+    extra=()
+    [ "$v" = fp8 ] && extra=(--fp8 true)
+    timeout 170 accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/pretrain.py \
+      --config recipes/configs/pretrain_llama_1b.yaml --use_litespark --max_steps "${FP8_STEPS:-300}" \
+      --eval_steps 50 --logging_steps 10 --save_strategy no --track_efficiency false --disable_tqdm true \
+      --corpus_max_train_chars 4000000 --corpus_max_eval_chars 100000 "${extra[@]}" \
+      --output_dir "/tmp/pretrain_1b_$v" > "$OUT_DIR/pretrain_1b_$v.log" 2>&1 || rc=$?
+    grep -E "\[pretrain\]|Error" "$OUT_DIR/pretrain_1b_$v.log" | tail -3 | sed "s/^/$v /"
+  done
+  "$PYTHON" benchmarks/fp8_quality.py --bf16-log "$OUT_DIR/pretrain_1b_bf16.log" \
+    --fp8-log "$OUT_DIR/pretrain_1b_fp8.log" --logging-steps 10 --eval-steps 50 --out "$OUT_DIR" \
+    > "$OUT_DIR/fp8_quality.log" 2>&1 || rc=$?
+  tail -4 "$OUT_DIR/fp8_quality.log"
+  return $rc
+}
+
 sat_bench() {  # SAT on Litespark (issue #19): pre-training and TRL SFT rows, time-boxed; the JSON survives a timeout
   local rc=0
   timeout 480 "$PYTHON" benchmarks/bench_sat.py --modes pretrain,sft --profile --out "$OUT_DIR" \
@@ -245,6 +275,9 @@ for c in "${CMDS[@]}"; do
       step families-gpu-tests families_gpu_tests
       step families-bench families_bench ;;
     sat) step sat-bench sat_bench ;;
+    fp8)
+      step fp8-tests fp8_tests
+      step fp8-quality fp8_quality ;;
     verify)
       step verify-tests verify_tests
       step verify-bench verify_bench ;;

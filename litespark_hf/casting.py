@@ -16,6 +16,32 @@ def _cast_of(module: nn.Module, slot: str) -> torch.Tensor | None:
     return None if casts is None else casts.get(slot)
 
 
+def projection(module: nn.Module, slot: str) -> dict:
+    """The keyword arguments of a projection group's `fused_linear` call: its weights' cast for this forward
+    (``cast``, or None) and whether it runs in float8 (``fp8``: `LitesparkConfig.fp8`, set on the module by
+    `set_fp8`)."""
+    return {"cast": _cast_of(module, slot), "fp8": module.__dict__.get(_FP8_ATTR, False)}
+
+
+_FP8_ATTR = "_litespark_fp8"
+
+
+def set_fp8(model: nn.Module, enabled: bool) -> int:
+    """Mark (or unmark) every Litespark module with fused projection groups (attention, MLP) to run them in float8
+    (`projection`); the LM head, MoE experts, LoRA adapters and SAT's sparse GEMMs never read the mark. Returns
+    how many modules have fused projection groups now marked (0 when unmarking)."""
+    marked = 0
+    for m in model.modules():
+        if not hasattr(m, "litespark_cast_groups"):
+            continue
+        if enabled and set(m.litespark_cast_groups()) - {"lm_head"}:  # the LM head stays in the compute dtype
+            m.__dict__[_FP8_ATTR] = True
+            marked += 1
+        else:
+            m.__dict__.pop(_FP8_ATTR, None)
+    return marked
+
+
 def link_cast_owners(model: nn.Module) -> int:
     """Record on ``model`` the Litespark modules whose projection weights `cast_projection_weights` casts."""
     owners = [m for m in model.modules() if hasattr(m, "litespark_cast_groups")]
@@ -27,6 +53,7 @@ def link_cast_owners(model: nn.Module) -> int:
 
 def unlink_cast_owners(model: nn.Module) -> None:
     detach_cast_shadow(model)
+    set_fp8(model, False)
     model.__dict__.pop("_litespark_cast_owners", None)
     model.__dict__.pop("_litespark_gc_flags", None)
 

@@ -77,6 +77,17 @@ class LitesparkConfig:
             "token; pad positions get zero hidden states. Needs the litespark attention backend."
         },
     )
+    fp8: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the decoder's projection GEMMs (q/k/v, o, gate/up, down; a LoRA layer's frozen base) in "
+            "float8: e4m3 inputs and weights, e5m2 output gradients, one dynamic scale per tensor "
+            "(litespark_kernels.ops.fp8). Master weights, optimizer, LM head, embeddings, norms, attention, MoE "
+            "experts and LoRA adapters are unchanged. Needs bf16/fp16 autocast and a GPU with float8 GEMMs "
+            "(compute capability 8.9+: H100, H200, L4, RTX 40xx); a projection that cannot take it (feature "
+            "count not a multiple of 16, another device) runs in bf16 with a one-time warning."
+        },
+    )
     allow_partial: bool = field(
         default=False,
         metadata={

@@ -15,7 +15,7 @@ import torch.nn as nn
 from . import generic, unpadding
 from .architectures import SUPPORTED_MODEL_TYPES, SWAP_KINDS, get_architecture
 from .attention import ATTENTION_NAME, partial_attention_problem, position_pre_hook, register
-from .casting import link_cast_owners, unlink_cast_owners
+from .casting import link_cast_owners, set_fp8, unlink_cast_owners
 from .config import LitesparkConfig
 from .model_utils import unwrap_model
 from .modules import (
@@ -121,6 +121,9 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
             base.__dict__[_HOOK_ATTR] = stack.register_forward_pre_hook(position_pre_hook, with_kwargs=True)
             if cfg.unpad:  # padded batches: the decoder runs on the real tokens only (after the position hook)
                 base.__dict__[_UNPAD_ATTR] = unpadding.install(stack, base)
+    if cfg.fp8 and set_fp8(base, True) == 0:
+        warnings.warn("litespark: fp8=True, but no projection of this model runs through Litespark's fused "
+                      "projections (all of them were left stock); it trains without float8", stacklevel=2)
     if cfg.sat_omission_rate_mlp > 0 or cfg.sat_omission_rate_heads > 0:
         from .sat import enable_sat  # Sparsity-Accelerated Training on top of the Litespark layers
 

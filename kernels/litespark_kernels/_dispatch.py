@@ -38,6 +38,14 @@ def warn_once(op: str, reason: str) -> None:
     warnings.warn(f"litespark: {op} uses the PyTorch reference: {reason}", stacklevel=3)
 
 
+def note_once(key: str, message: str) -> None:
+    """Warn once per (key, message), with the message as given (``litespark: <message>``)."""
+    if (key, message) in _WARNED:
+        return
+    _WARNED.add((key, message))
+    warnings.warn(f"litespark: {message}", stacklevel=3)
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

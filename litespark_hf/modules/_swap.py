@@ -38,8 +38,9 @@ def plain_linears(*modules: nn.Module) -> bool:
     return all(type(m) is nn.Linear for m in modules)
 
 
-def project(x: torch.Tensor, *linears: nn.Linear, cast: torch.Tensor | None = None) -> torch.Tensor:
+def project(x: torch.Tensor, *linears: nn.Linear, cast: torch.Tensor | None = None, fp8: bool = False) -> torch.Tensor:
     """``cat([lin(x) for lin in linears], -1)`` through `litespark_kernels.fused_linear` (plain ``nn.Linear`` only).
 
-    ``cast``: these weights already cast for this forward (`cast_projection_weights`), or None."""
-    return lk.fused_linear(x, [m.weight for m in linears], [m.bias for m in linears], cast)
+    ``cast``: these weights already cast for this forward (`cast_projection_weights`), or None; ``fp8``: the GEMMs
+    in float8 (`litespark_hf.casting.projection` gives both)."""
+    return lk.fused_linear(x, [m.weight for m in linears], [m.bias for m in linears], cast, fp8=fp8)

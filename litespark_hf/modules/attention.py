@@ -9,7 +9,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import litespark_kernels as lk
 
-from ..casting import _cast_of
+from ..casting import projection
 from ._swap import plain_linears, project
 from .lora import fused_bases, lora_group, lora_project
 
@@ -25,11 +25,11 @@ def project_each(module, x, linears, slot: str) -> list:
     fused where `lora_group` reproduces them, else each called as a module (adapters, hooks and wrappers keep
     working). ``slot``: the module's cast slot of this group (`cast_projection_weights`)."""
     if plain_linears(*linears):
-        out = project(x, *linears, cast=_cast_of(module, slot))
+        out = project(x, *linears, **projection(module, slot))
         return list(out.split([m.out_features for m in linears], dim=-1)) if len(linears) > 1 else [out]
     group = lora_group(linears)
     if group is not None:
-        return lora_project(x, group, cast=_cast_of(module, slot), split=True)
+        return lora_project(x, group, **projection(module, slot), split=True)
     return [m(x) for m in linears]
 
 

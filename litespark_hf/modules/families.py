@@ -27,7 +27,7 @@ import torch
 import litespark_kernels as lk
 from litespark_kernels._dispatch import warn_once
 
-from ..casting import _cast_of
+from ..casting import projection
 from ._swap import plain_linears, project
 from .attention import LitesparkConfigWindowAttention, LitesparkLayerWindowAttention, project_each
 from .decoder import LitesparkDecoderLayer, _hookless
@@ -106,10 +106,10 @@ class LitesparkPackedGatedMLP(LitesparkGatedMLP):
                 warn_once("gated_mlp", f"activation {type(self.activation_fn).__name__} has no fused kernel")
             return super(LitesparkGatedMLP, self).forward(hidden_states)  # the stock Phi3MLP
         if groups is not None:  # LoRA: the base gate_up GEMM, adapters added
-            gate_up = lora_project(hidden_states, groups[0], cast=_cast_of(self, "gate_up"))
-            return lora_project(packed(gate_up), groups[1], cast=_cast_of(self, "down"))
-        gate_up = project(hidden_states, self.gate_up_proj, cast=_cast_of(self, "gate_up"))
-        return project(packed(gate_up), self.down_proj, cast=_cast_of(self, "down"))
+            gate_up = lora_project(hidden_states, groups[0], **projection(self, "gate_up"))
+            return lora_project(packed(gate_up), groups[1], **projection(self, "down"))
+        gate_up = project(hidden_states, self.gate_up_proj, **projection(self, "gate_up"))
+        return project(packed(gate_up), self.down_proj, **projection(self, "down"))
 
 
 class LitesparkOlmoRMSNorm:

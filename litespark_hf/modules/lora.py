@@ -162,13 +162,15 @@ def _adapter_outputs(x: torch.Tensor, terms) -> list[torch.Tensor | None]:
     return [None if t is None else next(outs) for t in terms]
 
 
-def lora_project(x: torch.Tensor, group: LoraGroup, cast: torch.Tensor | None = None, split: bool = False):
+def lora_project(x: torch.Tensor, group: LoraGroup, cast: torch.Tensor | None = None, split: bool = False,
+                 fp8: bool = False):
     """Every projection of ``group`` applied to ``x``, as PEFT computes it: concatenated along the last dimension
     (like `project`), or the list of outputs with ``split``.
 
-    ``cast``: the base weights already cast for this forward (`cast_projection_weights`), or None.
+    ``cast``: the base weights already cast for this forward (`cast_projection_weights`), or None; ``fp8``: the base
+    GEMM in float8 (the adapters' small GEMMs stay in the compute dtype).
     """
-    base = lk.fused_linear(x, [lin.weight for lin in group.base], [lin.bias for lin in group.base], cast)
+    base = lk.fused_linear(x, [lin.weight for lin in group.base], [lin.bias for lin in group.base], cast, fp8=fp8)
     parts = base.split(group.sizes, dim=-1) if len(group.sizes) > 1 else (base,)
     # PEFT: ``(base_layer(x) + lora).to(base_layer(x).dtype)``
     outs = [p if d is None else (p + d).to(p.dtype) for p, d in zip(parts, _adapter_outputs(x, group.terms))]

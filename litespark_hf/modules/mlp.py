@@ -10,7 +10,7 @@ from transformers import activations as hf_activations
 import litespark_kernels as lk
 from litespark_kernels._dispatch import warn_once
 
-from ..casting import _cast_of
+from ..casting import projection
 from ._swap import plain_linears, project
 from .lora import lora_group, lora_project
 
@@ -68,11 +68,11 @@ class LitesparkGatedMLP:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed, groups = self._fused()
         if packed is not None and groups is not None:  # LoRA: the base gate and up as one GEMM, adapters added
-            gate_up = lora_project(x, groups[0], cast=_cast_of(self, "gate_up"))
-            return lora_project(packed(gate_up), groups[1], cast=_cast_of(self, "down"))
+            gate_up = lora_project(x, groups[0], **projection(self, "gate_up"))
+            return lora_project(packed(gate_up), groups[1], **projection(self, "down"))
         if packed is not None:  # gate and up as one GEMM, one gradient for both
-            gate_up = project(x, self.gate_proj, self.up_proj, cast=_cast_of(self, "gate_up"))
-            return project(packed(gate_up), self.down_proj, cast=_cast_of(self, "down"))
+            gate_up = project(x, self.gate_proj, self.up_proj, **projection(self, "gate_up"))
+            return project(packed(gate_up), self.down_proj, **projection(self, "down"))
         act = fused_gated_activation(self.act_fn)
         if act is None:
             warn_once("gated_mlp", f"activation {type(self.act_fn).__name__} has no fused kernel")
@@ -99,9 +99,9 @@ class LitesparkGeluMLP:
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         c_fc = self.c_fc
         if self._fused_fc():
-            h = lk.gelu_tanh_bias(lk.fused_linear(hidden_states, [c_fc.weight], cast=_cast_of(self, "c_fc")),
+            h = lk.gelu_tanh_bias(lk.fused_linear(hidden_states, [c_fc.weight], **projection(self, "c_fc")),
                                   c_fc.bias)
         else:  # LoRA-wrapped c_fc or another activation: stock order, nothing fused
             h = self.act(c_fc(hidden_states))
-        h = project(h, self.c_proj, cast=_cast_of(self, "c_proj")) if plain_linears(self.c_proj) else self.c_proj(h)
+        h = project(h, self.c_proj, **projection(self, "c_proj")) if plain_linears(self.c_proj) else self.c_proj(h)
         return F.dropout(h, p=self.residual_dropout, training=self.training)

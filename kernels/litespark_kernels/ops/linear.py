@@ -28,7 +28,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import _is_dtensor, autocast_dtype, device_supports
+from .._dispatch import _is_dtensor, autocast_dtype, device_supports, note_once
+from . import fp8
 
 def fused_linear_reference(x: torch.Tensor, weights: Sequence[torch.Tensor],
                            biases: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
@@ -69,28 +70,65 @@ def project_2d(x: torch.Tensor, w: torch.Tensor, biases, sizes, cdt: torch.dtype
     return x2, torch.mm(x2, w.t())
 
 
+def group_weight(weights, w_cast, cdt: torch.dtype, device) -> torch.Tensor:
+    """The group's weights as one [sum(out), in] matrix in ``cdt``: ``w_cast`` when it is that (cast and
+    concatenated once for the whole model by `cast_weights`), else one cast (-and-concatenate)."""
+    w0 = weights[0]
+    n_out, k = sum(w.shape[0] for w in weights), w0.shape[1]
+    # Every operand is then in cdt, so autocast (if on) changes nothing: no autocast-off context needed.
+    if w_cast is not None and w_cast.dtype == cdt and w_cast.shape == (n_out, k):
+        return w_cast
+    if len(weights) == 1:
+        return w0 if w0.dtype == cdt else w0.to(cdt)
+    w = torch.empty((n_out, k), dtype=cdt, device=device)  # one cast-and-concatenate (autocast casts each weight)
+    torch.cat(weights, out=w)
+    return w
+
+
+def _weight_grads(ctx, n: int, sizes, w_dtypes, gemm) -> list:
+    """Each needed weight's gradient: row blocks of one ``gemm(dtype)`` output (fp32 when the weights' dtypes
+    differ)."""
+    need_w = ctx.needs_input_grad[3:3 + n]
+    dws = [None] * n
+    if any(need_w):
+        dtypes = {d for d, need in zip(w_dtypes, need_w) if need}
+        dw = gemm(dtypes.pop() if len(dtypes) == 1 else torch.float32)
+        r = 0
+        for i, rows in enumerate(sizes):
+            if need_w[i]:
+                dws[i] = dw[r:r + rows] if dw.dtype == w_dtypes[i] else dw[r:r + rows].to(w_dtypes[i])
+            r += rows
+    return dws
+
+
+def _bias_grads(ctx, n: int, sizes, b_dtypes, dy2: torch.Tensor) -> list:
+    need_b = ctx.needs_input_grad[3 + n:]
+    dbs = [None] * n
+    if any(need_b):
+        db = dy2.sum(0, dtype=torch.float32)
+        r = 0
+        for i, rows in enumerate(sizes):
+            if need_b[i]:
+                dbs[i] = db[r:r + rows].to(b_dtypes[i])
+            r += rows
+    return dbs
+
+
+def _meta(x, weights, biases):
+    return (x.shape, x.dtype, [w.shape[0] for w in weights], [wi.dtype for wi in weights],
+            [bi.dtype if bi is not None else None for bi in biases])
+
+
 class _FusedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, n_weights, w_cast, *params):
         weights, biases = params[:n_weights], params[n_weights:]
-        w0 = weights[0]
-        cdt = _compute_dtype(x, w0)
-        sizes = [w.shape[0] for w in weights]
-        k = w0.shape[1]
-        n_out = sum(sizes)
-        # Every operand below is already in cdt, so autocast (if on) changes nothing: no autocast-off context needed.
-        if w_cast is not None and w_cast.dtype == cdt and w_cast.shape == (n_out, k):
-            w = w_cast  # cast (and concatenated) once for the whole model by `cast_weights`
-        elif n_weights == 1:
-            w = w0 if w0.dtype == cdt else w0.to(cdt)
-        else:  # one [sum(out), in] buffer written by one cast-and-concatenate (autocast casts each weight)
-            w = torch.empty((n_out, k), dtype=cdt, device=x.device)
-            torch.cat(weights, out=w)
-        x2, y = project_2d(x, w, biases, sizes, cdt)
+        cdt = _compute_dtype(x, weights[0])
+        w = group_weight(weights, w_cast, cdt, x.device)
+        ctx.meta = _meta(x, weights, biases)
+        x2, y = project_2d(x, w, biases, ctx.meta[2], cdt)
         ctx.save_for_backward(x2, w)
-        ctx.meta = (x.shape, x.dtype, sizes, [wi.dtype for wi in weights],
-                    [bi.dtype if bi is not None else None for bi in biases])
-        return y.view(*x.shape[:-1], n_out)
+        return y.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
@@ -98,30 +136,51 @@ class _FusedLinear(torch.autograd.Function):
         x_shape, x_dtype, sizes, w_dtypes, b_dtypes = ctx.meta
         n = len(sizes)
         dy2 = dy.reshape(-1, dy.shape[-1]).to(w.dtype)
+        dx = _mm(dy2, w, x_dtype).view(x_shape) if ctx.needs_input_grad[0] else None
+        dws = _weight_grads(ctx, n, sizes, w_dtypes, lambda gdt: _mm(dy2.t(), x2, gdt))
+        return (dx, None, None, *dws, *_bias_grads(ctx, n, sizes, b_dtypes, dy2))
+
+
+class _FusedLinearFP8(torch.autograd.Function):
+    """`_FusedLinear` with its three GEMMs in float8 (`litespark_kernels.ops.fp8`: e4m3 x and w, e5m2 dy,
+    tensorwise dynamic scales, the token dimension padded to a multiple of 16)."""
+
+    @staticmethod
+    def forward(ctx, x, n_weights, w_cast, *params):
+        weights, biases = params[:n_weights], params[n_weights:]
+        cdt = _compute_dtype(x, weights[0])
+        w = group_weight(weights, w_cast, cdt, x.device)
+        ctx.meta = _meta(x, weights, biases)
+        x2 = x.reshape(-1, w.shape[1])
+        if x2.dtype != cdt:
+            x2 = x2.to(cdt)
+        m = x2.shape[0]
+        xq, xqt, x_inv = fp8.quantize(x2, fp8.E4M3, fp8.ALIGN, transposed=True)
+        wq, wqt, w_inv = fp8.quantize(w, fp8.E4M3, transposed=True)
+        y = fp8.scaled_mm(xq, wq, x_inv, w_inv, cdt)[:m]
+        if any(b is not None for b in biases):
+            y = y + torch.cat([bi.to(cdt) if bi is not None else torch.zeros(n, dtype=cdt, device=x.device)
+                               for bi, n in zip(biases, ctx.meta[2])])
+        ctx.save_for_backward(xqt, wqt, x_inv, w_inv)
+        ctx.cdt = cdt
+        return y.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        xqt, wqt, x_inv, w_inv = ctx.saved_tensors
+        x_shape, x_dtype, sizes, w_dtypes, b_dtypes = ctx.meta
+        n = len(sizes)
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if dy2.dtype != ctx.cdt:
+            dy2 = dy2.to(ctx.cdt)
+        m = dy2.shape[0]
+        dyq, dyqt, dy_inv = fp8.quantize(dy2, fp8.E5M2, fp8.ALIGN, transposed=True)
         dx = None
-        if ctx.needs_input_grad[0]:
-            dx = _mm(dy2, w, x_dtype).view(x_shape)
-        need_w = ctx.needs_input_grad[3:3 + n]
-        need_b = ctx.needs_input_grad[3 + n:]
-        dws = [None] * n
-        if any(need_w):
-            dtypes = {d for d, need in zip(w_dtypes, need_w) if need}
-            gdt = dtypes.pop() if len(dtypes) == 1 else torch.float32
-            dw = _mm(dy2.t(), x2, gdt)
-            r = 0
-            for i, rows in enumerate(sizes):
-                if need_w[i]:
-                    dws[i] = dw[r:r + rows] if dw.dtype == w_dtypes[i] else dw[r:r + rows].to(w_dtypes[i])
-                r += rows
-        dbs = [None] * n
-        if any(need_b):
-            db = dy2.sum(0, dtype=torch.float32)
-            r = 0
-            for i, rows in enumerate(sizes):
-                if need_b[i]:
-                    dbs[i] = db[r:r + rows].to(b_dtypes[i])
-                r += rows
-        return (dx, None, None, *dws, *dbs)
+        if ctx.needs_input_grad[0]:  # dy [M', N] @ w [N, K]: w read column-major from its transposed copy
+            dx = fp8.scaled_mm(dyq, wqt, dy_inv, w_inv, x_dtype)[:m].view(x_shape)
+        # dy^T [N, M'] @ x [M', K]; the padded rows of both are zero
+        dws = _weight_grads(ctx, n, sizes, w_dtypes, lambda gdt: fp8.scaled_mm(dyqt, xqt, dy_inv, x_inv, gdt))
+        return (dx, None, None, *dws, *_bias_grads(ctx, n, sizes, b_dtypes, dy2))
 
 
 def _plain_tensor(t: torch.Tensor | None) -> bool:
@@ -152,7 +211,7 @@ def _gathered(t: torch.Tensor | None) -> bool:
 
 def fused_linear(x: torch.Tensor, weights: Sequence[torch.Tensor],
                  biases: Sequence[torch.Tensor | None] | None = None,
-                 cast: torch.Tensor | None = None) -> torch.Tensor:
+                 cast: torch.Tensor | None = None, fp8: bool = False) -> torch.Tensor:
     """``cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)`` as one GEMM (see the module docstring).
 
     Weights must share the input size (and dtype). Sharded parameters (FSDP2 DTensors, DeepSpeed ZeRO-3 partitions)
@@ -160,6 +219,11 @@ def fused_linear(x: torch.Tensor, weights: Sequence[torch.Tensor],
     gathered for the running module are whole, so both are fused (`_gathered`). ``cast``: the weights already cast
     to the compute dtype and concatenated (a view returned by `cast_weights`), used instead of casting here; ignored
     when its dtype or shape does not fit.
+
+    ``fp8``: the GEMMs in float8 (`litespark_kernels.ops.fp8`) where this projection can take them (bf16/fp16
+    compute, feature counts in multiples of 16, a device with float8 GEMMs); otherwise it runs as without ``fp8``,
+    with a one-time warning naming the reason. Sharded weights take the reference path (bf16) as above, and under
+    ``torch.compile`` the float8 Function is called eagerly (a graph break, same values).
     """
     n = len(weights)
     if n == 0:
@@ -178,11 +242,29 @@ def fused_linear(x: torch.Tensor, weights: Sequence[torch.Tensor],
     for b in biases:
         if not _gathered(b):
             return fused_linear_reference(x, weights, biases)
+    if fp8 and _fp8_usable(x, weights):
+        if torch.compiler.is_compiling():
+            return _fp8_eager(x, n, cast, *weights, *biases)
+        return _FusedLinearFP8.apply(x, n, cast, *weights, *biases)
     if torch.compiler.is_compiling():  # the same GEMMs as a torch.library custom op (traced, no graph break)
         from . import _custom_ops
 
         return _custom_ops.fused_linear(x, weights, biases, cast)
     return _FusedLinear.apply(x, n, cast, *weights, *biases)
+
+
+def _fp8_usable(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
+    why = fp8.unsupported_reason(x, weights[0].shape[1], sum(w.shape[0] for w in weights),
+                                 _compute_dtype(x, weights[0]))
+    if why is None:
+        return True
+    note_once("fp8", f"float8 projections: {why}; those projections run in the compute dtype instead")
+    return False
+
+
+@torch.compiler.disable
+def _fp8_eager(x, n, cast, *params):
+    return _FusedLinearFP8.apply(x, n, cast, *params)
 
 
 def weight_views(views: Sequence[torch.Tensor], groups: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
