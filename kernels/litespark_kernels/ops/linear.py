@@ -114,18 +114,19 @@ def _bias_grads(ctx, n: int, sizes, b_dtypes, dy2: torch.Tensor) -> list:
     return dbs
 
 
-def _meta(x, weights, biases):
-    return (x.shape, x.dtype, [w.shape[0] for w in weights], [wi.dtype for wi in weights],
-            [bi.dtype if bi is not None else None for bi in biases])
+def _setup(ctx, x, n_weights, w_cast, params):
+    """The forward's common start: (biases, compute dtype, the group's weight matrix in it); ``ctx.meta`` set."""
+    weights, biases = params[:n_weights], params[n_weights:]
+    cdt = _compute_dtype(x, weights[0])
+    ctx.meta = (x.shape, x.dtype, [w.shape[0] for w in weights], [wi.dtype for wi in weights],
+                [bi.dtype if bi is not None else None for bi in biases])
+    return biases, cdt, group_weight(weights, w_cast, cdt, x.device)
 
 
 class _FusedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, n_weights, w_cast, *params):
-        weights, biases = params[:n_weights], params[n_weights:]
-        cdt = _compute_dtype(x, weights[0])
-        w = group_weight(weights, w_cast, cdt, x.device)
-        ctx.meta = _meta(x, weights, biases)
+        biases, cdt, w = _setup(ctx, x, n_weights, w_cast, params)
         x2, y = project_2d(x, w, biases, ctx.meta[2], cdt)
         ctx.save_for_backward(x2, w)
         return y.view(*x.shape[:-1], w.shape[0])
@@ -147,10 +148,7 @@ class _FusedLinearFP8(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, n_weights, w_cast, *params):
-        weights, biases = params[:n_weights], params[n_weights:]
-        cdt = _compute_dtype(x, weights[0])
-        w = group_weight(weights, w_cast, cdt, x.device)
-        ctx.meta = _meta(x, weights, biases)
+        biases, cdt, w = _setup(ctx, x, n_weights, w_cast, params)
         x2 = x.reshape(-1, w.shape[1])
         if x2.dtype != cdt:
             x2 = x2.to(cdt)
