@@ -71,7 +71,7 @@ import torch
 def mlp_micro(tokens=8192, hidden=2048, inter=8192, rates=(0.0, 0.25, 0.5)):
     import triton.testing
 
-    from litespark_kernels.ops.sparse_mlp import sparse_gated_mlp
+    from litespark_kernels.ops.sparse_mlp import sparse_gated_mlp, sparse_gated_mlp_fused
 
     torch.manual_seed(0)
     dev = "cuda"
@@ -104,6 +104,15 @@ def mlp_micro(tokens=8192, hidden=2048, inter=8192, rates=(0.0, 0.25, 0.5)):
         k = inter - int(round(rate * inter))
         rows.append({"rate": rate, "variant": "SAT sparse_gated_mlp", "ms": ms, "speedup": base / ms,
                      "ideal": 1 / (1 - rate), "tflops": 6 * 3 * tokens * hidden * k / ms / 1e9})
+        if index is not None:  # the one-node version SATGatedMLP runs (packed gate+up GEMM, fp32 weight gradients)
+
+            def fused():
+                out, _ = sparse_gated_mlp_fused(x, wg, wu, wd, index)
+                out.backward(go)
+
+            ms = triton.testing.do_bench(fused, warmup=50, rep=300, grad_to_none=[x, wg, wu, wd])
+            rows.append({"rate": rate, "variant": "SAT sparse_gated_mlp_fused", "ms": ms, "speedup": base / ms,
+                         "ideal": 1 / (1 - rate), "tflops": 6 * 3 * tokens * hidden * k / ms / 1e9})
     return rows
 
 

@@ -15,7 +15,8 @@ from litespark_hf.sat import (
 )
 from litespark_kernels.ops.sparse_attention_heads import head_rows
 from litespark_kernels.ops.sparse_mlp import (
-    sparse_gated_mlp, sparse_gated_mlp_reference, sparse_mlp, sparse_mlp_reference,
+    gathered_linear, sparse_gated_mlp, sparse_gated_mlp_fused, sparse_gated_mlp_reference, sparse_mlp,
+    sparse_mlp_reference,
 )
 from tiny_models import FAMILIES, random_batch, tiny_model
 
@@ -64,6 +65,45 @@ def test_sparse_gated_mlp_matches_masked_reference(activation, shape):
     torch.testing.assert_close(dense, sparse_gated_mlp_reference(x, wg, wu, wd, None, activation))
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_fused_sparse_gated_mlp_matches_reference_and_reads_casts(activation):
+    """`sparse_gated_mlp_fused` (one autograd node, packed gate+up): fp32 values and every gradient equal the masked
+    reference, omitted rows/columns get exactly zero gradient, ``h`` is act(gate) * up of the kept channels; under
+    bf16 autocast, gathering from the bf16 copies (cast views) gives the same output as gathering from the fp32
+    weights, and the weights' gradients stay fp32."""
+    torch.manual_seed(3)
+    hidden, inter = 123, 77
+    x = torch.randn(1000, hidden, requires_grad=True)
+    wg, wu = (torch.randn(inter, hidden) * 0.1).requires_grad_(), (torch.randn(inter, hidden) * 0.1).requires_grad_()
+    wd = (torch.randn(hidden, inter) * 0.1).requires_grad_()
+    index = torch.randperm(inter)[:40].sort().values
+    omitted = torch.ones(inter, dtype=torch.bool)
+    omitted[index] = False
+    go = torch.randn(1000, hidden)
+    out, h = sparse_gated_mlp_fused(x, wg, wu, wd, index, activation)
+    grads = torch.autograd.grad(out, (x, wg, wu, wd), go)
+    ref = sparse_gated_mlp_reference(x, wg, wu, wd, index, activation)
+    ref_grads = torch.autograd.grad(ref, (x, wg, wu, wd), go)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    assert torch.count_nonzero(grads[1][omitted]) == 0 and torch.count_nonzero(grads[3][:, omitted]) == 0
+    act = F.silu if activation == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
+    torch.testing.assert_close(h, act(x @ wg[index].t()) * (x @ wu[index].t()), atol=1e-5, rtol=1e-5)
+    assert not h.requires_grad
+    casts = (torch.cat([wg, wu]).detach().bfloat16(), wd.detach().bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o_plain, _ = sparse_gated_mlp_fused(x, wg, wu, wd, index, activation)
+        o_cast, _ = sparse_gated_mlp_fused(x, wg, wu, wd, index, activation, cast_gate_up=casts[0],
+                                           cast_down=casts[1])
+        o_old, _ = sparse_gated_mlp(x, wg, wu, wd, index, activation, return_hidden=True)
+    assert o_cast.dtype == torch.bfloat16 and torch.equal(o_cast, o_plain) and torch.equal(o_cast, o_old)
+    g16 = torch.autograd.grad(o_cast, (x, wg, wu, wd), go.bfloat16())
+    assert all(g.dtype == torch.float32 for g in g16)
+    for g, r in zip(g16, ref_grads):
+        assert ((g - r).norm() / r.norm()).item() < 2e-2  # bf16 operands
+
+
 def test_sparse_plain_mlp_matches_masked_reference():
     torch.manual_seed(1)
     hidden, inter = 64, 96
@@ -82,6 +122,94 @@ def test_sparse_plain_mlp_matches_masked_reference():
     omitted = torch.ones(inter, dtype=torch.bool)
     omitted[index] = False
     assert torch.count_nonzero(grads[2][omitted]) == 0 and torch.count_nonzero(grads[3][:, omitted]) == 0
+
+
+def test_gathered_linear_rows_and_columns():
+    """`gathered_linear` (SAT's kept-head projections as one GEMM): fp32 values and gradients equal F.linear on the
+    gathered weights, zero gradient outside the rows/columns, biases on some weights only; under bf16 autocast the
+    gather from a cast copy equals the gather from the fp32 weights."""
+    torch.manual_seed(4)
+    x = torch.randn(3, 333, 48, requires_grad=True)
+    ws = [torch.randn(n, 48, requires_grad=True) for n in (32, 16, 16)]
+    bs = [None, torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)]
+    rows = [torch.tensor([2, 3, 8, 9, 30]), torch.tensor([0, 5, 7]), torch.tensor([0, 5, 7])]
+    go = torch.randn(3, 333, 11)
+    y = gathered_linear(x, ws, bs, rows)
+    ref = torch.cat([F.linear(x, w[r], None if b is None else b[r]) for w, b, r in zip(ws, bs, rows)], -1)
+    leaves = [x, *ws, bs[1], bs[2]]
+    g = torch.autograd.grad(y, leaves, go)
+    r = torch.autograd.grad(ref, leaves, go)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g, r):  # weight gradients sum 999 tokens: fp32 summation order
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    assert torch.count_nonzero(g[1][[0, 1, 4]]) == 0 and torch.count_nonzero(g[1][rows[0]]) > 0
+    wo, bo = torch.randn(20, 32, requires_grad=True), torch.randn(20, requires_grad=True)
+    a = torch.randn(7, 5, requires_grad=True)
+    cols = torch.tensor([1, 4, 6, 30, 31])
+    y = gathered_linear(a, [wo], [bo], [cols], dim=1)
+    ref = F.linear(a, wo[:, cols], bo)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    ga = torch.autograd.grad(y, (a, wo, bo), torch.ones_like(y))
+    gr = torch.autograd.grad(ref, (a, wo, bo), torch.ones_like(y))
+    for p, q in zip(ga, gr):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="one weight"):
+        gathered_linear(a, [wo, wo], [None, None], [cols, cols], dim=1)
+    cast = torch.cat(ws).detach().bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(gathered_linear(x, ws, bs, rows, cast=cast), gathered_linear(x, ws, bs, rows))
+
+
+def test_sat_on_litespark_gathers_from_the_bf16_copies():
+    """SAT on top of Litespark under bf16 autocast: the sparse MLP and attention read this forward's bf16 weight
+    copies (`cast_projection_weights`); loss and every gradient are bitwise those of the same step with the copies
+    withheld (gathering from the fp32 weights and casting)."""
+    from litespark_hf.modules import lm_head
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    litespark_hf.apply(model, attention=False, **_sat_kwargs(sat_metric="random"))
+    model.train()
+    ids = random_batch(2, 21)
+    seen = []
+    real = lm_head.cast_projection_weights
+
+    def spy(m, device_type):
+        given = real(m, device_type)
+        seen.append(len(given))
+        return given
+
+    out = []
+    sat_step(model, 1, 10)  # one selection for both forwards
+    for cast in (True, False):
+        lm_head.cast_projection_weights = spy if cast else (lambda m, d: [])
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        finally:
+            lm_head.cast_projection_weights = real
+        out.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        model.zero_grad()
+    assert seen and seen[0] > 0  # the copies were made and handed out
+
+    def poisoned(m, device_type):  # the SAT modules' copies zeroed: a path that reads them must change the loss
+        given = real(m, device_type)
+        for mod in given:
+            for slot in ("gate_up", "qkv"):
+                if slot in mod.__dict__["_litespark_casts"]:
+                    mod.__dict__["_litespark_casts"][slot].zero_()
+        return given
+
+    lm_head.cast_projection_weights = poisoned
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not torch.equal(model(input_ids=ids, labels=ids).loss, out[0][0])
+    finally:
+        lm_head.cast_projection_weights = real
+    assert omission_rates(model)["mlp_omitted"] == pytest.approx(0.5)
+    assert torch.equal(out[0][0], out[1][0])
+    for name, g in out[0][1].items():
+        assert torch.equal(g, out[1][1][name]), name
 
 
 def test_head_rows_gqa():

@@ -103,7 +103,7 @@ class SATController:
         groups: dict[tuple, list[tuple[LayerState, nn.Module]]] = {}
         for module, rate in items:
             st = module._sat_state
-            st.index = st.omitted = st.rows = st.omitted_rows = None
+            st.index = st.index2 = st.omitted = st.rows = st.omitted_rows = st.qkv_rows = None
             st.acc = st.count = None
             keep = max(1, st.units - int(round(rate * st.units)))
             active = (not st.exempt) and rate > 0 and keep < st.units
@@ -130,10 +130,17 @@ class SATController:
             if kind == "attention":
                 q_rows, kv_rows = head_rows(kept, n_rep, head_dim)
                 q_om, kv_om = head_rows(omitted, n_rep, head_dim)
+                n_q, n_kv = units * n_rep * head_dim, units * head_dim  # rows of q_proj, of k_proj (= v_proj)
+                qkv_rows = torch.cat([q_rows, kv_rows + n_q, kv_rows + n_q + n_kv], dim=1)
+            else:  # rows of the packed [gate; up] weight (`sparse_gated_mlp_fused`)
+                kept2 = torch.cat([kept, kept + units], dim=1)
             for i, (st, _) in enumerate(members):
                 st.index, st.omitted = kept[i], omitted[i]
+                if kind != "attention":
+                    st.index2 = kept2[i]
                 if kind == "attention":
                     st.rows, st.omitted_rows = (q_rows[i], kv_rows[i]), (q_om[i], kv_om[i])
+                    st.qkv_rows = qkv_rows[i]
         # this step's importance accumulators: one zero-filled buffer per group of equal-size collecting modules
         acc_groups: dict[tuple, list[LayerState]] = {}
         for module, _ in items:

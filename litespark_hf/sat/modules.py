@@ -19,7 +19,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 import litespark_kernels as lk
 from litespark_kernels._dispatch import warn_once
 from litespark_kernels.ops.sparse_attention_heads import head_output_norms, sparse_o, sparse_qkv
-from litespark_kernels.ops.sparse_mlp import mean_abs_per_channel, sparse_gated_mlp, sparse_mlp
+from litespark_kernels.ops.sparse_mlp import (gathered_linear, mean_abs_per_channel, sparse_gated_mlp,
+                                              sparse_gated_mlp_fused, sparse_mlp)
+
+from ..casting import _cast_of
 
 from ..modules import GELUTanh, SiLUActivation, original_class
 
@@ -63,9 +66,11 @@ class LayerState:
         self.layer_idx = layer_idx
         self.n_rep, self.head_dim = n_rep, head_dim
         self.index: torch.Tensor | None = None  # kept units (sorted), None = all
+        self.index2: torch.Tensor | None = None  # MLP: rows of the packed [gate; up] for index (index, index + units)
         self.omitted: torch.Tensor | None = None  # omitted units (sorted) when index is set
         self.rows: tuple[torch.Tensor, torch.Tensor] | None = None  # attention: (q_rows, kv_rows)
         self.omitted_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # attention: omitted (q_rows, kv_rows)
+        self.qkv_rows: torch.Tensor | None = None  # attention: the kept rows of the concatenated [q; k; v] weight
         self.collect = False  # gather importance statistics in this step's forwards
         self.score: torch.Tensor | None = None  # running importance, float32 [units]
         self.seen: torch.Tensor | None = None  # bool [units]: score holds a measurement
@@ -144,8 +149,13 @@ class SATGatedMLP:
             warn_once("sat_mlp", "SAT needs plain nn.Linear gate/up/down without bias and a SiLU or GELU-tanh "
                       "activation; this MLP runs dense")
             return super().forward(x)
-        out, h = sparse_gated_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, st.index,
-                                  act, return_hidden=True)
+        if st.index is None:  # a dense step that measures every channel
+            out, h = sparse_gated_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, None,
+                                      act, return_hidden=True)
+        else:  # one autograd node; gathers from this forward's bf16 weight copies when Litespark made them
+            out, h = sparse_gated_mlp_fused(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
+                                            st.index, act, index2=st.index2, cast_gate_up=_cast_of(self, "gate_up"),
+                                            cast_down=_cast_of(self, "down"))
         if st.collect:
             st.add(mean_abs_per_channel(h), st.index)
         return out
@@ -202,7 +212,13 @@ class SATAttention:
         q_rows, kv_rows = st.rows if st.rows is not None else (None, None)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        q, k, v = sparse_qkv(hidden_states, self.q_proj, self.k_proj, self.v_proj, q_rows, kv_rows)
+        if q_rows is None:  # a dense step that measures every head
+            q, k, v = sparse_qkv(hidden_states, self.q_proj, self.k_proj, self.v_proj, None, None)
+        else:  # the kept heads' q/k/v as one GEMM (one autograd node), gathered from the bf16 copy when there is one
+            projs = (self.q_proj, self.k_proj, self.v_proj)
+            qkv = gathered_linear(hidden_states, [m.weight for m in projs], [m.bias for m in projs],
+                                  [q_rows, kv_rows, kv_rows], cast=_cast_of(self, "qkv"), rows_cat=st.qkv_rows)
+            q, k, v = qkv.split([q_rows.numel(), kv_rows.numel(), kv_rows.numel()], dim=-1)
         q, k = q.view(hidden_shape), k.view(hidden_shape)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
@@ -222,7 +238,12 @@ class SATAttention:
         if st.collect:
             per_head = head_output_norms(attn)
             st.add(per_head.view(-1, st.n_rep).mean(1), st.index)
-        out = sparse_o(attn.reshape(*input_shape, -1).contiguous(), self.o_proj, q_rows)
+        attn = attn.reshape(*input_shape, -1).contiguous()
+        if q_rows is None:
+            out = sparse_o(attn, self.o_proj, None)
+        else:
+            out = gathered_linear(attn, [self.o_proj.weight], [self.o_proj.bias], [q_rows], dim=1,
+                                  cast=_cast_of(self, "o"))
         if hasattr(self, "residual_dropout"):
             out = F.dropout(out, p=self.residual_dropout, training=self.training)
         return out, attn_weights

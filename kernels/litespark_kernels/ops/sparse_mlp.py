@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .activations import geglu, gelu_tanh_bias, swiglu
+from .activations import geglu, gelu_tanh_bias, glu_packed_backward, glu_packed_forward, swiglu
 
 _GATED = {"silu": swiglu, "gelu_tanh": geglu}
 
@@ -77,6 +77,95 @@ def gather_weight(weight: torch.Tensor, index: torch.Tensor, dim: int = 0) -> to
     return _GatherWeight.apply(weight, index, dim, compute_dtype(weight))
 
 
+class _GatheredLinear(torch.autograd.Function):
+    """``cat([F.linear(x, w[rows_i], b[rows_i]) ...], -1)`` (``dim=0``: rows of each weight) or ``F.linear(x,
+    w[:, rows], b)`` (``dim=1``: columns of one weight, its bias in full) as one GEMM over the gathered weights; the
+    weights' gradients are full-size, in their own dtype, zero outside the gathered rows/columns."""
+
+    @staticmethod
+    def forward(ctx, x, dim, rows, rows_cat, cast, n_weights, *params):
+        weights, biases = params[:n_weights], params[n_weights:]
+        cdt = compute_dtype(weights[0])
+        full = (sum(w.shape[0] for w in weights), weights[0].shape[1])
+        if cast is not None and cast.dtype == cdt and tuple(cast.shape) == full:
+            w = cast.index_select(dim, rows_cat)
+        elif dim == 1:
+            w = weights[0].index_select(1, rows[0]).to(cdt)
+        else:
+            w = torch.empty(rows_cat.numel(), full[1], dtype=cdt, device=x.device)
+            torch.cat([wi.index_select(0, r) for wi, r in zip(weights, rows)], out=w)
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.dtype != cdt:
+            x2 = x2.to(cdt)
+        with torch.autocast(x.device.type, enabled=False):
+            y = x2 @ w.t()
+            if any(b is not None for b in biases):
+                if dim == 1:
+                    b = biases[0].to(cdt)
+                else:
+                    b = torch.cat([bi.index_select(0, r).to(cdt) if bi is not None
+                                   else torch.zeros(r.numel(), dtype=cdt, device=x.device)
+                                   for bi, r in zip(biases, rows)])
+                y = y + b
+        ctx.save_for_backward(x2, w, *rows)
+        ctx.meta = (dim, x.shape, x.dtype, [wi.shape for wi in weights], [wi.dtype for wi in weights],
+                    [None if bi is None else bi.dtype for bi in biases])
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, w, *rows = ctx.saved_tensors
+        dim, x_shape, x_dtype, shapes, wdts, bdts = ctx.meta
+        n = len(shapes)
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(w.dtype)
+        dx = _mm_f32(dy2, w, x_dtype).view(x_shape) if ctx.needs_input_grad[0] else None
+        need_w, need_b = ctx.needs_input_grad[6:6 + n], ctx.needs_input_grad[6 + n:]
+        dws, dbs = [None] * n, [None] * n
+        if dim == 1:
+            if need_w[0]:
+                dws[0] = dy2.new_zeros(shapes[0], dtype=wdts[0]).index_copy_(
+                    1, rows[0], _mm_f32(dy2.t(), x2, wdts[0]))
+            if need_b[0]:
+                dbs[0] = dy2.sum(0, dtype=torch.float32).to(bdts[0])
+            return (dx, None, None, None, None, None, *dws, *dbs)
+        sizes = [r.numel() for r in rows]
+        if any(need_w):
+            dw = _mm_f32(dy2.t(), x2, torch.float32 if len(set(wdts)) > 1 else wdts[0]).split(sizes)
+            for i in range(n):
+                if need_w[i]:
+                    dws[i] = dw[i].new_zeros(shapes[i], dtype=wdts[i]).index_copy_(0, rows[i], dw[i].to(wdts[i]))
+        if any(need_b):
+            db = dy2.sum(0, dtype=torch.float32).split(sizes)
+            for i in range(n):
+                if need_b[i]:
+                    dbs[i] = db[i].new_zeros(shapes[i][0], dtype=bdts[i]).index_copy_(0, rows[i], db[i].to(bdts[i]))
+        return (dx, None, None, None, None, None, *dws, *dbs)
+
+
+def gathered_linear(x: torch.Tensor, weights, biases, rows, dim: int = 0, cast: torch.Tensor | None = None,
+                    rows_cat: torch.Tensor | None = None) -> torch.Tensor:
+    """One GEMM over gathered weights (SAT's projections of the kept heads), one autograd node.
+
+    ``dim=0``: ``cat([F.linear(x, w[r], b[r] if b is not None else None) for w, b, r in zip(weights, biases,
+    rows)], -1)``; ``dim=1`` (one weight): ``F.linear(x, w[:, rows[0]], b)``. ``cast``: this forward's low-precision
+    copy of the weights concatenated along dim 0 (Litespark's `cast_projection_weights` view), gathered instead of
+    the master weights when in the compute dtype and that shape, with ``rows_cat`` (the rows in the concatenation:
+    ``cat([r_0, r_1 + rows(w_0), ...])``; computed when not given)."""
+    n = len(weights)
+    if dim == 1 and n != 1:
+        raise ValueError("a column gather takes one weight")
+    if rows_cat is None:
+        if dim == 1:
+            rows_cat = rows[0]
+        else:
+            offsets, total = [], 0
+            for w in weights:
+                offsets.append(total)
+                total += w.shape[0]
+            rows_cat = torch.cat([r + o for r, o in zip(rows, offsets)])
+    return _GatheredLinear.apply(x, dim, tuple(rows), rows_cat, cast, n, *weights, *biases)
+
+
 def channel_mask(index: torch.Tensor, size: int, dtype=torch.bool) -> torch.Tensor:
     """``[size]`` mask that is 1 on ``index``."""
     mask = torch.zeros(size, dtype=dtype, device=index.device)
@@ -107,6 +196,82 @@ def sparse_gated_mlp(
         h = act(F.linear(x, gather_weight(w_gate, index, 0)), F.linear(x, gather_weight(w_up, index, 0)))
         out = F.linear(h, gather_weight(w_down, index, 1))
     return (out, h) if return_hidden else out
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    from .linear import _mm
+
+    return _mm(a, b, dtype)
+
+
+class _SparseGatedMLP(torch.autograd.Function):
+    """The kept channels' gated MLP as one autograd node: gather (from the step's low-precision copies when given),
+    one gate+up GEMM, the packed activation, the down GEMM; the backward writes each full weight's gradient in the
+    weight's dtype (fp32 master weights: fp32 from the GEMM) with the omitted rows/columns zero."""
+
+    @staticmethod
+    def forward(ctx, x, index, index2, activation, cast_gate_up, cast_down, w_gate, w_up, w_down):
+        inter, hidden = w_gate.shape
+        cdt = compute_dtype(w_gate)
+        if cast_gate_up is not None and cast_gate_up.dtype == cdt and cast_gate_up.shape == (2 * inter, hidden):
+            w_gu = cast_gate_up.index_select(0, index2)
+        else:
+            w_gu = torch.empty(2 * index.numel(), hidden, dtype=cdt, device=x.device)
+            torch.cat([w_gate.index_select(0, index), w_up.index_select(0, index)], out=w_gu)
+        if cast_down is not None and cast_down.dtype == cdt and cast_down.shape == (hidden, inter):
+            w_d = cast_down.index_select(1, index)
+        else:
+            w_d = w_down.index_select(1, index).to(cdt)
+        x2 = x.reshape(-1, hidden)
+        if x2.dtype != cdt:
+            x2 = x2.to(cdt)
+        with torch.autocast(x.device.type, enabled=False):
+            gu = x2 @ w_gu.t()
+            h = glu_packed_forward(gu, activation)
+            out = h @ w_d.t()
+        ctx.save_for_backward(x2, gu, h, w_gu, w_d, index)
+        ctx.meta = (x.shape, x.dtype, activation, w_gate.dtype, w_down.dtype, inter)
+        h = h.view(*x.shape[:-1], -1)
+        ctx.mark_non_differentiable(h)
+        return out.view(*x.shape[:-1], hidden), h
+
+    @staticmethod
+    def backward(ctx, dout, _dh):
+        x2, gu, h, w_gu, w_d, index = ctx.saved_tensors
+        x_shape, x_dtype, activation, wdt, ddt, inter = ctx.meta
+        k = index.numel()
+        dout2 = dout.reshape(-1, dout.shape[-1]).to(w_d.dtype)
+        h = h.reshape(-1, k)
+        with torch.autocast(dout.device.type, enabled=False):
+            dgu = glu_packed_backward(gu, dout2 @ w_d, activation)
+        dx = _mm_f32(dgu, w_gu, x_dtype).view(x_shape) if ctx.needs_input_grad[0] else None
+        g_gate = g_up = g_down = None
+        if any(ctx.needs_input_grad[6:8]):
+            d_gu = _mm_f32(dgu.t(), x2, wdt)  # [2k, hidden]
+            g_gate = d_gu.new_zeros(inter, d_gu.shape[1]).index_copy_(0, index, d_gu[:k])
+            g_up = d_gu.new_zeros(inter, d_gu.shape[1]).index_copy_(0, index, d_gu[k:])
+        if ctx.needs_input_grad[8]:
+            d_d = _mm_f32(dout2.t(), h, ddt)  # [hidden, k]
+            g_down = d_d.new_zeros(d_d.shape[0], inter).index_copy_(1, index, d_d)
+        return dx, None, None, None, None, None, g_gate, g_up, g_down
+
+
+def sparse_gated_mlp_fused(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                           index: torch.Tensor, activation: str = "silu", *, index2: torch.Tensor | None = None,
+                           cast_gate_up: torch.Tensor | None = None, cast_down: torch.Tensor | None = None):
+    """`sparse_gated_mlp` over ``index`` (not None) with ``return_hidden=True``, as one autograd node: ``(out, h)``.
+
+    The same products as `sparse_gated_mlp` in one gate+up GEMM over the gathered rows (``[gate[idx]; up[idx]]``)
+    and the packed activation, so fewer launches and one autograd Function instead of ~8 nodes per MLP. ``index2``:
+    ``cat([index, index + inter])`` (rows of the packed ``[gate; up]``; computed when not given).
+    ``cast_gate_up`` [2 * inter, hidden] / ``cast_down`` [hidden, inter]: this step's low-precision copies of the
+    weights (Litespark's `cast_projection_weights` views) to gather from instead of the master weights (half the
+    bytes; ignored unless in the compute dtype and that shape). ``h`` carries no gradient (importance statistics).
+    """
+    _gated_act(activation)
+    if index2 is None:
+        index2 = torch.cat([index, index + w_gate.shape[0]])
+    return _SparseGatedMLP.apply(x, index, index2, activation, cast_gate_up, cast_down, w_gate, w_up, w_down)
 
 
 def sparse_gated_mlp_reference(x, w_gate, w_up, w_down, index, activation: str = "silu") -> torch.Tensor:
