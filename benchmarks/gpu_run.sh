@@ -11,7 +11,8 @@
 #                pretrain_1b.log, pretrain_recipe_llama-1b_<device>.json/.png: the run's efficiency.json/.png);
 #                a tiny pretrain through fsdp2.yaml with one process (pretrain_tiny_fsdp2.log)
 #   train        litespark-train-bench on the Llama-3.2-1B shape, every variant but eager (out of memory at batch
-#                4): sdpa, compile, liger, litespark, litespark_compile, litespark_fp8; 14 steps with 5-14 timed:
+#                4): sdpa, compile, liger, litespark, litespark_compile, litespark_fp8, litespark_cudnn; 14 steps
+#                with 5-14 timed:
 #                train_bench.log, train_bench_llama-1b_<device>.json/.png
 #   fsdp2-probe  four tiny FSDP2 one-process pretrain runs that isolate the FSDP2 evaluate() failure (litespark
 #                on/off, untied embeddings, cpu_ram_efficient_loading off): summary on stdout, fsdp_lit_tied.log
@@ -41,7 +42,8 @@
 #                (sdpa, litespark, liger: the padded-vocabulary loss) and llama-1b and llama-3b under FSDP2 (sdpa,
 #                litespark: LitesparkAdamW on the shards); ~8 min estimated: bench_granite-1b.log, bench_fsdp2.log,
 #                bench_fsdp2_3b.log and their train_bench_*_<device>.json/.png
-#   fp8          issue #17 item 2: the float8 GPU tests (tests/gpu/test_fp8_gpu.py; fp8_gpu.log); recipes/pretrain.py
+#   fp8          issue #17 item 2: the GPU tests written in session 9 (tests/gpu/test_fp8_gpu.py, the cuDNN attention
+#                choice, SAT's one-node sparse MLP; fp8_gpu.log); recipes/pretrain.py
 #                on the 1B config for FP8_STEPS (default 300) steps, bf16 and --fp8 true, compared by
 #                benchmarks/fp8_quality.py (fp8_quality.log, pretrain_1b_bf16.log, pretrain_1b_fp8.log,
 #                fp8_quality_llama-1b_<device>.json/.png); ~6 min estimated (the speed is `train`'s litespark_fp8 row)
@@ -135,9 +137,9 @@ pretrain_tiny_fsdp2() {
 train_bench() {
   local rc=0
   "$PYTHON" benchmarks/train_bench.py --config llama-1b \
-    --variants sdpa,compile,liger,litespark,litespark_compile,litespark_fp8 \
+    --variants sdpa,compile,liger,litespark,litespark_compile,litespark_fp8,litespark_cudnn \
     --steps 14 --time-from 5 --out "$OUT_DIR" --no-progress > "$OUT_DIR/train_bench.log" 2>&1 || rc=$?
-  tail -14 "$OUT_DIR/train_bench.log"
+  tail -16 "$OUT_DIR/train_bench.log"
   return $rc
 }
 
@@ -226,7 +228,9 @@ verify_bench() {
 }
 
 fp8_tests() {
-  timeout 150 "$PYTHON" -m pytest -m gpu tests/gpu/test_fp8_gpu.py -q -rfE -p no:cacheprovider 2>&1 \
+  timeout 200 "$PYTHON" -m pytest -m gpu tests/gpu/test_fp8_gpu.py \
+    "tests/gpu/test_attention_gpu.py::test_attention_cudnn_plain_causal" \
+    "tests/gpu/test_sat_gpu.py::test_sparse_gated_mlp_fused_bf16" -q -rfE -p no:cacheprovider 2>&1 \
     | tee "$OUT_DIR/fp8_gpu.log" | tail -8
 }
 

@@ -393,8 +393,27 @@ def litespark_attention_forward(
     out = lk.attention(
         query, key, value, scale=scaling, causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
         sliding_window=sliding_window, dropout_p=dropout, softcap=softcap,
+        cudnn=module.__dict__.get(CUDNN_ATTR, False),
     )
     return out, None
+
+
+CUDNN_ATTR = "_litespark_attention_cudnn"
+
+
+def set_attention_cudnn(model: torch.nn.Module, enabled: bool) -> int:
+    """Mark (or unmark) every attention module of ``model`` (those with q/k/v projections) for
+    `LitesparkConfig.attention_cudnn`: their plain causal calls then run torch's cuDNN SDPA. Returns the number
+    marked."""
+    marked = 0
+    for m in model.modules():
+        if hasattr(m, "q_proj") or hasattr(m, "qkv_proj"):
+            if enabled:
+                m.__dict__[CUDNN_ATTR] = True
+                marked += 1
+            else:
+                m.__dict__.pop(CUDNN_ATTR, None)
+    return marked
 
 
 def register() -> None:

@@ -23,6 +23,16 @@ class LitesparkConfig:
     """
 
     attention: bool = field(default=True, metadata={"help": "Use the `litespark` attention backend."})
+    attention_cudnn: bool = field(
+        default=False,
+        metadata={
+            "help": "With the litespark attention backend (attention=True): plain causal attention calls (full-length "
+            "rows: no padding, packing, sliding window, soft-cap or dropout; head dim 64 or 128; bf16/fp16) run "
+            "torch's cuDNN SDPA instead of the litespark Triton "
+            "kernel, on Hopper or newer GPUs (elsewhere the kernel runs, with a one-time warning). Padded, packed "
+            "and windowed calls keep the kernel. Chosen from shapes and arguments only (no host sync)."
+        },
+    )
     rope: bool = field(default=True, metadata={"help": "Apply rotary embeddings with the Litespark RoPE kernel."})
     norms: bool = field(default=True, metadata={"help": "Swap RMSNorm / LayerNorm modules for Litespark kernels."})
     mlp: bool = field(default=True, metadata={"help": "Swap MLPs for the fused-activation Litespark MLP."})

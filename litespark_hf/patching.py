@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from . import generic, unpadding
 from .architectures import SUPPORTED_MODEL_TYPES, SWAP_KINDS, get_architecture
-from .attention import ATTENTION_NAME, partial_attention_problem, position_pre_hook, register
+from .attention import ATTENTION_NAME, partial_attention_problem, position_pre_hook, register, set_attention_cudnn
 from .casting import link_cast_owners, set_fp8, unlink_cast_owners
 from .config import LitesparkConfig
 from .model_utils import unwrap_model
@@ -121,6 +121,8 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
             base.__dict__[_HOOK_ATTR] = stack.register_forward_pre_hook(position_pre_hook, with_kwargs=True)
             if cfg.unpad:  # padded batches: the decoder runs on the real tokens only (after the position hook)
                 base.__dict__[_UNPAD_ATTR] = unpadding.install(stack, base)
+    if cfg.attention_cudnn and cfg.attention:
+        set_attention_cudnn(base, True)
     if cfg.fp8 and set_fp8(base, True) == 0:
         warnings.warn("litespark: fp8=True, but no projection of this model runs through Litespark's fused "
                       "projections (all of them were left stock); it trains without float8", stacklevel=2)
@@ -143,6 +145,7 @@ def restore(model: nn.Module) -> nn.Module:
     base = unwrap_model(model)
     unlink_norm_consumers(base)
     unlink_cast_owners(base)
+    set_attention_cudnn(base, False)
     unlink_decoder_layers(base)
     unregister_zero3_fused_weights(base)
     hook = base.__dict__.pop(_HOOK_ATTR, None)

@@ -47,7 +47,7 @@ def _run(fn, q, k, v, do, **kw):
     return [out.detach(), *grads]
 
 
-def _check(B, Hq, Hkv, Sq, Skv, D, dtype, *, seg=None, hf_layout=True, **kw):
+def _check(B, Hq, Hkv, Sq, Skv, D, dtype, *, seg=None, hf_layout=True, fn=None, **kw):
     torch.manual_seed(B * 1000 + Sq + D)
     dev = "cuda"
     if hf_layout:  # q/k/v as transformers hands them: [B, H, S, D] transposes of [B, S, H, D]
@@ -63,7 +63,7 @@ def _check(B, Hq, Hkv, Sq, Skv, D, dtype, *, seg=None, hf_layout=True, **kw):
         kw.update(q_segment_ids=seg[0], kv_segment_ids=seg[1])
     kw.setdefault("scale", D**-0.5)
 
-    got = _run(attention_triton, q, k, v, do, **kw)
+    got = _run(fn or attention_triton, q, k, v, do, **kw)
     lowp = _run(_lowp_reference, q, k, v, do, **kw)
     oracle = _run(attention_reference, q.float(), k.float(), v.float(), do.float(), **kw)
     report = []
@@ -124,6 +124,30 @@ def test_dispatcher_uses_kernel_on_cuda():
     out = attention(q, k, v, causal=True)
     ref = attention_triton(q, k, v, causal=True)
     assert torch.equal(out, ref)
+
+
+def _cudnn_dispatch(q, k, v, **kw):
+    return attention(q, k, v, cudnn=True, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_attention_cudnn_plain_causal(dtype, D):
+    """``cudnn=True`` (LitesparkConfig.attention_cudnn): plain causal GQA calls run torch's cuDNN SDPA, within the
+    same error budget as the kernel; padded / windowed calls stay on the kernel, bit for bit."""
+    from litespark_kernels.ops.attention import attention_cudnn
+
+    _check(2, 32, 8, 2048, 2048, D, dtype, causal=True, fn=_cudnn_dispatch)
+    q = torch.randn(1, 2048, 8, D, device="cuda", dtype=dtype).transpose(1, 2)
+    k = torch.randn(1, 2048, 2, D, device="cuda", dtype=dtype).transpose(1, 2)
+    v = torch.randn_like(k)
+    assert torch.equal(attention(q, k, v, causal=True, cudnn=True), attention_cudnn(q, k, v))
+    seg = torch.zeros(1, 2048, dtype=torch.int32, device="cuda")
+    seg[:, 1500:] = -1
+    assert torch.equal(attention(q, k, v, causal=True, q_segment_ids=seg, kv_segment_ids=seg, cudnn=True),
+                       attention_triton(q, k, v, causal=True, q_segment_ids=seg, kv_segment_ids=seg))
+    assert torch.equal(attention(q, k, v, causal=True, sliding_window=512, cudnn=True),
+                       attention_triton(q, k, v, causal=True, sliding_window=512))
 
 
 # Soft-capping (Gemma-2). Scores of std 4 (scale 4 / sqrt(D)) against a cap of 5, so that the cap bites on most of

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import autocast_dtype, run_triton, unsupported, use_triton, warn_once
+from .._dispatch import autocast_dtype, device_supports, run_triton, unsupported, use_triton, warn_once
 
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
 SOFTCAP_FALLBACK = ("attention logit soft-capping (softcap) on inputs the kernel does not take runs the explicit-math "
@@ -149,15 +149,23 @@ def attention(
     sliding_window: int | None = None,
     dropout_p: float = 0.0,
     softcap: float | None = None,
+    cudnn: bool = False,
 ) -> torch.Tensor:
     """Attention with the semantics of ``attention_reference``; Triton kernel where it applies, SDPA otherwise
     (``attention_reference`` with a ``softcap``: SDPA has none). Under autocast, float32 q/k/v are cast to the
     autocast dtype first, as SDPA (on autocast's low-precision list) does: e.g. Qwen3's q/k norms with float32
-    weights return float32, which the kernel would otherwise refuse."""
+    weights return float32, which the kernel would otherwise refuse.
+
+    ``cudnn``: plain causal calls (equal query and key lengths, no segment ids, no window, no soft-cap, no dropout;
+    bf16/fp16, head dim 64 or 128, on a Hopper-or-newer GPU whose torch has cuDNN SDPA) run torch's cuDNN attention
+    (`attention_cudnn`) instead of the Triton kernel; every other call is unchanged. The choice reads only shapes,
+    dtypes and arguments (no host sync)."""
     low = autocast_dtype(q.device.type)
     if low is not None and q.dtype == torch.float32:
         q, k, v = q.to(low), k.to(low), v.to(low)
     sliding_window = effective_window(sliding_window, k.shape[2])
+    if cudnn and _cudnn_takes(q, k, causal, q_segment_ids, kv_segment_ids, sliding_window, dropout_p, softcap):
+        return attention_cudnn(q, k, v, scale=scale)
     kwargs = dict(
         scale=scale, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
         sliding_window=sliding_window, dropout_p=dropout_p,
@@ -170,6 +178,52 @@ def attention(
         warn_once("attention", SOFTCAP_FALLBACK)
         return attention_reference(q, k, v, softcap=softcap, **kwargs)
     return attention_sdpa(q, k, v, **kwargs)
+
+
+CUDNN_HEAD_DIMS = (64, 128)
+
+
+def _cudnn_check(device: torch.device) -> bool:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+        return False
+    q = torch.randn(1, 4, 64, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    kv = torch.randn(1, 2, 64, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        out = F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+    out.sum().backward()
+    return bool(torch.isfinite(q.grad).all().item())
+
+
+def cudnn_plain_call(q, k, causal, q_segment_ids, kv_segment_ids, sliding_window, dropout_p, softcap) -> bool:
+    """Whether a call is one `attention_cudnn` computes the same (plain causal, equal lengths, bf16/fp16, head dim
+    64 or 128); the device is not looked at."""
+    return (causal and q_segment_ids is None and kv_segment_ids is None and sliding_window is None
+            and dropout_p == 0.0 and softcap is None and q.shape[2] == k.shape[2]
+            and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in CUDNN_HEAD_DIMS)
+
+
+def _cudnn_takes(q, k, causal, q_segment_ids, kv_segment_ids, sliding_window, dropout_p, softcap) -> bool:
+    if not (q.is_cuda and cudnn_plain_call(q, k, causal, q_segment_ids, kv_segment_ids, sliding_window, dropout_p,
+                                           softcap)):
+        return False  # the Triton kernel (or its fallbacks), as without ``cudnn``
+    if not device_supports("cudnn_sdpa", q.device, _cudnn_check):
+        warn_once("attention (cudnn)", "this GPU or torch has no cuDNN SDPA (Hopper or newer needed); the Triton "
+                                       "kernel runs")
+        return False
+    return True
+
+
+def attention_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+    """Plain causal attention through torch's cuDNN SDPA backend (grouped-query included), returned as
+    ``[B, S, Hq, D]`` like the kernel's output; its backward is torch's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2).contiguous()  # free when cuDNN wrote the query's [B, S, H, D] layout
 
 
 def effective_window(sliding_window: int | None, kv_len: int) -> int | None:
