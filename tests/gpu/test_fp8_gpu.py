@@ -4,8 +4,8 @@
   copy, the zero padding rows), e4m3 and e5m2, bf16 and fp32 inputs, odd shapes (1000 x 123, 8192 x 2048).
 - `fused_linear(..., fp8=True)` under bf16 autocast against a float32 emulation of the same quantized operands
   (forward, dx, dw, db), 1000 tokens (padded to 1008 inside), with biases; and loosely against the bf16 path.
-  Tolerances: the forward within 5e-3 of the emulation (bf16 output rounding, cuBLASLt's summation order), dx and
-  dw within 1e-3 (fp32 outputs).
+  Tolerances: the forward within 1e-2 of the emulation (bf16 output rounding, Hopper's fast float8 accumulation,
+  which the forward GEMM uses), dx and dw within 1e-3 (fp32 outputs, precise accumulation).
 - A Llama-shaped model (hidden 1024, 4 layers, vocabulary 8192) with ``apply(fp8=True)``: 30 AdamW steps from the
   same initialisation on the same batches track the bf16 run's losses (each within 2% and the mean within 0.5%).
 """
@@ -74,7 +74,7 @@ def test_fused_linear_fp8_matches_emulation(n_out, k, bias):
     grads = torch.autograd.grad(y, leaves, dy.to(y.dtype))
     y_e, dx_e, dw_e, db_e = _emulated(x.detach().bfloat16(), w.detach().bfloat16(),
                                       b.detach().bfloat16() if bias else None, dy.bfloat16())
-    assert _rel(y.float(), y_e) < 5e-3
+    assert _rel(y.float(), y_e) < 1e-2
     assert _rel(grads[0], dx_e) < 1e-3 and grads[0].dtype == torch.float32
     assert _rel(grads[1], dw_e) < 1e-3 and grads[1].dtype == torch.float32
     if bias:

@@ -34,21 +34,21 @@ def _scaled_cast(X, AMAX, Q, QT, INV, R, C, R_PAD, sxr, FMAX: tl.constexpr, EPS:
                  WRITE_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    amax = tl.maximum(tl.load(AMAX), EPS).to(tl.float32)
-    scale = tl.math.div_rn(tl.full((), FMAX, tl.float32), amax).to(tl.float32)
+    amax = tl.maximum(tl.load(AMAX), EPS)
+    scale = tl.math.div_rn(FMAX, amax)
     if (pid_r == 0) & (pid_c == 0):
-        tl.store(INV, tl.math.div_rn(tl.full((), 1.0, tl.float32), scale))
+        tl.store(INV, tl.math.div_rn(1.0, scale))
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     r = rr[:, None]
     c = cc[None, :]
     x = tl.load(X + r * sxr + c, mask=(r < R) & (c < C), other=0.0).to(tl.float32)
-    y = tl.clamp(x * scale, -FMAX, FMAX).to(Q.dtype.element_ty)
-    tl.store(Q + r * C + c, y, mask=(r < R_PAD) & (c < C))
-    if WRITE_T:
+    y = tl.clamp(x * scale, -FMAX, FMAX)
+    tl.store(Q + r * C + c, y.to(Q.dtype.element_ty), mask=(r < R_PAD) & (c < C))
+    if WRITE_T:  # the same values, transposed in float32 and then cast (the cast is exact either way)
         ct = cc[:, None]
         rt = rr[None, :]
-        tl.store(QT + ct * R_PAD + rt, tl.trans(y), mask=(ct < C) & (rt < R_PAD))
+        tl.store(QT + ct * R_PAD + rt, tl.trans(y).to(QT.dtype.element_ty), mask=(ct < C) & (rt < R_PAD))
 
 
 def quantize_triton(t: torch.Tensor, dtype: torch.dtype, pad_rows_to: int = 1, transposed: bool = False,

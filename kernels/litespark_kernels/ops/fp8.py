@@ -99,10 +99,12 @@ def unsupported_reason(x: torch.Tensor, k: int, n_out: int, cdt: torch.dtype) ->
 
 
 def scaled_mm(a: torch.Tensor, b_t: torch.Tensor, inv_a: torch.Tensor, inv_b: torch.Tensor,
-              out_dtype: torch.dtype) -> torch.Tensor:
+              out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
     """``(a * inv_a) @ (b_t * inv_b).t()`` for row-major float8 ``a`` [M, K] and ``b_t`` [N, K] (read as the
-    column-major ``b_t.t()``), written in ``out_dtype``."""
-    return torch._scaled_mm(a, b_t.t(), scale_a=inv_a, scale_b=inv_b, out_dtype=out_dtype)
+    column-major ``b_t.t()``), written in ``out_dtype``. ``fast_accum``: Hopper's faster float8 accumulation (the
+    forward GEMM uses it; the gradients' GEMMs keep the precise one, as torchao's float8 recipes do)."""
+    return torch._scaled_mm(a, b_t.t(), scale_a=inv_a, scale_b=inv_b, out_dtype=out_dtype,
+                            use_fast_accum=fast_accum)
 
 
 def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -155,7 +155,7 @@ class _FusedLinearFP8(torch.autograd.Function):
         m = x2.shape[0]
         xq, xqt, x_inv = fp8.quantize(x2, fp8.E4M3, fp8.ALIGN, transposed=True)
         wq, wqt, w_inv = fp8.quantize(w, fp8.E4M3, transposed=True)
-        y = fp8.scaled_mm(xq, wq, x_inv, w_inv, cdt)[:m]
+        y = fp8.scaled_mm(xq, wq, x_inv, w_inv, cdt, fast_accum=True)[:m]
         if any(b is not None for b in biases):
             y = y + torch.cat([bi.to(cdt) if bi is not None else torch.zeros(n, dtype=cdt, device=x.device)
                                for bi, n in zip(biases, ctx.meta[2])])
