@@ -38,10 +38,8 @@ def test_ladder_schedule_steps_down_and_ends_dense():
 
 
 # ------------------------------------------------------------------ kernels
-@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
-@pytest.mark.parametrize("shape", [(3, 37), (1000,)])
-def test_sparse_gated_mlp_matches_masked_reference(activation, shape):
-    torch.manual_seed(0)
+def _mlp_inputs(shape, seed=0):
+    torch.manual_seed(seed)
     hidden, inter = 123, 77
     x = torch.randn(*shape, hidden, requires_grad=True)
     wg, wu = (torch.randn(inter, hidden) * 0.1).requires_grad_(), (torch.randn(inter, hidden) * 0.1).requires_grad_()
@@ -49,9 +47,20 @@ def test_sparse_gated_mlp_matches_masked_reference(activation, shape):
     index = torch.randperm(inter)[:40].sort().values
     omitted = torch.ones(inter, dtype=torch.bool)
     omitted[index] = False
-    go = torch.randn(*shape, hidden)
+    return x, wg, wu, wd, index, omitted, torch.randn(*shape, hidden)
 
-    out = sparse_gated_mlp(x, wg, wu, wd, index, activation)
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("shape", [(3, 37), (1000,)])
+@pytest.mark.parametrize("fused", [False, True])
+def test_sparse_gated_mlp_matches_masked_reference(activation, shape, fused):
+    """The per-weight-gather version and the one-node version (`sparse_gated_mlp_fused`, what SATGatedMLP runs):
+    values and every gradient equal the masked reference, omitted rows/columns get exactly zero gradient."""
+    x, wg, wu, wd, index, omitted, go = _mlp_inputs(shape)
+    if fused:
+        out = sparse_gated_mlp_fused(x, wg, wu, wd, index, activation)[0]
+    else:
+        out = sparse_gated_mlp(x, wg, wu, wd, index, activation)
     grads = torch.autograd.grad(out, (x, wg, wu, wd), go)
     ref = sparse_gated_mlp_reference(x, wg, wu, wd, index, activation)
     ref_grads = torch.autograd.grad(ref, (x, wg, wu, wd), go)
@@ -66,31 +75,17 @@ def test_sparse_gated_mlp_matches_masked_reference(activation, shape):
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
-def test_fused_sparse_gated_mlp_matches_reference_and_reads_casts(activation):
-    """`sparse_gated_mlp_fused` (one autograd node, packed gate+up): fp32 values and every gradient equal the masked
-    reference, omitted rows/columns get exactly zero gradient, ``h`` is act(gate) * up of the kept channels; under
-    bf16 autocast, gathering from the bf16 copies (cast views) gives the same output as gathering from the fp32
-    weights, and the weights' gradients stay fp32."""
-    torch.manual_seed(3)
-    hidden, inter = 123, 77
-    x = torch.randn(1000, hidden, requires_grad=True)
-    wg, wu = (torch.randn(inter, hidden) * 0.1).requires_grad_(), (torch.randn(inter, hidden) * 0.1).requires_grad_()
-    wd = (torch.randn(hidden, inter) * 0.1).requires_grad_()
-    index = torch.randperm(inter)[:40].sort().values
-    omitted = torch.ones(inter, dtype=torch.bool)
-    omitted[index] = False
-    go = torch.randn(1000, hidden)
-    out, h = sparse_gated_mlp_fused(x, wg, wu, wd, index, activation)
-    grads = torch.autograd.grad(out, (x, wg, wu, wd), go)
-    ref = sparse_gated_mlp_reference(x, wg, wu, wd, index, activation)
-    ref_grads = torch.autograd.grad(ref, (x, wg, wu, wd), go)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
-    assert torch.count_nonzero(grads[1][omitted]) == 0 and torch.count_nonzero(grads[3][:, omitted]) == 0
+def test_fused_sparse_gated_mlp_hidden_and_casts(activation):
+    """`sparse_gated_mlp_fused`: ``h`` is act(gate) * up of the kept channels (no gradient); under bf16 autocast,
+    gathering from bf16 copies (cast views) gives the output of gathering from the fp32 weights, and of the
+    per-weight version; the weights' gradients stay fp32."""
+    x, wg, wu, wd, index, _, go = _mlp_inputs((1000,), seed=3)
+    _, h = sparse_gated_mlp_fused(x, wg, wu, wd, index, activation)
     act = F.silu if activation == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
     torch.testing.assert_close(h, act(x @ wg[index].t()) * (x @ wu[index].t()), atol=1e-5, rtol=1e-5)
     assert not h.requires_grad
+    ref = sparse_gated_mlp_reference(x, wg, wu, wd, index, activation)
+    ref_grads = torch.autograd.grad(ref, (x, wg, wu, wd), go)
     casts = (torch.cat([wg, wu]).detach().bfloat16(), wd.detach().bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         o_plain, _ = sparse_gated_mlp_fused(x, wg, wu, wd, index, activation)
