@@ -137,6 +137,22 @@ def test_fused_linear_fp8_matches_float8_emulation(shapes, bias_mask):
     assert 1e-3 < err < 0.08, err
 
 
+def test_fused_linear_fp8_frozen_weights():
+    """Frozen weights (a LoRA base): only dx is computed; it equals the emulation's, and no weight gradient exists."""
+    ws, bs = _group([64, 32], 64, [0, 0])
+    for w in ws:
+        w.requires_grad_(False)
+    x = torch.randn(2, 99, 64).requires_grad_(True)
+    gy = torch.randn(2, 99, 96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lk.fused_linear(x, ws, bs, fp8=True)
+    (dx,) = torch.autograd.grad(y, [x], gy)
+    y_e, dx_e, _, _ = _emulated(x, ws, bs, gy)
+    assert rel_err(y.float().reshape(-1, 96), y_e) <= 4e-3
+    assert rel_err(dx.reshape(dx_e.shape), dx_e) <= 1e-5
+    assert all(w.grad is None for w in ws)
+
+
 def test_fp8_fallbacks_warn_and_match_the_bf16_path():
     ws, bs = _group([40], 123, [1])
     x = torch.randn(3, 50, 123)

@@ -153,8 +153,9 @@ class _FusedLinearFP8(torch.autograd.Function):
         if x2.dtype != cdt:
             x2 = x2.to(cdt)
         m = x2.shape[0]
-        xq, xqt, x_inv = fp8.quantize(x2, fp8.E4M3, fp8.ALIGN, transposed=True)
-        wq, wqt, w_inv = fp8.quantize(w, fp8.E4M3, transposed=True)
+        need_w = any(ctx.needs_input_grad[3:3 + n_weights])  # frozen weights (a LoRA base): no x^T for a dW GEMM
+        xq, xqt, x_inv = fp8.quantize(x2, fp8.E4M3, fp8.ALIGN, transposed=need_w)
+        wq, wqt, w_inv = fp8.quantize(w, fp8.E4M3, transposed=ctx.needs_input_grad[0])
         y = fp8.scaled_mm(xq, wq, x_inv, w_inv, cdt, fast_accum=True)[:m]
         if any(b is not None for b in biases):
             y = y + torch.cat([bi.to(cdt) if bi is not None else torch.zeros(n, dtype=cdt, device=x.device)
@@ -172,7 +173,8 @@ class _FusedLinearFP8(torch.autograd.Function):
         if dy2.dtype != ctx.cdt:
             dy2 = dy2.to(ctx.cdt)
         m = dy2.shape[0]
-        dyq, dyqt, dy_inv = fp8.quantize(dy2, fp8.E5M2, fp8.ALIGN, transposed=True)
+        need_w = any(ctx.needs_input_grad[3:3 + n])
+        dyq, dyqt, dy_inv = fp8.quantize(dy2, fp8.E5M2, fp8.ALIGN, transposed=need_w)
         dx = None
         if ctx.needs_input_grad[0]:  # dy [M', N] @ w [N, K]: w read column-major from its transposed copy
             dx = fp8.scaled_mm(dyq, wqt, dy_inv, w_inv, x_dtype)[:m].view(x_shape)
