@@ -11,11 +11,13 @@ elements) and the products are ordinary dense GEMMs of size ``[tokens, hidden] x
 full-size masked matmul runs. The gather's backward scatters the gradients of the gathered slices back,
 so the full weights' gradients are exactly zero on the omitted rows/columns.
 
-Fast path = this torch path (cuBLAS GEMMs on the gathered weights, fused SwiGLU/GeGLU from
-`litespark_kernels.activations`). The gather is `gather_weight`: ``index_select`` then a cast of the gathered slice to the
-compute dtype (under autocast the fp32 master weight's kept part is cast once; autocast then casts nothing more), and its backward writes
-the kept slices into a zero-filled full-size gradient with ``index_copy_`` (no atomics, no second fp32 copy). A
-Triton GEMM that reads the rows in place would only save the gather copy (``3 * k * hidden`` elements per layer,
+Two versions. `sparse_gated_mlp` / `sparse_mlp` compose autograd-aware pieces: `gather_weight` (``index_select``
+then a cast of the gathered slice to the compute dtype; its backward writes the kept slices into a zero-filled
+full-size gradient with ``index_copy_``: no atomics, no second fp32 copy), ``F.linear`` and the fused activations.
+`sparse_gated_mlp_fused` (what SAT's gated MLP runs) is the same product as one autograd node: one gather of the
+packed ``[gate; up]`` rows, optionally from the forward's bf16 weight copies, one gate+up GEMM, the packed activation,
+the down GEMM, fp32 weight gradients from the GEMMs; `gathered_linear` does the same for the kept heads' q/k/v and o.
+A Triton GEMM that reads the rows in place would only save the gather copy (``3 * k * hidden`` elements per layer,
 small beside the GEMMs), so none is written.
 
 ``*_reference`` functions are the specification and test oracle: the dense MLP with the omitted channels' activations
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .activations import geglu, gelu_tanh_bias, glu_packed_backward, glu_packed_forward, swiglu
+from .linear import _mm
 
 _GATED = {"silu": swiglu, "gelu_tanh": geglu}
 
@@ -118,19 +121,19 @@ class _GatheredLinear(torch.autograd.Function):
         dim, x_shape, x_dtype, shapes, wdts, bdts = ctx.meta
         n = len(shapes)
         dy2 = dy.reshape(-1, dy.shape[-1]).to(w.dtype)
-        dx = _mm_f32(dy2, w, x_dtype).view(x_shape) if ctx.needs_input_grad[0] else None
+        dx = _mm(dy2, w, x_dtype).view(x_shape) if ctx.needs_input_grad[0] else None
         need_w, need_b = ctx.needs_input_grad[6:6 + n], ctx.needs_input_grad[6 + n:]
         dws, dbs = [None] * n, [None] * n
         if dim == 1:
             if need_w[0]:
                 dws[0] = dy2.new_zeros(shapes[0], dtype=wdts[0]).index_copy_(
-                    1, rows[0], _mm_f32(dy2.t(), x2, wdts[0]))
+                    1, rows[0], _mm(dy2.t(), x2, wdts[0]))
             if need_b[0]:
                 dbs[0] = dy2.sum(0, dtype=torch.float32).to(bdts[0])
             return (dx, None, None, None, None, None, *dws, *dbs)
         sizes = [r.numel() for r in rows]
         if any(need_w):
-            dw = _mm_f32(dy2.t(), x2, torch.float32 if len(set(wdts)) > 1 else wdts[0]).split(sizes)
+            dw = _mm(dy2.t(), x2, torch.float32 if len(set(wdts)) > 1 else wdts[0]).split(sizes)
             for i in range(n):
                 if need_w[i]:
                     dws[i] = dw[i].new_zeros(shapes[i], dtype=wdts[i]).index_copy_(0, rows[i], dw[i].to(wdts[i]))
@@ -198,12 +201,6 @@ def sparse_gated_mlp(
     return (out, h) if return_hidden else out
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    from .linear import _mm
-
-    return _mm(a, b, dtype)
-
-
 class _SparseGatedMLP(torch.autograd.Function):
     """The kept channels' gated MLP as one autograd node: gather (from the step's low-precision copies when given),
     one gate+up GEMM, the packed activation, the down GEMM; the backward writes each full weight's gradient in the
@@ -244,14 +241,14 @@ class _SparseGatedMLP(torch.autograd.Function):
         h = h.reshape(-1, k)
         with torch.autocast(dout.device.type, enabled=False):
             dgu = glu_packed_backward(gu, dout2 @ w_d, activation)
-        dx = _mm_f32(dgu, w_gu, x_dtype).view(x_shape) if ctx.needs_input_grad[0] else None
+        dx = _mm(dgu, w_gu, x_dtype).view(x_shape) if ctx.needs_input_grad[0] else None
         g_gate = g_up = g_down = None
         if any(ctx.needs_input_grad[6:8]):
-            d_gu = _mm_f32(dgu.t(), x2, wdt)  # [2k, hidden]
+            d_gu = _mm(dgu.t(), x2, wdt)  # [2k, hidden]
             g_gate = d_gu.new_zeros(inter, d_gu.shape[1]).index_copy_(0, index, d_gu[:k])
             g_up = d_gu.new_zeros(inter, d_gu.shape[1]).index_copy_(0, index, d_gu[k:])
         if ctx.needs_input_grad[8]:
-            d_d = _mm_f32(dout2.t(), h, ddt)  # [hidden, k]
+            d_d = _mm(dout2.t(), h, ddt)  # [hidden, k]
             g_down = d_d.new_zeros(d_d.shape[0], inter).index_copy_(1, index, d_d)
         return dx, None, None, None, None, None, g_gate, g_up, g_down
 
