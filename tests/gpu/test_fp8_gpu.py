@@ -7,7 +7,8 @@
   Tolerances: the forward within 1e-2 of the emulation (bf16 output rounding, Hopper's fast float8 accumulation,
   which the forward GEMM uses), dx and dw within 1e-3 (fp32 outputs, precise accumulation).
 - A Llama-shaped model (hidden 1024, 4 layers, vocabulary 8192) with ``apply(fp8=True)``: 30 AdamW steps from the
-  same initialisation on the same batches track the bf16 run's losses (each within 2% and the mean within 0.5%).
+  same initialisation on the same 4 batches (cycled) track the bf16 run's losses (each within 2% and the mean
+  within 0.5%), and fall.
 """
 
 import copy
@@ -97,9 +98,10 @@ def test_llama_fp8_training_tracks_bf16():
         litespark_hf.apply(model, fp8=use_fp8)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
         g = torch.Generator(device="cuda").manual_seed(5)
+        pool = [torch.randint(0, 8192, (4, 512), generator=g, device="cuda") for _ in range(4)]
         losses = []
-        for _ in range(30):
-            ids = torch.randint(0, 8192, (4, 512), generator=g, device="cuda")
+        for step in range(30):  # 4 batches cycled: learnable (memorised), so the curves have a slope to track
+            ids = pool[step % 4]
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
@@ -110,4 +112,4 @@ def test_llama_fp8_training_tracks_bf16():
     bf16, f8 = torch.tensor(runs[0]), torch.tensor(runs[1])
     assert ((f8 - bf16).abs() / bf16).max() < 0.02, (runs[0], runs[1])
     assert abs(f8.mean() - bf16.mean()) / bf16.mean() < 5e-3
-    assert f8[-5:].mean() < f8[:5].mean()  # it learns (random tokens: toward the unigram entropy)
+    assert f8[-4:].mean() < f8[:4].mean() - 0.1  # it learns
