@@ -47,6 +47,10 @@
 #                on the 1B config for FP8_STEPS (default 300) steps, bf16 and --fp8 true, compared by
 #                benchmarks/fp8_quality.py (fp8_quality.log, pretrain_1b_bf16.log, pretrain_1b_fp8.log,
 #                fp8_quality_llama-1b_<device>.json/.png); ~6 min estimated (the speed is `train`'s litespark_fp8 row)
+#   post         issue #14: litespark-train-bench --suite post on the Llama-3.2-1B shape, TRL's defaults, modes
+#                sft_padded, sft_lora, dpo_full; variants stock, litespark and litespark_compile_layers (each decoder
+#                layer compiled, the unpadding eager); 20 steps with 11-20 timed, time-boxed to 540 s (~8 min
+#                estimated): post_bench.log, post_training_llama-1b_<device>.json/.png
 #   all          tests,kernels,recipes,train,fsdp2-probe,engines,families,sat
 #
 # OUT_DIR defaults to outputs/gpu_run. Every command also writes device.txt (GPU name, driver, power limit,
@@ -71,7 +75,7 @@ esac
 IFS=, read -r -a CMDS <<< "$COMMANDS"
 for c in "${CMDS[@]}"; do
   case "$c" in
-    tests|kernels|recipes|train|fsdp2-probe|engines|families|sat|verify|fp8) ;;
+    tests|kernels|recipes|train|fsdp2-probe|engines|families|sat|verify|fp8|post) ;;
     *) echo "gpu_run.sh: unknown command '$c'" >&2; usage; exit 2 ;;
   esac
 done
@@ -234,6 +238,15 @@ fp8_tests() {
     | tee "$OUT_DIR/fp8_gpu.log" | tail -8
 }
 
+post_bench() {
+  local rc=0
+  timeout 540 "$PYTHON" -m litespark_hf.efficiency.bench --suite post --config llama-1b \
+    --modes sft_padded,sft_lora,dpo_full --variants stock,litespark,litespark_compile_layers --steps 20 \
+    --time-from 11 --out "$OUT_DIR" > "$OUT_DIR/post_bench.log" 2>&1 || rc=$?
+  grep -E "^\| " "$OUT_DIR/post_bench.log" | tail -12
+  return $rc
+}
+
 fp8_quality() {  # the same 1B pre-training run in bf16 and with float8 projections; loss curves compared
   local rc=0 v extra
   for v in bf16 fp8; do
@@ -279,6 +292,7 @@ for c in "${CMDS[@]}"; do
       step families-gpu-tests families_gpu_tests
       step families-bench families_bench ;;
     sat) step sat-bench sat_bench ;;
+    post) step post-bench post_bench ;;
     fp8)
       step fp8-tests fp8_tests
       step fp8-quality fp8_quality ;;

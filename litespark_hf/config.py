@@ -98,6 +98,18 @@ class LitesparkConfig:
             "count not a multiple of 16, another device) runs in bf16 with a one-time warning."
         },
     )
+    compile_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "Compile each decoder layer on its own with torch.compile (dynamic shapes; backend "
+            "LITESPARK_COMPILE_BACKEND, default inductor), the Litespark kernels traced as custom ops. The "
+            "unpadding of padded batches, the LM head and loss, and the optimizer stay eager, so padded "
+            "post-training batches still run on their real tokens (a whole-model torch_compile turns the "
+            "unpadding off). Each layer is then one compiled call instead of ~10 autograd Functions' Python "
+            "(twice under gradient checkpointing): for steps bound by the host (post-training, small batches). "
+            "Not with torch_compile, FSDP or DeepSpeed (the trainers refuse). The first steps compile."
+        },
+    )
     allow_partial: bool = field(
         default=False,
         metadata={

@@ -17,3 +17,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         else:
             break
     return model
+
+
+def decoder_layers(base: nn.Module) -> list[nn.Module]:
+    """Decoder layers in order: modules that have both ``self_attn`` and ``mlp``."""
+    return [m for m in base.modules() if isinstance(getattr(m, "self_attn", None), nn.Module)
+            and isinstance(getattr(m, "mlp", None), nn.Module)]

@@ -17,7 +17,7 @@ from .architectures import SUPPORTED_MODEL_TYPES, SWAP_KINDS, get_architecture
 from .attention import ATTENTION_NAME, partial_attention_problem, position_pre_hook, register, set_attention_cudnn
 from .casting import link_cast_owners, set_fp8, unlink_cast_owners
 from .config import LitesparkConfig
-from .model_utils import unwrap_model
+from .model_utils import decoder_layers, unwrap_model
 from .modules import (
     LitesparkCausalLM, LitesparkEmbedding, LitesparkLMHead, link_decoder_layers, link_norm_consumers, original_class,
     swapped_class, unlink_decoder_layers, unlink_norm_consumers,
@@ -123,6 +123,8 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
                 base.__dict__[_UNPAD_ATTR] = unpadding.install(stack, base)
     if cfg.attention_cudnn and cfg.attention:
         set_attention_cudnn(base, True)
+    if cfg.compile_layers:
+        compile_layers(base)
     if cfg.fp8 and set_fp8(base, True) == 0:
         warnings.warn("litespark: fp8=True, but no projection of this model runs through Litespark's fused "
                       "projections (all of them were left stock); it trains without float8", stacklevel=2)
@@ -137,6 +139,25 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
     return model
 
 
+def compile_layers(base: nn.Module) -> int:
+    """`LitesparkConfig.compile_layers`: each decoder layer compiled in place (``nn.Module.compile``, dynamic
+    shapes; the backend from ``LITESPARK_COMPILE_BACKEND``, default ``inductor``). Returns how many."""
+    import os
+
+    backend = os.environ.get("LITESPARK_COMPILE_BACKEND", "inductor")
+    layers = decoder_layers(base)
+    for layer in layers:
+        if getattr(layer, "_compiled_call_impl", None) is None:
+            layer.compile(dynamic=True, backend=backend)
+    return len(layers)
+
+
+def uncompile_layers(base: nn.Module) -> None:
+    for layer in decoder_layers(base):
+        if getattr(layer, "_compiled_call_impl", None) is not None:
+            layer._compiled_call_impl = None
+
+
 def restore(model: nn.Module) -> nn.Module:
     """Undo `apply` (and SAT): stock classes and the attention implementation the model had before."""
     from .sat import disable_sat
@@ -146,6 +167,7 @@ def restore(model: nn.Module) -> nn.Module:
     unlink_norm_consumers(base)
     unlink_cast_owners(base)
     set_attention_cudnn(base, False)
+    uncompile_layers(base)
     unlink_decoder_layers(base)
     unregister_zero3_fused_weights(base)
     hook = base.__dict__.pop(_HOOK_ATTR, None)

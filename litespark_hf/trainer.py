@@ -83,6 +83,8 @@ def _apply_to_trainer_model(trainer, model, sat: bool = True):
         _apply_to_trainer_model(trainer, target, sat)
         return model
     cfg = _trainer_litespark_config(trainer)
+    if cfg.compile_layers:
+        _check_compile_layers(trainer)
     if not sat:  # a frozen reference model never runs sparse
         cfg = LitesparkConfig.from_any({**cfg.to_dict(), "sat_omission_rate_mlp": 0.0,
                                         "sat_omission_rate_heads": 0.0})
@@ -93,6 +95,18 @@ def _apply_to_trainer_model(trainer, model, sat: bool = True):
         # First in line, so that reporting callbacks (TensorBoard, W&B) see the sat/* keys it adds to the logs.
         trainer.callback_handler.callbacks.insert(0, SATCallback(cfg))
     return model
+
+
+def _check_compile_layers(trainer) -> None:
+    """`LitesparkConfig.compile_layers` is for one device or DDP, without the Trainer's whole-model compile."""
+    args = trainer.args
+    if getattr(args, "torch_compile", False):
+        raise ValueError("litespark_config compile_layers=True compiles each decoder layer; torch_compile=True "
+                         "compiles the whole model as well: use one of them")
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False) \
+            or getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
+        raise ValueError("litespark_config compile_layers=True is not supported under FSDP or DeepSpeed (their "
+                         "per-layer hooks would be traced); drop it for sharded training")
 
 
 def _deepspeed_module(model):

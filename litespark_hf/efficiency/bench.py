@@ -4,7 +4,8 @@ Variants (``--variants``, in this order by default): ``sdpa`` (HF default, the b
 (``use_liger_kernel=True``, when liger-kernel imports), ``compile`` (``torch_compile=True``), ``litespark``
 (``use_litespark=True`` through `litespark_hf.TrainingArguments`/`Trainer`), ``litespark_compile``, ``litespark_fp8``
 (``LitesparkConfig.fp8``: the projection GEMMs in float8; its MFU still counts against the bf16 dense peak),
-``litespark_cudnn`` (``attention_cudnn``: plain causal attention through torch's cuDNN SDPA).
+``litespark_cudnn`` (``attention_cudnn``: plain causal attention through torch's cuDNN SDPA),
+``litespark_compile_layers`` (``compile_layers``: each decoder layer compiled on its own).
 
 Method (as in shared/docs/baselines.md): random-init model from a config, random token ids (every token real),
 ``bf16=True`` (fp32 master weights, AdamW fused), constant learning rate, the Trainer's usual loop, logging once at
@@ -90,6 +91,8 @@ VARIANTS = {
     "litespark_compile": ("sdpa", {"use_litespark": True, "torch_compile": True}, None),
     "litespark_fp8": ("sdpa", {"use_litespark": True, "litespark_config": '{"fp8": true}'}, None),
     "litespark_cudnn": ("sdpa", {"use_litespark": True, "litespark_config": '{"attention_cudnn": true}'}, None),
+    "litespark_compile_layers": ("sdpa", {"use_litespark": True, "litespark_config": '{"compile_layers": true}'},
+                                 None),
 }
 BASELINE = "sdpa"
 

@@ -11,7 +11,8 @@ initial model), ``dpo_lora`` (LoRA as above; the reference is the model with its
 
 Variants (``--variants``), side by side on the same data, model init and seed: ``stock`` (plain `trl.SFTTrainer` /
 `trl.DPOTrainer`), ``liger`` (``use_liger_kernel=True``; skipped, with a note, when ``liger_kernel`` does not
-import), ``litespark`` (`litespark_hf.SFTTrainer` / `DPOTrainer` with ``use_litespark=True``).
+import), ``litespark`` (`litespark_hf.SFTTrainer` / `DPOTrainer` with ``use_litespark=True``); on request (not in the
+default list) ``litespark_compile_layers`` (``compile_layers``: each decoder layer compiled, the unpadding eager).
 
 Settings: TRL's own defaults except where a benchmark needs a value: ``bf16=True`` where CUDA is there (fp32 master
 weights, bf16 autocast; fp32 on CPU), ``gradient_checkpointing=True`` (TRL's default), TRL's optimizer and schedule
@@ -83,7 +84,9 @@ VARIANTS = {
     "stock": ({}, None),
     "liger": ({"use_liger_kernel": True}, "liger_kernel"),
     "litespark": ({"use_litespark": True}, None),
+    "litespark_compile_layers": ({"use_litespark": True, "litespark_config": '{"compile_layers": true}'}, None),
 }
+DEFAULT_VARIANTS = ("stock", "liger", "litespark")
 BASELINE = "stock"
 LORA = dict(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
 SUITES = ("train", "post")
@@ -680,8 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="litespark-train-bench --suite post", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="llama-1b", choices=sorted(CONFIGS))
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma-separated, from {', '.join(VARIANTS)} (baseline: {BASELINE})")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated, from {', '.join(VARIANTS)} (default {','.join(DEFAULT_VARIANTS)}; "
+                        f"baseline: {BASELINE})")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 16; tiny 3)")
     p.add_argument("--time-from", type=int, default=None, help="first timed step, 1-based (default 6; tiny 2)")
     p.add_argument("--seed", type=int, default=0)

@@ -13,7 +13,7 @@ import torch.nn as nn
 from litespark_kernels.ops.sparse_attention_heads import head_rows
 
 from ..config import LitesparkConfig
-from ..model_utils import unwrap_model
+from ..model_utils import decoder_layers, unwrap_model
 from ..optim import LitesparkAdamW
 from .modules import LayerState, SATAttention, SATGatedMLP, SATGeluMLP, base_class, is_sat_module, sat_class
 from .schedule import scheduled_rate
@@ -21,12 +21,6 @@ from .schedule import scheduled_rate
 _STATE_ATTR = "_litespark_sat"
 METRICS = ("activation_magnitude", "random")
 SELECTIONS = ("topk", "sample")
-
-
-def _decoder_layers(base: nn.Module) -> list[nn.Module]:
-    """Decoder layers in order: modules that have both ``self_attn`` and ``mlp``."""
-    return [m for m in base.modules() if isinstance(getattr(m, "self_attn", None), nn.Module)
-            and isinstance(getattr(m, "mlp", None), nn.Module)]
 
 
 def _parse_exempt(spec, n_layers: int) -> set[int]:
@@ -205,7 +199,7 @@ def enable_sat(model: nn.Module, config: LitesparkConfig | dict | str | None = N
     if overrides:
         cfg = LitesparkConfig.from_any({**cfg.to_dict(), **overrides})
     base = unwrap_model(model)
-    layers = _decoder_layers(base)
+    layers = decoder_layers(base)
     if not layers:
         raise ValueError(f"SAT found no decoder layers (modules with self_attn and mlp) in {type(base).__name__}")
     exempt = _parse_exempt(cfg.sat_exempt_layers, len(layers))
@@ -307,7 +301,7 @@ def executed_flops_per_token(model: nn.Module, seq_len: int | None = None) -> tu
         n = sum(p.numel() for p in base.parameters())
         dense = 6.0 * n
         if seq_len:
-            for layer in _decoder_layers(base):
+            for layer in decoder_layers(base):
                 q = getattr(layer.self_attn, "q_proj", None)
                 if q is not None:
                     dense += 12.0 * q.weight.shape[0] * seq_len
