@@ -51,7 +51,8 @@
 #                --suite post on the Llama-3.2-1B shape, TRL's defaults, modes
 #                sft_padded, sft_lora, dpo_full; variants stock, litespark and litespark_compile_layers (each decoder
 #                layer compiled, the unpadding eager); 20 steps with 11-20 timed, time-boxed to 440 s (~8 min
-#                estimated): post_bench.log, post_training_llama-1b_<device>.json/.png
+#                estimated; the JSON is rewritten after every run): post_bench.log,
+#                post_training_llama-1b_<device>_compile_layers.json/.png (the full six-mode file stays as it is)
 #   all          tests,kernels,recipes,train,fsdp2-probe,engines,families,sat
 #
 # OUT_DIR defaults to outputs/gpu_run. Every command also writes device.txt (GPU name, driver, power limit,
@@ -245,7 +246,7 @@ post_bench() {
     | tee "$OUT_DIR/compile_layers_gpu.log" | tail -4
   timeout 440 "$PYTHON" -m litespark_hf.efficiency.bench --suite post --config llama-1b \
     --modes sft_padded,sft_lora,dpo_full --variants stock,litespark,litespark_compile_layers --steps 20 \
-    --time-from 11 --out "$OUT_DIR" > "$OUT_DIR/post_bench.log" 2>&1 || rc=$?
+    --time-from 11 --tag compile_layers --out "$OUT_DIR" > "$OUT_DIR/post_bench.log" 2>&1 || rc=$?
   grep -E "^\| " "$OUT_DIR/post_bench.log" | tail -12
   return $rc
 }
