@@ -274,6 +274,12 @@ def test_litespark_flags_with_litespark_off(tmp_path):
            r"--sat_omission_rate_mlp need Litespark, which --use_litespark false turns off", tmp_path / "out")
 
 
+def test_compile_layers_with_torch_compile(tmp_path):
+    _fails(pretrain.main, ["--compile_layers", "true", "--torch_compile", "true"],
+           r"--compile_layers true compiles each decoder layer and --torch_compile true the whole model: use one of "
+           r"them", tmp_path / "out")
+
+
 def test_litespark_is_on_by_default():
     from trl import ModelConfig
 

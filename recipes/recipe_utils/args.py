@@ -262,6 +262,10 @@ def litespark_config_from(training_args, options) -> None:
     changed = {k: getattr(options, k) for k in defaults if getattr(options, k) != defaults[k]}
     if changed:
         training_args.litespark_config = json.dumps({**base, **changed})
+    merged = LitesparkConfig.from_any(training_args.litespark_config)
+    if merged.compile_layers and getattr(training_args, "torch_compile", False):
+        raise RecipeError("--compile_layers true compiles each decoder layer and --torch_compile true the whole "
+                          "model: use one of them")
     if not training_args.use_litespark:
         given = [f"--{k}" for k in changed] + (["--litespark_config"] if given_config else [])
         if given:
