@@ -104,7 +104,7 @@ def mlp_micro(tokens=8192, hidden=2048, inter=8192, rates=(0.0, 0.25, 0.5)):
         k = inter - int(round(rate * inter))
         rows.append({"rate": rate, "variant": "SAT sparse_gated_mlp", "ms": ms, "speedup": base / ms,
                      "ideal": 1 / (1 - rate), "tflops": 6 * 3 * tokens * hidden * k / ms / 1e9})
-        if index is not None:  # the one-node version SATGatedMLP runs (packed gate+up GEMM, fp32 weight gradients)
+        if index is not None:  # the gathered-GEMM version SATGatedMLP runs (packed gate+up GEMM, fp32 weight gradients)
 
             def fused():
                 out, _ = sparse_gated_mlp_fused(x, wg, wu, wd, index)

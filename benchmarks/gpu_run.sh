@@ -43,7 +43,7 @@
 #                litespark: LitesparkAdamW on the shards); ~8 min estimated: bench_granite-1b.log, bench_fsdp2.log,
 #                bench_fsdp2_3b.log and their train_bench_*_<device>.json/.png
 #   fp8          issue #17 item 2: the GPU tests written in session 9 (tests/gpu/test_fp8_gpu.py, the cuDNN attention
-#                choice, SAT's one-node sparse MLP; fp8_gpu.log); recipes/pretrain.py
+#                choice, SAT's gathered-GEMM sparse MLP; fp8_gpu.log); recipes/pretrain.py
 #                on the 1B config for FP8_STEPS (default 300) steps, bf16 and --fp8 true, compared by
 #                benchmarks/fp8_quality.py (fp8_quality.log, pretrain_1b_bf16.log, pretrain_1b_fp8.log,
 #                fp8_quality_llama-1b_<device>.json/.png); ~6 min estimated (the speed is `train`'s litespark_fp8 row)

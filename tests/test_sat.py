@@ -54,7 +54,7 @@ def _mlp_inputs(shape, seed=0):
 @pytest.mark.parametrize("shape", [(3, 37), (1000,)])
 @pytest.mark.parametrize("fused", [False, True])
 def test_sparse_gated_mlp_matches_masked_reference(activation, shape, fused):
-    """The per-weight-gather version and the one-node version (`sparse_gated_mlp_fused`, what SATGatedMLP runs):
+    """The per-weight-gather version and the gathered-GEMM version (`sparse_gated_mlp_fused`, what SATGatedMLP runs):
     values and every gradient equal the masked reference, omitted rows/columns get exactly zero gradient."""
     x, wg, wu, wd, index, omitted, go = _mlp_inputs(shape)
     if fused:

@@ -152,7 +152,7 @@ class SATGatedMLP:
         if st.index is None:  # a dense step that measures every channel
             out, h = sparse_gated_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, None,
                                       act, return_hidden=True)
-        else:  # one autograd node; gathers from this forward's bf16 weight copies when Litespark made them
+        else:  # gathered GEMMs (3 autograd nodes), from this forward's bf16 weight copies when Litespark made them
             out, h = sparse_gated_mlp_fused(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
                                             st.index, act, index2=st.index2, cast_gate_up=_cast_of(self, "gate_up"),
                                             cast_down=_cast_of(self, "down"))

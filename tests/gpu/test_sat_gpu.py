@@ -45,7 +45,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("tokens,hidden,inter", [(1000, 123, 344), (8192, 2048, 8192)])
 def test_sparse_gated_mlp_fused_bf16(activation, tokens, hidden, inter):
-    """The one-node SAT MLP (Triton packed activation forward/backward, fp32 weight gradients) under bf16 autocast
+    """The gathered-GEMM SAT MLP (Triton packed activation, fp32 weight gradients) under bf16 autocast
     with fp32 master weights, against the fp32 masked reference: no worse than the per-weight-gather path's error
     (+ 1e-3), omitted gradients exactly zero; the same output when gathering from bf16 copies."""
     torch.manual_seed(0)

@@ -335,22 +335,3 @@ def geglu_packed_triton(gate_up: torch.Tensor) -> torch.Tensor:
 def gelu_tanh_bias_triton(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """gelu(x + bias, approximate="tanh") (bias optional, broadcast over the last dimension), Triton fwd and bwd."""
     return GeluTanhBiasFunction.apply(x, bias)
-
-
-_ACT_CODES = {"silu": SILU, "gelu_tanh": GELU_TANH}
-
-
-def glu_packed_forward_triton(gu: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(gu[..., :I]) * gu[..., I:] with no autograd record (for Functions that do their own backward)."""
-    half = gu.shape[-1] // 2
-    gu2 = _as_rows(gu)
-    return glu_forward(gu2[:, :half], gu2[:, half:], _ACT_CODES[activation]).view(*gu.shape[:-1], half)
-
-
-def glu_packed_backward_triton(gu: torch.Tensor, dh: torch.Tensor, activation: str) -> torch.Tensor:
-    """The [.., 2I] gradient of `glu_packed_forward_triton` for an output gradient ``dh``."""
-    half = gu.shape[-1] // 2
-    gu2 = _as_rows(gu)
-    d = torch.empty(gu2.shape, dtype=gu2.dtype, device=gu2.device)
-    glu_backward(_as_rows(dh), gu2[:, :half], gu2[:, half:], _ACT_CODES[activation], out=(d[:, :half], d[:, half:]))
-    return d.view(gu.shape)

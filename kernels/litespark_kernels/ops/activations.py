@@ -60,29 +60,6 @@ def geglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
     return geglu_reference(*_halves(gate_up))
 
 
-_GLU_REFERENCES = {"silu": swiglu_reference, "gelu_tanh": geglu_reference}
-
-
-def glu_packed_forward(gu: torch.Tensor, activation: str) -> torch.Tensor:
-    """``act(gu[..., :I]) * gu[..., I:]`` (``activation``: "silu" or "gelu_tanh") without an autograd record: the
-    forward half of `glu_packed_backward`, for autograd Functions that write their own backward."""
-    if use_triton(f"{activation} glu", gu):
-        return run_triton("_activations_triton", "glu_packed_forward_triton", gu, activation)
-    with torch.no_grad():
-        return _GLU_REFERENCES[activation](*_halves(gu))
-
-
-def glu_packed_backward(gu: torch.Tensor, dh: torch.Tensor, activation: str) -> torch.Tensor:
-    """The ``[.., 2I]`` gradient of `glu_packed_forward` at ``gu`` for the output gradient ``dh`` (one kernel on
-    CUDA; the reference's autograd elsewhere)."""
-    if use_triton(f"{activation} glu", gu, dh):
-        return run_triton("_activations_triton", "glu_packed_backward_triton", gu, dh, activation)
-    with torch.enable_grad():
-        g = gu.detach().requires_grad_(True)
-        (d,) = torch.autograd.grad(_GLU_REFERENCES[activation](*_halves(g)), g, dh)
-    return d
-
-
 def gelu_tanh_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if use_triton("gelu_tanh_bias", x, bias):
         return run_triton("_activations_triton", "gelu_tanh_bias_triton", x, bias)

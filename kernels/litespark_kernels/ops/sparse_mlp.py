@@ -14,9 +14,10 @@ so the full weights' gradients are exactly zero on the omitted rows/columns.
 Two versions. `sparse_gated_mlp` / `sparse_mlp` compose autograd-aware pieces: `gather_weight` (``index_select``
 then a cast of the gathered slice to the compute dtype; its backward writes the kept slices into a zero-filled
 full-size gradient with ``index_copy_``: no atomics, no second fp32 copy), ``F.linear`` and the fused activations.
-`sparse_gated_mlp_fused` (what SAT's gated MLP runs) is the same product as one autograd node: one gather of the
-packed ``[gate; up]`` rows, optionally from the forward's bf16 weight copies, one gate+up GEMM, the packed activation,
-the down GEMM, fp32 weight gradients from the GEMMs; `gathered_linear` does the same for the kept heads' q/k/v and o.
+`sparse_gated_mlp_fused` (what SAT's gated MLP runs) is the same product in three autograd nodes: `gathered_linear`
+(one gather, optionally from the forward's bf16 weight copies, and one GEMM, fp32 weight gradients from the GEMM) over
+the packed ``[gate; up]`` rows, the packed activation, `gathered_linear` over the down columns; `gathered_linear` is
+also the kept heads' q/k/v and o.
 A Triton GEMM that reads the rows in place would only save the gather copy (``3 * k * hidden`` elements per layer,
 small beside the GEMMs), so none is written.
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .activations import geglu, gelu_tanh_bias, glu_packed_backward, glu_packed_forward, swiglu
+from .activations import geglu, geglu_packed, gelu_tanh_bias, swiglu, swiglu_packed
 from .linear import _mm
 
 _GATED = {"silu": swiglu, "gelu_tanh": geglu}
@@ -201,74 +202,29 @@ def sparse_gated_mlp(
     return (out, h) if return_hidden else out
 
 
-class _SparseGatedMLP(torch.autograd.Function):
-    """The kept channels' gated MLP as one autograd node: gather (from the step's low-precision copies when given),
-    one gate+up GEMM, the packed activation, the down GEMM; the backward writes each full weight's gradient in the
-    weight's dtype (fp32 master weights: fp32 from the GEMM) with the omitted rows/columns zero."""
-
-    @staticmethod
-    def forward(ctx, x, index, index2, activation, cast_gate_up, cast_down, w_gate, w_up, w_down):
-        inter, hidden = w_gate.shape
-        cdt = compute_dtype(w_gate)
-        if cast_gate_up is not None and cast_gate_up.dtype == cdt and cast_gate_up.shape == (2 * inter, hidden):
-            w_gu = cast_gate_up.index_select(0, index2)
-        else:
-            w_gu = torch.empty(2 * index.numel(), hidden, dtype=cdt, device=x.device)
-            torch.cat([w_gate.index_select(0, index), w_up.index_select(0, index)], out=w_gu)
-        if cast_down is not None and cast_down.dtype == cdt and cast_down.shape == (hidden, inter):
-            w_d = cast_down.index_select(1, index)
-        else:
-            w_d = w_down.index_select(1, index).to(cdt)
-        x2 = x.reshape(-1, hidden)
-        if x2.dtype != cdt:
-            x2 = x2.to(cdt)
-        with torch.autocast(x.device.type, enabled=False):
-            gu = x2 @ w_gu.t()
-            h = glu_packed_forward(gu, activation)
-            out = h @ w_d.t()
-        ctx.save_for_backward(x2, gu, h, w_gu, w_d, index)
-        ctx.meta = (x.shape, x.dtype, activation, w_gate.dtype, w_down.dtype, inter)
-        h = h.view(*x.shape[:-1], -1)
-        ctx.mark_non_differentiable(h)
-        return out.view(*x.shape[:-1], hidden), h
-
-    @staticmethod
-    def backward(ctx, dout, _dh):
-        x2, gu, h, w_gu, w_d, index = ctx.saved_tensors
-        x_shape, x_dtype, activation, wdt, ddt, inter = ctx.meta
-        k = index.numel()
-        dout2 = dout.reshape(-1, dout.shape[-1]).to(w_d.dtype)
-        h = h.reshape(-1, k)
-        with torch.autocast(dout.device.type, enabled=False):
-            dgu = glu_packed_backward(gu, dout2 @ w_d, activation)
-        dx = _mm(dgu, w_gu, x_dtype).view(x_shape) if ctx.needs_input_grad[0] else None
-        g_gate = g_up = g_down = None
-        if any(ctx.needs_input_grad[6:8]):
-            d_gu = _mm(dgu.t(), x2, wdt)  # [2k, hidden]
-            g_gate = d_gu.new_zeros(inter, d_gu.shape[1]).index_copy_(0, index, d_gu[:k])
-            g_up = d_gu.new_zeros(inter, d_gu.shape[1]).index_copy_(0, index, d_gu[k:])
-        if ctx.needs_input_grad[8]:
-            d_d = _mm(dout2.t(), h, ddt)  # [hidden, k]
-            g_down = d_d.new_zeros(d_d.shape[0], inter).index_copy_(1, index, d_d)
-        return dx, None, None, None, None, None, g_gate, g_up, g_down
+_PACKED = {"silu": swiglu_packed, "gelu_tanh": geglu_packed}
 
 
 def sparse_gated_mlp_fused(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                            index: torch.Tensor, activation: str = "silu", *, index2: torch.Tensor | None = None,
                            cast_gate_up: torch.Tensor | None = None, cast_down: torch.Tensor | None = None):
-    """`sparse_gated_mlp` over ``index`` (not None) with ``return_hidden=True``, as one autograd node: ``(out, h)``.
+    """`sparse_gated_mlp` over ``index`` (not None) with ``return_hidden=True``, in three autograd nodes:
+    ``(out, h)``.
 
-    The same products as `sparse_gated_mlp` in one gate+up GEMM over the gathered rows (``[gate[idx]; up[idx]]``)
-    and the packed activation, so fewer launches and one autograd Function instead of ~8 nodes per MLP. ``index2``:
+    The same products as `sparse_gated_mlp`, as one `gathered_linear` over the kept rows of the packed
+    ``[gate; up]``, the packed activation (`swiglu_packed` / `geglu_packed`) and one `gathered_linear` over the kept
+    columns of ``down``: fewer launches and nodes than the per-weight gathers (~8 nodes per MLP). ``index2``:
     ``cat([index, index + inter])`` (rows of the packed ``[gate; up]``; computed when not given).
     ``cast_gate_up`` [2 * inter, hidden] / ``cast_down`` [hidden, inter]: this step's low-precision copies of the
     weights (Litespark's `cast_projection_weights` views) to gather from instead of the master weights (half the
-    bytes; ignored unless in the compute dtype and that shape). ``h`` carries no gradient (importance statistics).
+    bytes; ignored unless in the compute dtype and that shape). ``h`` is returned detached (importance statistics).
     """
-    _gated_act(activation)
-    if index2 is None:
-        index2 = torch.cat([index, index + w_gate.shape[0]])
-    return _SparseGatedMLP.apply(x, index, index2, activation, cast_gate_up, cast_down, w_gate, w_up, w_down)
+    packed = _PACKED.get(activation)
+    if packed is None:
+        _gated_act(activation)  # the error naming the known activations
+    gate_up = gathered_linear(x, [w_gate, w_up], [None, None], [index, index], cast=cast_gate_up, rows_cat=index2)
+    h = packed(gate_up)
+    return gathered_linear(h, [w_down], [None], [index], dim=1, cast=cast_down), h.detach()
 
 
 def sparse_gated_mlp_reference(x, w_gate, w_up, w_down, index, activation: str = "silu") -> torch.Tensor:
