@@ -405,15 +405,9 @@ def set_attention_cudnn(model: torch.nn.Module, enabled: bool) -> int:
     """Mark (or unmark) every attention module of ``model`` (those with q/k/v projections) for
     `LitesparkConfig.attention_cudnn`: their plain causal calls then run torch's cuDNN SDPA. Returns the number
     marked."""
-    marked = 0
-    for m in model.modules():
-        if hasattr(m, "q_proj") or hasattr(m, "qkv_proj"):
-            if enabled:
-                m.__dict__[CUDNN_ATTR] = True
-                marked += 1
-            else:
-                m.__dict__.pop(CUDNN_ATTR, None)
-    return marked
+    from .model_utils import set_module_flag
+
+    return set_module_flag(model, CUDNN_ATTR, enabled, lambda m: hasattr(m, "q_proj") or hasattr(m, "qkv_proj"))
 
 
 def register() -> None:

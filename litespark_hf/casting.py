@@ -10,6 +10,8 @@ import litespark_kernels as lk
 from litespark_kernels._dispatch import autocast_dtype
 from litespark_kernels.ops.linear import _plain_tensor, weight_views
 
+from .model_utils import set_module_flag
+
 
 def _cast_of(module: nn.Module, slot: str) -> torch.Tensor | None:
     casts = module.__dict__.get("_litespark_casts")
@@ -30,16 +32,8 @@ def set_fp8(model: nn.Module, enabled: bool) -> int:
     """Mark (or unmark) every Litespark module with fused projection groups (attention, MLP) to run them in float8
     (`projection`); the LM head, MoE experts, LoRA adapters and SAT's sparse GEMMs never read the mark. Returns
     how many modules have fused projection groups now marked (0 when unmarking)."""
-    marked = 0
-    for m in model.modules():
-        if not hasattr(m, "litespark_cast_groups"):
-            continue
-        if enabled and set(m.litespark_cast_groups()) - {"lm_head"}:  # the LM head stays in the compute dtype
-            m.__dict__[_FP8_ATTR] = True
-            marked += 1
-        else:
-            m.__dict__.pop(_FP8_ATTR, None)
-    return marked
+    return set_module_flag(model, _FP8_ATTR, enabled, lambda m: hasattr(m, "litespark_cast_groups") and bool(
+        set(m.litespark_cast_groups()) - {"lm_head"}))  # the LM head stays in the compute dtype
 
 
 def link_cast_owners(model: nn.Module) -> int:

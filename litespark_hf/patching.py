@@ -121,11 +121,13 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
             base.__dict__[_HOOK_ATTR] = stack.register_forward_pre_hook(position_pre_hook, with_kwargs=True)
             if cfg.unpad:  # padded batches: the decoder runs on the real tokens only (after the position hook)
                 base.__dict__[_UNPAD_ATTR] = unpadding.install(stack, base)
-    if cfg.attention_cudnn and cfg.attention:
-        set_attention_cudnn(base, True)
+    # set to this config's values, so that applying again with another config takes the new one
+    set_attention_cudnn(base, cfg.attention_cudnn and cfg.attention)
     if cfg.compile_layers:
         compile_layers(base)
-    if cfg.fp8 and set_fp8(base, True) == 0:
+    else:
+        uncompile_layers(base)
+    if set_fp8(base, cfg.fp8) == 0 and cfg.fp8:
         warnings.warn("litespark: fp8=True, but no projection of this model runs through Litespark's fused "
                       "projections (all of them were left stock); it trains without float8", stacklevel=2)
     if cfg.sat_omission_rate_mlp > 0 or cfg.sat_omission_rate_heads > 0:
@@ -149,12 +151,17 @@ def compile_layers(base: nn.Module) -> int:
     for layer in layers:
         if getattr(layer, "_compiled_call_impl", None) is None:
             layer.compile(dynamic=True, backend=backend)
+            layer.__dict__[_COMPILED_ATTR] = True
     return len(layers)
 
 
+_COMPILED_ATTR = "_litespark_compiled"
+
+
 def uncompile_layers(base: nn.Module) -> None:
+    """Undo `compile_layers` (a layer the user compiled is left compiled)."""
     for layer in decoder_layers(base):
-        if getattr(layer, "_compiled_call_impl", None) is not None:
+        if layer.__dict__.pop(_COMPILED_ATTR, False):
             layer._compiled_call_impl = None
 
 

@@ -57,6 +57,20 @@ def test_compiled_layers_match_eager_on_unpadded_batches(monkeypatch, checkpoint
     assert all(layer._compiled_call_impl is None for layer in comp.model.layers)
 
 
+def test_reapply_and_restore_leave_user_compiled_layers(monkeypatch):
+    monkeypatch.setenv("LITESPARK_COMPILE_BACKEND", "aot_eager")
+    model = tiny_model("llama")
+    litespark_hf.apply(model, compile_layers=True)
+    litespark_hf.apply(model, compile_layers=False)  # another config: the layers are ours to uncompile
+    assert all(layer._compiled_call_impl is None for layer in model.model.layers)
+    litespark_hf.restore(model)
+    model.model.layers[0].compile(backend="aot_eager")  # the user's own compile
+    litespark_hf.apply(model)
+    litespark_hf.restore(model)
+    assert model.model.layers[0]._compiled_call_impl is not None
+    assert model.model.layers[1]._compiled_call_impl is None
+
+
 def test_trainer_refuses_compile_layers_with_whole_model_compile(tmp_path):
     from litespark_hf import TrainingArguments
     from litespark_hf.trainer import _check_compile_layers

@@ -4,7 +4,7 @@ ATen's CPU ``torch._scaled_mm`` runs the same float8 GEMMs the GPU path runs, so
 - `quantize_reference` against its definition (scale, rounding bound, padding, transposed copy, zeros);
 - the Triton quantize kernel in Triton's CPU interpreter, written to float32 buffers (the interpreter's float8 casts
   are not faithful), against the reference's scaled and clamped values, bit for bit, and the same inverse scale;
-- `fused_linear(..., fp8=True)`: forward against the float32 oracle of the same quantization (`fp8_linear_reference`),
+- `fused_linear(..., fp8=True)`: forward against the float32 oracle of the same quantization (`_emulated`),
   backward (dx, every weight's and bias's gradient) against a float32 emulation of the float8 backward, token counts
   that are not multiples of 16 (1000), biases on some projections, and loosely against the bf16 path;
 - the fallbacks: a feature count that is not a multiple of 16 (123) and fp32 compute run the bf16 path with a
@@ -215,6 +215,9 @@ def test_tiny_llama_fp8_trains_close_to_bf16_and_restores():
     saved = _saved_dtypes(f8, batch)
     assert saved.count(E4M3) >= 4 * 2 * SIZE["num_hidden_layers"]  # x and w of 4 projection groups per layer
     assert E4M3 not in _saved_dtypes(bf16, batch)
+    litespark_hf.apply(f8, fp8=False)  # applying again with another config takes the new one
+    assert not any(m.__dict__.get("_litespark_fp8") for m in f8.modules())
+    litespark_hf.apply(f8, fp8=True)
     litespark_hf.restore(f8)
     assert not any(m.__dict__.get("_litespark_fp8") for m in f8.modules())
 

@@ -29,21 +29,21 @@ except Exception:  # pragma: no cover - depends on the platform
 _WARNED: set[tuple[str, str]] = set()
 
 
-def warn_once(op: str, reason: str) -> None:
-    """Warn once per (op, reason) that the PyTorch reference runs instead of the Triton kernel."""
-    key = (op, reason)
+def _warn(key: tuple[str, str], message: str) -> None:
     if key in _WARNED:
         return
     _WARNED.add(key)
-    warnings.warn(f"litespark: {op} uses the PyTorch reference: {reason}", stacklevel=3)
+    warnings.warn(f"litespark: {message}", stacklevel=4)
+
+
+def warn_once(op: str, reason: str) -> None:
+    """Warn once per (op, reason) that the PyTorch reference runs instead of the Triton kernel."""
+    _warn((op, reason), f"{op} uses the PyTorch reference: {reason}")
 
 
 def note_once(key: str, message: str) -> None:
     """Warn once per (key, message), with the message as given (``litespark: <message>``)."""
-    if (key, message) in _WARNED:
-        return
-    _WARNED.add((key, message))
-    warnings.warn(f"litespark: {message}", stacklevel=3)
+    _warn((key, message), message)
 
 
 def interpreting() -> bool:

@@ -17,8 +17,8 @@ GEMMs read (`quantize`: one pass that writes both). What is saved for the backwa
 ``x`` and of ``w`` (1 byte per element, half of what the bf16 path saves).
 
 `quantize_reference` is the specification; `quantize` runs it as two Triton launches on CUDA (the amax, then the
-scaled cast writing both layouts) and the reference elsewhere. `fp8_linear_reference` is the oracle of the whole
-product: the same quantization, dequantized to float32, multiplied in float32.
+scaled cast writing both layouts) and the reference elsewhere. The tests' oracle of the whole product is the same
+quantization, dequantized to float32, multiplied in float32.
 """
 
 from __future__ import annotations
@@ -107,13 +107,5 @@ def scaled_mm(a: torch.Tensor, b_t: torch.Tensor, inv_a: torch.Tensor, inv_b: to
                             use_fast_accum=fast_accum)
 
 
-def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The float8 product's oracle, ``x [M, K] @ w [N, K]^T``: both quantized as the forward does (e4m3,
-    tensorwise), dequantized and multiplied in float32."""
-    xq, _, xi = quantize_reference(x, E4M3)
-    wq, _, wi = quantize_reference(w, E4M3)
-    return (xq.float() * xi) @ (wq.float() * wi).t()
-
-
-__all__ = ["ALIGN", "E4M3", "E5M2", "fp8_linear_reference", "padded", "quantize", "quantize_reference",
+__all__ = ["ALIGN", "E4M3", "E5M2", "padded", "quantize", "quantize_reference",
            "scale_of", "scaled_mm", "scaled_mm_supported", "unsupported_reason"]

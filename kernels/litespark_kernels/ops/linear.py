@@ -63,11 +63,16 @@ def project_2d(x: torch.Tensor, w: torch.Tensor, biases, sizes, cdt: torch.dtype
     x2 = x.reshape(-1, w.shape[1])
     if x2.dtype != cdt:
         x2 = x2.to(cdt)
-    if any(b is not None for b in biases):
-        b = torch.cat([bi.to(cdt) if bi is not None else torch.zeros(n, dtype=cdt, device=x.device)
-                       for bi, n in zip(biases, sizes)])
-        return x2, torch.addmm(b, x2, w.t())
-    return x2, torch.mm(x2, w.t())
+    b = bias_vector(biases, sizes, cdt, x.device)
+    return x2, (torch.mm(x2, w.t()) if b is None else torch.addmm(b, x2, w.t()))
+
+
+def bias_vector(biases, sizes, cdt: torch.dtype, device) -> torch.Tensor | None:
+    """The group's biases as one [sum(sizes)] vector in ``cdt`` (zeros where a weight has none); None without any."""
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([bi.to(cdt) if bi is not None else torch.zeros(n, dtype=cdt, device=device)
+                      for bi, n in zip(biases, sizes)])
 
 
 def group_weight(weights, w_cast, cdt: torch.dtype, device) -> torch.Tensor:
@@ -157,9 +162,9 @@ class _FusedLinearFP8(torch.autograd.Function):
         xq, xqt, x_inv = fp8.quantize(x2, fp8.E4M3, fp8.ALIGN, transposed=need_w)
         wq, wqt, w_inv = fp8.quantize(w, fp8.E4M3, transposed=ctx.needs_input_grad[0])
         y = fp8.scaled_mm(xq, wq, x_inv, w_inv, cdt, fast_accum=True)[:m]
-        if any(b is not None for b in biases):
-            y = y + torch.cat([bi.to(cdt) if bi is not None else torch.zeros(n, dtype=cdt, device=x.device)
-                               for bi, n in zip(biases, ctx.meta[2])])
+        b = bias_vector(biases, ctx.meta[2], cdt, x.device)
+        if b is not None:
+            y = y + b
         ctx.save_for_backward(xqt, wqt, x_inv, w_inv)
         ctx.cdt = cdt
         return y.view(*x.shape[:-1], w.shape[0])

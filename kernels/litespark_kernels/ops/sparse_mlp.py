@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .activations import geglu, geglu_packed, gelu_tanh_bias, swiglu, swiglu_packed
-from .linear import _mm
+from .linear import _mm, bias_vector
 
 _GATED = {"silu": swiglu, "gelu_tanh": geglu}
 
@@ -103,13 +103,10 @@ class _GatheredLinear(torch.autograd.Function):
             x2 = x2.to(cdt)
         with torch.autocast(x.device.type, enabled=False):
             y = x2 @ w.t()
-            if any(b is not None for b in biases):
-                if dim == 1:
-                    b = biases[0].to(cdt)
-                else:
-                    b = torch.cat([bi.index_select(0, r).to(cdt) if bi is not None
-                                   else torch.zeros(r.numel(), dtype=cdt, device=x.device)
-                                   for bi, r in zip(biases, rows)])
+            if dim == 0:  # the kept entries of each bias
+                biases = [None if bi is None else bi.index_select(0, r) for bi, r in zip(biases, rows)]
+            b = bias_vector(biases, [r.numel() for r in rows], cdt, x.device)
+            if b is not None:
                 y = y + b
         ctx.save_for_backward(x2, w, *rows)
         ctx.meta = (dim, x.shape, x.dtype, [wi.shape for wi in weights], [wi.dtype for wi in weights],
