@@ -2,8 +2,6 @@
 shards against torch's AdamW, the sharded state through torch.distributed.checkpoint, and the Trainer's swap under
 accelerate's FSDP2 preparation. One process: NCCL at world size 1, initialised from environment variables (the CPU
 tests, tests/test_fsdp2_cpu.py, cover world size 2 with gloo and the reference update).
-
-Not run yet (written on a machine without a GPU).
 """
 
 import os
@@ -57,12 +55,13 @@ def _groups(model):
             {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def _full(model, opt):
+@torch.no_grad()
+def _full(model, opt):  # copies: at world size 1 full_tensor() is a view of the shard, which the tests overwrite
     out = {}
     for n, p in model.named_parameters():
-        out[n] = p.full_tensor()
+        out[n] = p.full_tensor().clone()
         for k in ("exp_avg", "exp_avg_sq"):
-            out[f"{n}.{k}"] = opt.state[p][k].full_tensor()
+            out[f"{n}.{k}"] = opt.state[p][k].full_tensor().clone()
     return out
 
 

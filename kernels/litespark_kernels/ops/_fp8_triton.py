@@ -3,7 +3,9 @@
 Two launches: ``_amax`` (each program reduces ``BLOCK_R`` rows, one float32 ``atomic_max`` per program, into a zeroed
 one-element buffer), then ``_scaled_cast``, where each program scales, clamps and casts a [BLOCK_R, BLOCK_C] tile
 once and writes it to ``q`` [R', C] and, when asked, transposed to ``qt`` [C, R'] (rows past R, the padding up to R',
-are zeros). The scale is ``fmax / max(amax, eps)`` with IEEE division (``div_rn``), as torch computes it, so both
+are zeros). The transposed copy loads the tile a second time in transposed order rather than ``tl.trans`` the
+scaled tile: on the H200 (Triton 3.6) the ``tl.trans`` version wrote wrong bytes into some rows of ``qt`` for float32
+inputs (1000 x 123 and 3072 x 2048; bf16 inputs and 8192 x 2048 were right), seen by the bitwise GPU test. The scale is ``fmax / max(amax, eps)`` with IEEE division (``div_rn``), as torch computes it, so both
 paths give the same bits; the cast rounds to nearest and saturates (the reference clamps, then casts).
 
 A NaN in the input: torch's amax is NaN (every output NaN); here the max skips it, and only that element is NaN.
@@ -45,10 +47,12 @@ def _scaled_cast(X, AMAX, Q, QT, INV, R, C, R_PAD, sxr, FMAX: tl.constexpr, EPS:
     x = tl.load(X + r * sxr + c, mask=(r < R) & (c < C), other=0.0).to(tl.float32)
     y = tl.clamp(x * scale, -FMAX, FMAX)
     tl.store(Q + r * C + c, y.to(Q.dtype.element_ty), mask=(r < R_PAD) & (c < C))
-    if WRITE_T:  # the same values, transposed in float32 and then cast (the cast is exact either way)
+    if WRITE_T:  # the tile loaded again in transposed order (from L1/L2), so each write to QT is row-contiguous
         ct = cc[:, None]
         rt = rr[None, :]
-        tl.store(QT + ct * R_PAD + rt, tl.trans(y).to(QT.dtype.element_ty), mask=(ct < C) & (rt < R_PAD))
+        xt = tl.load(X + rt * sxr + ct, mask=(rt < R) & (ct < C), other=0.0).to(tl.float32)
+        yt = tl.clamp(xt * scale, -FMAX, FMAX)
+        tl.store(QT + ct * R_PAD + rt, yt.to(QT.dtype.element_ty), mask=(ct < C) & (rt < R_PAD))
 
 
 def quantize_triton(t: torch.Tensor, dtype: torch.dtype, pad_rows_to: int = 1, transposed: bool = False,
