@@ -215,7 +215,7 @@ print(' '.join(sorted(F, key=lambda c: ('moe' not in c, c))))")
 
 verify_tests() {
   timeout 260 "$PYTHON" -m pytest -m gpu tests/gpu/test_custom_ops_gpu.py tests/gpu/test_fsdp2_adamw_gpu.py \
-    tests/gpu/test_fused_linear_cross_entropy_gpu.py "tests/gpu/test_attention_gpu.py::test_head_dim_256_faster_configs" \
+    tests/gpu/test_fused_linear_cross_entropy_gpu.py "tests/gpu/test_attention_gpu.py::test_head_dim_256_configs" \
     -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT_DIR/verify_tests.log" | tail -12
 }
 

@@ -212,3 +212,21 @@ def test_window_covering_the_sequence_is_no_window():
     assert calls == [None]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert A.effective_window(39, 40) == 39 and A.effective_window(40, 40) is None
+
+
+@pytest.mark.parametrize("smem,large", [(227 * 1024, True), (163 * 1024, False), (99 * 1024, False)])
+def test_head_dim_256_configs_follow_shared_memory(monkeypatch, smem, large):
+    """Head dim 256: the 128-row forward and dQ tiles only where a block may use >= 200 KiB of shared memory (the
+    H100/H200's 227 KiB, not the A100's 163 KiB or sm89's 99 KiB); other head dims and the CPU never change."""
+    from litespark_kernels.ops import _attention_triton as at
+
+    monkeypatch.setattr(at, "interpreting", lambda: False)
+    monkeypatch.setattr(at, "_shared_memory_per_block", lambda index: smem)
+    cuda = torch.device("cuda", 0)
+    for kind in ("fwd", "dq"):
+        want = at.LARGE_SMEM_CONFIGS[(kind, 256)] if large else at.CONFIGS[(kind, 256)]
+        assert at._config(kind, 256, 2048, cuda) == want
+        assert at._config(kind, 64, 2048, cuda) == at.CONFIGS[(kind, 64)]
+        assert at._config(kind, 256, 2048, torch.device("cpu")) == at.CONFIGS[(kind, 256)]
+    assert at._config("dkv", 256, 2048, cuda) == at.CONFIGS[("dkv", 256)]
+    assert at.LARGE_SMEM_CONFIGS[("fwd", 256)] != at.CONFIGS[("fwd", 256)]

@@ -202,17 +202,22 @@ def test_softcap_head_dim_the_kernel_does_not_take_runs_the_reference():
     assert torch.equal(out, attention_reference(q, k, v, causal=True, softcap=5.0, scale=0.25))
 
 
-# Head-dim-256 launch configurations the H200 sweep timed faster than the committed ones (benchmarks/NOTES.md,
-# session 8: forward 422 vs 318 TFLOP/s, dQ 0.84 vs 1.05 ms): checked here so that they can replace the committed ones.
-FASTER_256 = {("fwd", 256): (128, 64, 8, 2, False), ("dq", 256): (128, 64, 8, 1, False)}
-
-
+# Head-dim-256 launch configurations: the large-shared-memory ones (LARGE_SMEM_CONFIGS, what Hopper takes) and the
+# others, each checked on this device where it can run them.
+@pytest.mark.parametrize("large", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_head_dim_256_faster_configs(monkeypatch, dtype):
+def test_head_dim_256_configs(monkeypatch, dtype, large):
     from litespark_kernels.ops import _attention_triton as at
 
-    for key, cfg in FASTER_256.items():
-        monkeypatch.setitem(at.CONFIGS, key, cfg)
+    device = torch.device("cuda")
+    fits = at._shared_memory_per_block(torch.cuda.current_device()) >= at.LARGE_SMEM_BYTES
+    if large and not fits:
+        pytest.skip("the large-shared-memory configurations need a device with >= 200 KiB per block")
+    if not large:
+        monkeypatch.setattr(at, "LARGE_SMEM_CONFIGS", {})
+    expected = at.LARGE_SMEM_CONFIGS if large else at.CONFIGS
+    assert at._config("fwd", 256, 2048, device) == expected[("fwd", 256)]
+    assert at._config("dq", 256, 2048, device) == expected[("dq", 256)]
     _check(2, 8, 4, 2048, 2048, 256, dtype, causal=True)
     S = 1000
     lengths = torch.tensor([1000, 613], device="cuda")

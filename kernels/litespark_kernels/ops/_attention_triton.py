@@ -53,23 +53,41 @@ CONFIGS: dict[tuple[str, int], tuple[int, int, int, int, bool]] = {
     ("dq", 64): (128, 64, 8, 3, False),
     ("dq", 128): (128, 64, 8, 3, True),
     # head dim 256 (Gemma 2/3): smaller tiles and fewer stages (shared memory: a [64, 256] k or v tile is 32 KiB per
-    # stage; dK/dV hold two [64, 256] fp32 accumulators). These are the configurations the H200 GPU tests and the
-    # gemma2-1b bench ran with. The H200 sweep (`benchmarks/bench_attention.py --sweep-only --sweep-dims 256`,
-    # benchmarks/NOTES.md, session 8) timed faster ones, fwd (128, 64, 8, 2) and dq (128, 64, 8, 1), not yet run
-    # through the GPU tests: adopt them once they are.
+    # stage; dK/dV hold two [64, 256] fp32 accumulators). The configurations of session 8's H200 GPU tests and
+    # gemma2-1b bench; devices with more shared memory take LARGE_SMEM_CONFIGS below.
     ("fwd", 256): (64, 64, 4, 2, False),
     ("dkv", 256): (64, 64, 8, 1, False),
     ("dq", 256): (64, 64, 8, 2, False),
+}
+# Where a block may use >= LARGE_SMEM_BYTES of shared memory (H100/H200: 227 KiB; A100: 163 KiB; sm89: 99 KiB): the
+# head-dim-256 forward and dQ with 128 query rows per program (a [128, 256] q tile is 64 KiB). Timed faster by the
+# H200 sweep (benchmarks/NOTES.md, session 8: forward 422 vs 318 TFLOP/s, dQ 0.84 vs 1.05 ms) and run through the GPU
+# tests on the H200 in session 10 (test_head_dim_256_configs).
+LARGE_SMEM_BYTES = 200 * 1024
+LARGE_SMEM_CONFIGS: dict[tuple[str, int], tuple[int, int, int, int, bool]] = {
+    ("fwd", 256): (128, 64, 8, 2, False),
+    ("dq", 256): (128, 64, 8, 1, False),
 }
 # In Triton's CPU interpreter: small blocks, so that tiny test shapes still cross several blocks, and larger ones
 # for long sequences (the interpreter's cost grows with the number of block steps).
 INTERPRETER_CONFIGS = {"short": (16, 16, 4, 1, True), "long": (64, 64, 4, 1, False)}
 
 
-def _config(kind: str, block_d: int, seqlen: int) -> tuple[int, int, int, int, bool]:
+@functools.lru_cache(maxsize=None)
+def _shared_memory_per_block(device_index: int) -> int:
+    """The shared memory a block may opt in to on this CUDA device, in bytes (0 when torch does not say)."""
+    return int(getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_block_optin", 0))
+
+
+def _config(kind: str, block_d: int, seqlen: int, device: torch.device | None = None) -> tuple[int, int, int, int, bool]:
     if interpreting():
         return INTERPRETER_CONFIGS["short" if seqlen <= 256 else "long"]
-    return CONFIGS[(kind, 64 if block_d <= 64 else 128 if block_d <= 128 else 256)]
+    key = (kind, 64 if block_d <= 64 else 128 if block_d <= 128 else 256)
+    if key in LARGE_SMEM_CONFIGS and device is not None and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if _shared_memory_per_block(index) >= LARGE_SMEM_BYTES:
+            return LARGE_SMEM_CONFIGS[key]
+    return CONFIGS[key]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -635,7 +653,7 @@ def attention_forward(q, k, v, scale, causal, segs, sliding_window, softcap=None
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     block_d = max(16, triton.next_power_of_2(D))
-    BM, BN, warps, stages, split = _config("fwd", block_d, max(Sq, Skv))
+    BM, BN, warps, stages, split = _config("fwd", block_d, max(Sq, Skv), q.device)
     n_m = triton.cdiv(Sq, BM)
     out = torch.empty(B, Sq, Hq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
@@ -681,7 +699,7 @@ def attention_backward(do, q, k, v, out, lse, scale, causal, segs, sliding_windo
         Hq, Sq, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_m, num_warps=4,
     )
 
-    BM, BN, warps, stages, split = _config("dkv", block_d, max(Sq, Skv))
+    BM, BN, warps, stages, split = _config("dkv", block_d, max(Sq, Skv), q.device)
     n_n = triton.cdiv(Skv, BN)
     if segs is not None:
         qseg, kvseg = segs
@@ -702,7 +720,7 @@ def attention_backward(do, q, k, v, out, lse, scale, causal, segs, sliding_windo
         num_warps=warps, num_stages=stages,
     )
 
-    BM, BN, warps, stages, split = _config("dq", block_d, max(Sq, Skv))
+    BM, BN, warps, stages, split = _config("dq", block_d, max(Sq, Skv), q.device)
     n_m = triton.cdiv(Sq, BM)
     if segs is not None:
         seg_lo, seg_hi = _segment_ranges(qseg, kvseg, BM)
