@@ -47,12 +47,13 @@
 #                on the 1B config for FP8_STEPS (default 300) steps, bf16 and --fp8 true, compared by
 #                benchmarks/fp8_quality.py (fp8_quality.log, pretrain_1b_bf16.log, pretrain_1b_fp8.log,
 #                fp8_quality_llama-1b_<device>.json/.png); ~6 min estimated (the speed is `train`'s litespark_fp8 row)
-#   post         issue #14: the compile_layers GPU test (compile_layers_gpu.log), then litespark-train-bench
-#                --suite post on the Llama-3.2-1B shape, TRL's defaults, modes
-#                sft_padded, sft_lora, dpo_full; variants stock, litespark and litespark_compile_layers (each decoder
-#                layer compiled, the unpadding eager); 20 steps with 11-20 timed, time-boxed to 440 s (~8 min
-#                estimated; the JSON is rewritten after every run): post_bench.log,
-#                post_training_llama-1b_<device>_compile_layers.json/.png (the full six-mode file stays as it is)
+#   post         issue #14: the checkpoint_layers GPU test (checkpointing_gpu.log), then litespark-train-bench
+#                --suite post on the Llama-3.2-1B shape, TRL's defaults, modes sft_padded, sft_lora, dpo_full,
+#                dpo_lora; variants stock, litespark (checkpoint_layers="auto", the default) and
+#                litespark_checkpoint_all (every layer recomputed, as before); 20 steps with 11-20 timed,
+#                time-boxed to 450 s (~8 min estimated; the JSON is rewritten after every run): post_bench.log,
+#                post_training_llama-1b_<device>_checkpoint.json/.png (the full six-mode file stays as it is; the
+#                compile_layers run of session 10 is post_training_llama-1b_h200_compile_layers.json)
 #   all          tests,kernels,recipes,train,fsdp2-probe,engines,families,sat
 #
 # OUT_DIR defaults to outputs/gpu_run. Every command also writes device.txt (GPU name, driver, power limit,
@@ -242,12 +243,12 @@ fp8_tests() {
 
 post_bench() {
   local rc=0
-  timeout 120 "$PYTHON" -m pytest -m gpu tests/gpu/test_compile_layers_gpu.py -q -rfE -p no:cacheprovider 2>&1 \
-    | tee "$OUT_DIR/compile_layers_gpu.log" | tail -4
-  timeout 440 "$PYTHON" -m litespark_hf.efficiency.bench --suite post --config llama-1b \
-    --modes sft_padded,sft_lora,dpo_full --variants stock,litespark,litespark_compile_layers --steps 20 \
-    --time-from 11 --tag compile_layers --out "$OUT_DIR" > "$OUT_DIR/post_bench.log" 2>&1 || rc=$?
-  grep -E "^\| " "$OUT_DIR/post_bench.log" | tail -12
+  timeout 100 "$PYTHON" -m pytest -m gpu tests/gpu/test_checkpointing_gpu.py -q -rfE -s -p no:cacheprovider 2>&1 \
+    | tee "$OUT_DIR/checkpointing_gpu.log" | grep -E "saved|passed|failed|FAILED" | tail -6
+  timeout 450 "$PYTHON" -m litespark_hf.efficiency.bench --suite post --config llama-1b \
+    --modes sft_padded,sft_lora,dpo_full,dpo_lora --variants stock,litespark,litespark_checkpoint_all --steps 20 \
+    --time-from 11 --tag checkpoint --out "$OUT_DIR" > "$OUT_DIR/post_bench.log" 2>&1 || rc=$?
+  grep -E "^\| " "$OUT_DIR/post_bench.log" | tail -14
   return $rc
 }
 

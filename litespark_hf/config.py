@@ -110,6 +110,17 @@ class LitesparkConfig:
             "Not with torch_compile, FSDP or DeepSpeed (the trainers refuse). The first steps compile."
         },
     )
+    checkpoint_layers: str = field(
+        default="auto",
+        metadata={
+            "help": "Under gradient checkpointing (TRL's default), how many decoder layers the backward recomputes: "
+            "'auto' as few as this GPU's memory needs (estimated before each training forward from the memory free "
+            "and an upper bound of what a layer saves per token; the first layers stay checkpointed, the last ones "
+            "keep their activations; CUDA, weights on one device, no FSDP/DeepSpeed shards, no torch.compile), "
+            "'all' every layer (transformers' behaviour), or a number N (the first N layers). Same losses and "
+            "gradients either way; fewer recomputed layers, less time. Nothing changes without checkpointing."
+        },
+    )
     allow_partial: bool = field(
         default=False,
         metadata={
@@ -198,6 +209,13 @@ class LitesparkConfig:
         if unknown:
             raise ValueError(f"unknown litespark_config keys {unknown}; known keys: {sorted(known)}")
         return cls(**value)
+
+    def __post_init__(self):
+        from .checkpointing import parse_mode
+
+        parse_mode(self.checkpoint_layers)  # a bad value is an error here, not at the first forward
+        if isinstance(self.checkpoint_layers, int):
+            self.checkpoint_layers = str(self.checkpoint_layers)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

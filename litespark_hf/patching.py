@@ -12,7 +12,7 @@ import warnings
 
 import torch.nn as nn
 
-from . import generic, unpadding
+from . import checkpointing, generic, unpadding
 from .architectures import SUPPORTED_MODEL_TYPES, SWAP_KINDS, get_architecture
 from .attention import ATTENTION_NAME, partial_attention_problem, position_pre_hook, register, set_attention_cudnn
 from .casting import link_cast_owners, set_fp8, unlink_cast_owners
@@ -121,6 +121,9 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
             base.__dict__[_HOOK_ATTR] = stack.register_forward_pre_hook(position_pre_hook, with_kwargs=True)
             if cfg.unpad:  # padded batches: the decoder runs on the real tokens only (after the position hook)
                 base.__dict__[_UNPAD_ATTR] = unpadding.install(stack, base)
+    if arch is not None or generic_plan is not None:  # how many layers gradient checkpointing recomputes
+        stack = getattr(base, "base_model", None)
+        checkpointing.install(stack if isinstance(stack, nn.Module) else base, base, cfg.checkpoint_layers)
     # set to this config's values, so that applying again with another config takes the new one
     set_attention_cudnn(base, cfg.attention_cudnn and cfg.attention)
     if cfg.compile_layers:
@@ -175,6 +178,7 @@ def restore(model: nn.Module) -> nn.Module:
     unlink_cast_owners(base)
     set_attention_cudnn(base, False)
     uncompile_layers(base)
+    checkpointing.uninstall(base)
     unlink_decoder_layers(base)
     unregister_zero3_fused_weights(base)
     hook = base.__dict__.pop(_HOOK_ATTR, None)

@@ -12,7 +12,9 @@ initial model), ``dpo_lora`` (LoRA as above; the reference is the model with its
 Variants (``--variants``), side by side on the same data, model init and seed: ``stock`` (plain `trl.SFTTrainer` /
 `trl.DPOTrainer`), ``liger`` (``use_liger_kernel=True``; skipped, with a note, when ``liger_kernel`` does not
 import), ``litespark`` (`litespark_hf.SFTTrainer` / `DPOTrainer` with ``use_litespark=True``); on request (not in the
-default list) ``litespark_compile_layers`` (``compile_layers``: each decoder layer compiled, the unpadding eager).
+default list) ``litespark_compile_layers`` (``compile_layers``: each decoder layer compiled, the unpadding eager) and
+``litespark_checkpoint_all`` (``checkpoint_layers="all"``: every layer recomputed under gradient checkpointing, as
+before ``checkpoint_layers="auto"`` became the default; the ``litespark`` row recomputes only what memory needs).
 
 Settings: TRL's own defaults except where a benchmark needs a value: ``bf16=True`` where CUDA is there (fp32 master
 weights, bf16 autocast; fp32 on CPU), ``gradient_checkpointing=True`` (TRL's default), TRL's optimizer and schedule
@@ -54,6 +56,7 @@ import time
 
 from . import bench as _bench
 from . import post_data
+from ..checkpointing import recomputed_layers
 
 __all__ = ["CONFIGS", "MODES", "VARIANTS", "BASELINE", "LORA", "main", "run_one", "run_post_bench", "format_table",
            "dataset_for", "length_distribution", "default_json_path", "split_suite"]
@@ -85,6 +88,7 @@ VARIANTS = {
     "liger": ({"use_liger_kernel": True}, "liger_kernel"),
     "litespark": ({"use_litespark": True}, None),
     "litespark_compile_layers": ({"use_litespark": True, "litespark_config": '{"compile_layers": true}'}, None),
+    "litespark_checkpoint_all": ({"use_litespark": True, "litespark_config": '{"checkpoint_layers": "all"}'}, None),
 }
 DEFAULT_VARIANTS = ("stock", "liger", "litespark")
 BASELINE = "stock"
@@ -415,6 +419,7 @@ def run_one(config_name: str, mode: str, variant: str, steps: int, time_from: in
                                            "reference": "adapters disabled" if lora else "frozen copy"}),
                  **({"lora": dict(LORA)} if lora else {})},
         "build_s": build_s, "train_wall_s": wall, "litespark_swapped": swapped,
+        "checkpoint_recomputed_layers": recomputed_layers(trainer.model),  # None: no planner (stock, "all")
     })
     del trainer, model, ref_model, recorder
     gc.collect()
