@@ -13,8 +13,9 @@ memory this process may use on the device and an upper bound of what one layer s
 (`activation_bytes_per_token`); the first layers stay checkpointed, the last ``k`` do not (contiguous, so the fused
 residual-norm add runs between them). The estimate (`plan`) counts what is allocated now, the parameter gradients and
 (before the first optimizer step) AdamW's two states still to come, one chunk of the loss's logits, the layer being
-recomputed and a margin; when nothing fits it is the user's checkpointing as it was. Only on CUDA, with the weights
-whole on one device (not FSDP / DeepSpeed shards), outside ``torch.compile``; elsewhere checkpointing is untouched.
+recomputed and a margin; when nothing fits it is the user's checkpointing as it was. Only on CUDA, in one process,
+with the weights whole on one device (not FSDP / DeepSpeed shards), outside ``torch.compile``; elsewhere
+checkpointing is untouched.
 ``"all"``: transformers' behaviour (every layer recomputed). An integer ``n``: exactly the first ``n`` layers
 recomputed, no memory estimate.
 
@@ -136,6 +137,14 @@ def _tokens(args, kwargs) -> int:
     return 0
 
 
+def _distributed() -> bool:
+    """Several processes: each would plan on its own batch, so their graphs could differ from step to step (DDP's
+    static graph, ranks out of step); "auto" keeps the user's checkpointing there (not measured on several GPUs)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def device_memory(device: torch.device) -> tuple[int, int, int]:
     """(total, held outside this process's torch allocator, allocated by it) bytes on the CUDA ``device``."""
     free, total = torch.cuda.mem_get_info(device)
@@ -193,7 +202,7 @@ class _Planner:
             return min(n, self.mode)
         cfg = getattr(self.base, "config", None)
         per_token = activation_bytes_per_token(cfg) if cfg is not None else None
-        if per_token is None or not self._weights_whole():
+        if per_token is None or not self._weights_whole() or _distributed():
             return n
         device = next(self.base.parameters()).device
         total, others, allocated = device_memory(device)
