@@ -9,7 +9,7 @@ import torch
 import litespark_hf
 from litespark_hf import checkpointing as C
 from litespark_hf.config import LitesparkConfig
-from tiny_models import FAMILIES, DENSE_FAMILIES, MOE_FAMILIES, random_batch, tiny_config, tiny_model
+from tiny_models import FAMILIES, DENSE_FAMILIES, MOE_FAMILIES, random_batch, saved_bytes, tiny_config, tiny_model
 
 
 def _flags(model):
@@ -163,20 +163,6 @@ def test_all_removes_the_planner_and_reapply_switches():
     assert _flags(model) == [True, True]
 
 
-def _saved_bytes_per_token(layer_call, tokens, exclude):
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if t.numel() and st.data_ptr() not in exclude:
-            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer_call()
-    return sum(seen.values()) / tokens
-
-
 @pytest.mark.parametrize("family", FAMILIES + DENSE_FAMILIES + MOE_FAMILIES)
 def test_bound_covers_what_a_layer_saves(family):
     """The per-token bound (fp32 here: compute and residual bytes 4) plus the layer's weight copy against the bytes a
@@ -204,7 +190,7 @@ def test_bound_covers_what_a_layer_saves(family):
     if torch.is_tensor(kwargs.get("hidden_states")):
         kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_(True)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = _saved_bytes_per_token(lambda: layer(*args, **kwargs), ids.numel(), params)
+    saved = saved_bytes(lambda: layer(*args, **kwargs), params) / ids.numel()
     bound = (C.activation_bytes_per_token(cfg, compute_bytes=4, residual_bytes=4)
              + C.layer_weight_bytes(layer, compute_bytes=4) / ids.numel())
     assert saved > 0

@@ -204,3 +204,19 @@ def alternating_padded_batches(mask: torch.Tensor, labels_fn, low: int = 0, high
         ids = torch.randint(low, high, mask.shape, generator=g)
         out.append(dict(input_ids=ids, attention_mask=mask, labels=labels_fn(ids, mask)))
     return out
+
+
+def saved_bytes(call, exclude=frozenset()) -> int:
+    """Bytes of the distinct storages autograd saves for the backward while ``call()`` runs (a saved-tensor hook;
+    storages whose ``data_ptr`` is in ``exclude``, e.g. the parameters, not counted)."""
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if t.numel() and st.data_ptr() not in exclude:
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        call()
+    return sum(seen.values())

@@ -14,6 +14,7 @@ import torch
 
 import litespark_hf
 from litespark_hf import checkpointing as C
+from tiny_models import saved_bytes
 
 pytestmark = pytest.mark.gpu
 
@@ -42,17 +43,12 @@ def test_bound_covers_the_bf16_layer():
     args = tuple(a.detach().requires_grad_(True) if torch.is_tensor(a) and a.is_floating_point() else a
                  for a in cap["a"])
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
 
-    def pack(t):
-        st = t.untyped_storage()
-        if t.numel() and st.data_ptr() not in params:
-            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
-        return t
+    def call():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            layer(*args, **cap["k"])
 
-    with torch.autocast("cuda", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(*args, **cap["k"])
-    saved = sum(seen.values())
+    saved = saved_bytes(call, params)
     bound = C.activation_bytes_per_token(model.config) * ids.numel() + C.layer_weight_bytes(layer)
     print(f"saved {saved / 2 ** 20:.1f} MiB, bound {bound / 2 ** 20:.1f} MiB ({saved / bound:.2f})")
     assert 0 < saved <= bound
