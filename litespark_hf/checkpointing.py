@@ -242,7 +242,9 @@ class _Planner:
         return None
 
     def restore(self) -> None:
-        if self.user_flags is not None:
+        """Give the layers back the flags transformers set (unless someone set others since this planner did)."""
+        current = [bool(getattr(m, "gradient_checkpointing", False)) for m in self.layers]
+        if self.user_flags is not None and current == self.set_flags:
             for layer, flag in zip(self.layers, self.user_flags):
                 layer.gradient_checkpointing = flag
         self.user_flags = None

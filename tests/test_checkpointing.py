@@ -207,3 +207,15 @@ def test_plan_keeps_the_estimate_under_the_budget():
             assert base + C.activation_estimate(n, u, t, a, b, w) <= budget
         if u < n:
             assert base + C.activation_estimate(n, u + 1, t, a, b, w) > budget
+
+
+def test_restore_keeps_flags_set_by_someone_else():
+    model = tiny_model("llama", attn_implementation="sdpa", num_hidden_layers=3)
+    litespark_hf.apply(model, checkpoint_layers="0")
+    model.gradient_checkpointing_enable()
+    model.train()
+    _step(model, random_batch())
+    assert _flags(model) == [False] * 3
+    model.model.layers[1].gradient_checkpointing = True  # the user's own change after the plan
+    litespark_hf.restore(model)
+    assert _flags(model) == [False, True, False]
