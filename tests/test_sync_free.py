@@ -90,16 +90,24 @@ def test_no_positions_made_with_a_cache_or_caller_positions():
 
 
 def test_restore_removes_the_position_hook():
+    # the decoder stack's pre-hooks: the position hook, the checkpoint_layers planner and (with unpad) the unpadding
+    from litespark_hf.checkpointing import _Planner
+
+    def planners(m):
+        return sum(isinstance(h, _Planner) for h in m.model._forward_pre_hooks.values())
+
     model = litespark_hf.apply(tiny_model("llama", attn_implementation="sdpa"), unpad=False)
-    assert len(model.model._forward_pre_hooks) == 1
+    assert len(model.model._forward_pre_hooks) == 2 and planners(model) == 1
     litespark_hf.restore(model)
     assert len(model.model._forward_pre_hooks) == 0
     litespark_hf.apply(model, unpad=False)
-    litespark_hf.apply(model, unpad=False)  # twice: still one hook
-    assert len(model.model._forward_pre_hooks) == 1
+    litespark_hf.apply(model, unpad=False)  # twice: still one of each
+    assert len(model.model._forward_pre_hooks) == 2 and planners(model) == 1
+    litespark_hf.apply(model, unpad=False, checkpoint_layers="all")  # no planner
+    assert len(model.model._forward_pre_hooks) == 1 and planners(model) == 0
     litespark_hf.restore(model)
     litespark_hf.apply(model)  # with the unpadding (default): its pre-hook and post-hook join, once
     litespark_hf.apply(model)
-    assert len(model.model._forward_pre_hooks) == 2 and len(model.model._forward_hooks) == 1
+    assert len(model.model._forward_pre_hooks) == 3 and len(model.model._forward_hooks) == 1
     litespark_hf.restore(model)
     assert not model.model._forward_pre_hooks and not model.model._forward_hooks
