@@ -150,12 +150,18 @@ def test_auto_on_the_cpu_keeps_full_checkpointing():
     assert _flags(model) == [True, True] and C.recomputed_layers(model) == 2
 
 
-def test_all_removes_the_planner_and_reapply_switches():
-    model = tiny_model("llama", attn_implementation="sdpa", num_hidden_layers=2)
-    litespark_hf.apply(model, checkpoint_layers="0")
+def _stepped_with_checkpointing(layers, mode):
+    """A tiny Llama with ``checkpoint_layers=mode`` and transformers' checkpointing on, after one training step."""
+    model = tiny_model("llama", attn_implementation="sdpa", num_hidden_layers=layers)
+    litespark_hf.apply(model, checkpoint_layers=mode)
     model.gradient_checkpointing_enable()
     model.train()
     _step(model, random_batch())
+    return model
+
+
+def test_all_removes_the_planner_and_reapply_switches():
+    model = _stepped_with_checkpointing(2, "0")
     assert _flags(model) == [False, False]
     litespark_hf.apply(model, checkpoint_layers="all")  # the planner gone, transformers' flags back
     assert _flags(model) == [True, True] and C.recomputed_layers(model) is None
@@ -210,11 +216,7 @@ def test_plan_keeps_the_estimate_under_the_budget():
 
 
 def test_restore_keeps_flags_set_by_someone_else():
-    model = tiny_model("llama", attn_implementation="sdpa", num_hidden_layers=3)
-    litespark_hf.apply(model, checkpoint_layers="0")
-    model.gradient_checkpointing_enable()
-    model.train()
-    _step(model, random_batch())
+    model = _stepped_with_checkpointing(3, "0")
     assert _flags(model) == [False] * 3
     model.model.layers[1].gradient_checkpointing = True  # the user's own change after the plan
     litespark_hf.restore(model)
