@@ -166,13 +166,15 @@ class _Planner:
         self.recomputed: int | None = None  # layers recomputed by the last plan
         self.set_flags: list[bool] | None = None  # the flags this planner last set
         self.estimate: int | None = None  # bytes the last "auto" plan expects the step to need at most
-        self._trainable: tuple[int, int] | None = None
+        self._sizes_cache: tuple[int, int, int] | None = None
 
-    def _checkpointing_on(self) -> bool:
+    def _flags(self) -> list[bool]:
+        return [bool(getattr(m, "gradient_checkpointing", False)) for m in self.layers]
+
+    def _checkpointing_on(self, flags: list[bool]) -> bool:
         """Whether transformers has checkpointing on in every decoder layer. Flags that differ from the ones this
         planner last set were set by someone else (gradient_checkpointing_enable / _disable): they are the user's
         choice again."""
-        flags = [bool(getattr(m, "gradient_checkpointing", False)) for m in self.layers]
         if self.user_flags is not None and flags == self.set_flags:
             return True
         self.user_flags = None
@@ -188,17 +190,17 @@ class _Planner:
             devices.add(p.device)
         return len(devices) == 1 and next(iter(devices)).type == "cuda"
 
-    def _trainable_bytes(self) -> tuple[int, int]:
-        if self._trainable is None:
+    def _sizes(self) -> tuple[int, int, int]:
+        """(gradient bytes, trainable parameters, one layer's weight-copy bytes): fixed once training starts."""
+        if self._sizes_cache is None:
             ps = [p for p in self.base.parameters() if p.requires_grad]
-            self._trainable = (sum(p.numel() * p.element_size() for p in ps), sum(p.numel() for p in ps))
-        return self._trainable
+            self._sizes_cache = (sum(p.numel() * p.element_size() for p in ps), sum(p.numel() for p in ps),
+                                 layer_weight_bytes(self.layers[-1]))
+        return self._sizes_cache
 
     def recompute_count(self, tokens: int) -> int:
         n = len(self.layers)
-        if self.mode == "all":
-            return n
-        if isinstance(self.mode, int):
+        if isinstance(self.mode, int):  # ("all" installs no planner)
             return min(n, self.mode)
         cfg = getattr(self.base, "config", None)
         per_token = activation_bytes_per_token(cfg) if cfg is not None else None
@@ -208,13 +210,13 @@ class _Planner:
         total, others, allocated = device_memory(device)
         if self.first_allocated is None:
             self.first_allocated = allocated
-        grad_bytes, n_trainable = self._trainable_bytes()
+        grad_bytes, n_trainable, weights = self._sizes()
         optimizer_to_come = max(0, 8 * n_trainable - (allocated - self.first_allocated))  # AdamW's two fp32 states
         vocab = getattr(cfg, "vocab_size", 0) or 0
         loss_bytes = min(tokens, 4096) * vocab * 4 * 2  # one chunk of fp32 logits and their gradient
         base = allocated + grad_bytes + optimizer_to_come + loss_bytes + MARGIN_BYTES
         budget = int(BUDGET_FRACTION * total) - others
-        boundary, weights = 4 * cfg.hidden_size, layer_weight_bytes(self.layers[-1])
+        boundary = 4 * cfg.hidden_size
         recomputed = plan(n, tokens, per_token, base, budget, boundary, weights)
         # what this step is expected to need at most (the GPU test holds the measured peak to it)
         self.estimate = base + activation_estimate(n, n - recomputed, tokens, per_token, boundary, weights)
@@ -223,10 +225,11 @@ class _Planner:
     def __call__(self, module, args, kwargs):
         if not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
             return None
-        if not self._checkpointing_on():
+        flags = self._flags()
+        if not self._checkpointing_on(flags):
             return None
         if self.user_flags is None:
-            self.user_flags = [bool(getattr(m, "gradient_checkpointing", False)) for m in self.layers]
+            self.user_flags = flags
         n = self.recompute_count(_tokens(args, kwargs))
         self.set_flags = [i < n for i in range(len(self.layers))]
         for layer, flag in zip(self.layers, self.set_flags):
@@ -243,8 +246,7 @@ class _Planner:
 
     def restore(self) -> None:
         """Give the layers back the flags transformers set (unless someone set others since this planner did)."""
-        current = [bool(getattr(m, "gradient_checkpointing", False)) for m in self.layers]
-        if self.user_flags is not None and current == self.set_flags:
+        if self.user_flags is not None and self._flags() == self.set_flags:
             for layer, flag in zip(self.layers, self.user_flags):
                 layer.gradient_checkpointing = flag
         self.user_flags = None

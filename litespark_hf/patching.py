@@ -116,14 +116,12 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
         maybe_register_zero3(base)  # DeepSpeed ZeRO-3: the fused modules gather their children's weights
         if cfg.attention and _HOOK_ATTR not in base.__dict__:
             # positions made by us need no packed-document check (a host sync per forward; see _OwnPositions)
-            stack = getattr(base, "base_model", None)
-            stack = stack if isinstance(stack, nn.Module) else base
+            stack = _decoder_stack(base)
             base.__dict__[_HOOK_ATTR] = stack.register_forward_pre_hook(position_pre_hook, with_kwargs=True)
             if cfg.unpad:  # padded batches: the decoder runs on the real tokens only (after the position hook)
                 base.__dict__[_UNPAD_ATTR] = unpadding.install(stack, base)
     if arch is not None or generic_plan is not None:  # how many layers gradient checkpointing recomputes
-        stack = getattr(base, "base_model", None)
-        checkpointing.install(stack if isinstance(stack, nn.Module) else base, base, cfg.checkpoint_layers)
+        checkpointing.install(_decoder_stack(base), base, cfg.checkpoint_layers)
     # set to this config's values, so that applying again with another config takes the new one
     set_attention_cudnn(base, cfg.attention_cudnn and cfg.attention)
     if cfg.compile_layers:
@@ -142,6 +140,12 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
     base.__dict__[_STATE_ATTR] = state
     logger.info("litespark applied to %s: %s", type(base).__name__, counts)
     return model
+
+
+def _decoder_stack(base: nn.Module) -> nn.Module:
+    """The decoder stack a causal LM's forward runs (``base.base_model``; the model itself when it has none)."""
+    stack = getattr(base, "base_model", None)
+    return stack if isinstance(stack, nn.Module) else base
 
 
 def compile_layers(base: nn.Module) -> int:
