@@ -167,6 +167,7 @@ class _Planner:
         self.set_flags: list[bool] | None = None  # the flags this planner last set
         self.estimate: int | None = None  # bytes the last "auto" plan expects the step to need at most
         self._sizes_cache: tuple[int, int, int] | None = None
+        self._whole_cache: bool | None = None
 
     def _flags(self) -> list[bool]:
         return [bool(getattr(m, "gradient_checkpointing", False)) for m in self.layers]
@@ -181,14 +182,16 @@ class _Planner:
         return bool(flags) and all(flags)
 
     def _weights_whole(self) -> bool:
-        from litespark_kernels.ops.linear import _plain_tensor
+        """Every weight whole (no FSDP2 / ZeRO-3 shard) on one CUDA device: read at the first training forward
+        (after accelerate's prepare), fixed from then on."""
+        if self._whole_cache is None:
+            from litespark_kernels.ops.linear import _plain_tensor
 
-        devices = set()
-        for p in self.base.parameters():
-            if not _plain_tensor(p):
-                return False
-            devices.add(p.device)
-        return len(devices) == 1 and next(iter(devices)).type == "cuda"
+            params = list(self.base.parameters())
+            devices = {p.device for p in params}
+            self._whole_cache = (all(_plain_tensor(p) for p in params) and len(devices) == 1
+                                 and next(iter(devices)).type == "cuda")
+        return self._whole_cache
 
     def _sizes(self) -> tuple[int, int, int]:
         """(gradient bytes, trainable parameters, one layer's weight-copy bytes): fixed once training starts."""

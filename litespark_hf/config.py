@@ -78,6 +78,15 @@ class LitesparkConfig:
             "queued GPU work, so the host can prepare the next step while the GPU finishes this one."
         },
     )
+    lean_bookkeeping: bool = field(
+        default=True,
+        metadata={
+            "help": "Trainers only: the per-step bookkeeping of the Trainer and TRL whose answers do not change "
+            "during training done once (DPO's reference pass: checkpointing flags, PEFT's adapter disabling, "
+            "is_peft_model / unwrap_model; the Trainer's FLOP count; the gradient clip's parameter list) instead of "
+            "walking every module on every step (litespark_hf.bookkeeping). Same model state and values."
+        },
+    )
     unpad: bool = field(
         default=True,
         metadata={

@@ -31,6 +31,7 @@ from trl.trainer.dpo_trainer import DPOTrainer as _StockDPOTrainer
 from trl.trainer.sft_config import SFTConfig as _StockSFTConfig
 from trl.trainer.sft_trainer import SFTTrainer as _StockSFTTrainer
 
+from . import bookkeeping
 from .config import LitesparkConfig
 from .optim import LitesparkAdamW
 from .patching import apply
@@ -212,7 +213,19 @@ class LitesparkTrainerMixin:
         # Every training and evaluation forward of the Trainer, TRL's SFT and DPO goes through here, after
         # accelerate wrapped the model (with use_litespark or not: the FSDP2 fix concerns the stock model too).
         _guard_fsdp2_root(model)
+        if isinstance(self, _StockDPOTrainer) and self._litespark_lean():
+            with bookkeeping.step_context(self):
+                return super().compute_loss(model, inputs, *args, **kwargs)
         return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def _litespark_lean(self) -> bool:
+        """`LitesparkConfig.lean_bookkeeping` is on for this run."""
+        return getattr(self.args, "use_litespark", False) and self._litespark_config().lean_bookkeeping
+
+    def floating_point_ops(self, inputs):
+        if self._litespark_lean():
+            return bookkeeping.floating_point_ops(self, inputs, super().floating_point_ops)
+        return super().floating_point_ops(inputs)
 
     def _litespark_config(self) -> LitesparkConfig:
         """``args.litespark_config`` parsed (once per value)."""
@@ -254,7 +267,8 @@ class LitesparkTrainerMixin:
             return None
         from litespark_kernels._dispatch import _is_dtensor
 
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        params = bookkeeping.parameters(self, model) if self._litespark_lean() else model.parameters()
+        grads = [p.grad for p in params if p.grad is not None]
         if not grads or any(_is_dtensor(g) for g in grads):
             return None
         total = torch.nn.utils.get_total_norm(grads, 2.0, False, None)
@@ -333,6 +347,7 @@ class LitesparkTrainerMixin:
         return self._apply_litespark(super().call_model_init(trial))
 
     def train(self, *args, **kwargs):
+        bookkeeping.reset(self)
         self._apply_litespark(self.model)
         ref_model = getattr(self, "ref_model", None)  # DPO with a separate reference model
         if ref_model is not None:

@@ -313,6 +313,8 @@ def run_one(config_name: str, mode: str, variant: str, steps: int, time_from: in
     callbacks = [timer]
     if os.environ.get("LITESPARK_POST_PROFILE"):  # where the step's time goes: see _ProfileCallback
         callbacks.append(_ProfileCallback(time_from, os.environ["LITESPARK_POST_PROFILE"]))
+    if os.environ.get("LITESPARK_POST_CPROFILE"):  # where the step's host (Python) time goes: _CProfileCallback
+        callbacks.append(_CProfileCallback(time_from, os.environ["LITESPARK_POST_CPROFILE"]))
     extra = {"ref_model": ref_model} if kind == "dpo" else {}
     trainer = TrainerCls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=callbacks, **extra)
@@ -477,6 +479,51 @@ class _ProfileCallback:
                          events.table(sort_by="self_cpu_time_total", row_limit=25)]
                 with open(path, "w") as fh:
                     fh.write("\n".join(lines))
+
+        return _Cb()
+
+
+class _CProfileCallback:
+    """``LITESPARK_POST_CPROFILE=FILE``: cProfile over the timed steps (host time by Python function: a host-bound
+    step's time is here, not in the GPU trace); FILE gets the pstats dump, FILE.txt the top functions by own time
+    and by cumulative time, per timed step."""
+
+    def __new__(cls, time_from: int, path: str):
+        from transformers import TrainerCallback
+
+        class _Cb(TrainerCallback):
+            def __init__(self):
+                self.prof, self.t0, self.steps = None, None, 0
+
+            def on_step_begin(self, args, state, control, **kw):
+                import cProfile
+
+                if state.global_step + 1 == time_from and self.prof is None:
+                    self.prof = cProfile.Profile()
+                    self.t0 = time.perf_counter()
+                    self.prof.enable()
+
+            def on_step_end(self, args, state, control, **kw):
+                if self.prof is not None:
+                    self.steps += 1
+
+            def on_train_end(self, args, state, control, **kw):
+                import io
+                import pstats
+
+                if self.prof is None:
+                    return
+                self.prof.disable()
+                wall = time.perf_counter() - self.t0
+                self.prof.dump_stats(path)
+                buf = io.StringIO()
+                buf.write(f"timed steps {self.steps}: wall {1e3 * wall / max(self.steps, 1):.1f} ms/step "
+                          "(cProfile on: host time inflated)\n")
+                stats = pstats.Stats(self.prof, stream=buf)
+                stats.sort_stats("tottime").print_stats(45)
+                stats.sort_stats("cumulative").print_stats(70)
+                with open(path + ".txt", "w") as fh:
+                    fh.write(buf.getvalue())
 
         return _Cb()
 

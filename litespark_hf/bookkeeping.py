@@ -1,0 +1,228 @@
+"""Per-step host bookkeeping of the Trainer and TRL, done once instead of on every step (`LitesparkConfig.lean_bookkeeping`).
+
+A Litespark step on a padded 1B batch runs its GPU work in ~60-90 ms; the host then is the limit, and part of its
+time is not the model at all but walks over every module or parameter that the Trainer, TRL, PEFT and accelerate
+repeat on every step, with answers that do not change during training. Measured with ``LITESPARK_POST_CPROFILE``
+(a 16-layer Llama, DPO with LoRA, on the CPU): PEFT's ``disable_adapter`` (TRL's reference pass) ~74 ms of profiled
+host time per step (``get_model_status`` walks the model and counts its parameters), TRL's
+``disable_gradient_checkpointing`` ~27 ms (``gradient_checkpointing_disable`` / ``enable``: two walks and the
+input-grad hook re-registered), ``accelerator.unwrap_model`` / accelerate's ``is_peft_model`` ~20 ms (a walk for
+compiled regions and two ``importlib.metadata`` lookups per call), the Trainer's ``floating_point_ops`` ~12 ms (a
+parameter count) every step.
+
+What this module does instead, with the same effect on the model:
+
+- `step_context` (DPO's ``compute_loss``): while the step runs, TRL's ``disable_gradient_checkpointing`` turns off
+  only the flags that are on, from a list of the flagged modules made once, and puts back exactly what was there
+  (TRL re-enables with ``gradient_checkpointing_enable(args.gradient_checkpointing_kwargs)``, which also resets
+  transformers' ``every_n_layers`` and the checkpoint function to those arguments: here they stay as they were);
+  ``use_adapter(model, None)`` on a LoRA-style PEFT model disables and re-enables the adapter layers found once
+  (PEFT's ``enable_adapters`` on each, its irregular-state and bias warnings kept); accelerate's ``is_peft_model``
+  and ``accelerator.unwrap_model`` answer from a memo per model. Anything else (a named "ref" adapter, prompt
+  learning, a tuner that overrides PEFT's enabling) takes TRL's and PEFT's own code.
+- `floating_point_ops`: the Trainer's ``6 * tokens * num_parameters(exclude_embeddings=True)`` with the
+  parameter count taken once; `parameters`: the model's parameter list for the fused gradient clip, listed once.
+
+The memos live on the trainer and are dropped at the start of every ``train()`` (`reset`): modules swapped or
+adapters added between runs are seen again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+
+import torch
+
+_MEMO = "_litespark_bookkeeping"
+
+
+def _memo(trainer) -> dict:
+    return trainer.__dict__.setdefault(_MEMO, {})
+
+
+def reset(trainer) -> None:
+    """Forget everything remembered (at the start of ``train()``)."""
+    trainer.__dict__.pop(_MEMO, None)
+
+
+def _flagged_modules(memo: dict, model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules that carry transformers' ``gradient_checkpointing`` flag (what ``_set_gradient_checkpointing``
+    sets), found once per model."""
+    key = ("gc", id(model))
+    got = memo.get(key)
+    if got is None or got[0] is not model:
+        got = memo[key] = (model, [m for m in model.modules() if hasattr(m, "gradient_checkpointing")])
+    return got[1]
+
+
+def gradient_checkpointing_off(memo: dict):
+    """TRL's ``disable_gradient_checkpointing(model, kwargs)`` (checkpointing off inside, back on after), as a flag
+    flip on the flagged modules that are on, restored to exactly their previous values."""
+
+    @contextlib.contextmanager
+    def disable_gradient_checkpointing(model, gradient_checkpointing_kwargs=None):
+        on = [m for m in _flagged_modules(memo, model) if m.gradient_checkpointing]
+        for m in on:
+            m.gradient_checkpointing = False
+        try:
+            yield
+        finally:
+            for m in on:
+                m.gradient_checkpointing = True
+
+    return disable_gradient_checkpointing
+
+
+def _peft_adapter_layers(memo: dict, model) -> tuple[list, list] | None:
+    """(the layers PEFT's ``_enable_adapter_layers`` toggles, the ``BaseTunerLayer``s among them that its
+    ``get_model_status`` reads) for a PEFT model whose ``disable_adapter`` takes the LoRA-style branch with PEFT's
+    own enabling code; None where it does not (then PEFT's code runs)."""
+    key = ("adapters", id(model))
+    got = memo.get(key)
+    if got is not None and got[0] is model:
+        return got[1]
+    layers = None
+    peft = sys.modules.get("peft")
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    if peft is not None and tuners is not None and isinstance(model, peft.PeftModel):
+        base_tuner, tuner_layer = getattr(tuners, "BaseTuner", None), getattr(tuners, "BaseTunerLayer", None)
+        tuner = model.base_model
+        cfg = model.peft_config.get(model.active_adapter) if isinstance(model.active_adapter, str) else None
+        names = ("disable_adapter_layers", "enable_adapter_layers", "_enable_adapter_layers")
+        if (base_tuner is not None and tuner_layer is not None and isinstance(tuner, base_tuner) and cfg is not None
+                and not getattr(cfg, "is_prompt_learning", True) and not getattr(cfg, "is_adaption_prompt", True)
+                and type(model).disable_adapter is peft.PeftModel.disable_adapter
+                and all(getattr(type(tuner), n, None) is getattr(base_tuner, n, None) for n in names)):
+            wrapper_types = tuple(t for t in (getattr(sys.modules.get("peft.utils"), n, None) for n in (
+                "AuxiliaryTrainingWrapper", "ModulesToSaveWrapper")) if isinstance(t, type))
+            toggled = [m for m in tuner.model.modules() if isinstance(m, (tuner_layer, *wrapper_types))]
+            status = [m for m in toggled if isinstance(m, tuner_layer)]
+            if status:
+                layers = (toggled, status)
+    memo[key] = (model, layers)
+    return layers
+
+
+def use_adapter_fast(memo: dict, stock_use_adapter):
+    """TRL's ``use_adapter(model, adapter_name)``; with ``adapter_name=None`` (all adapters off: TRL's reference
+    pass for a new adapter) PEFT's ``disable_adapter`` done on the adapter layers found once."""
+
+    @contextlib.contextmanager
+    def use_adapter(model, adapter_name):
+        layers = _peft_adapter_layers(memo, model) if adapter_name is None else None
+        if layers is None:
+            with stock_use_adapter(model, adapter_name):
+                yield
+            return
+        toggled, status = layers
+        enabled = [not m.disable_adapters for m in status]
+        if any(enabled) and not all(enabled):
+            warnings.warn(
+                "The model contains some adapter layers that are enabled and others that are disabled. "
+                "This is most likely unintentional. After exiting the disable_adapter context, all adapters "
+                "will be enabled")
+        tuner = model.base_model
+        for name in tuner.active_adapters:
+            bias = getattr(tuner.peft_config[name], "bias", "none")
+            if bias != "none":
+                warnings.warn(f"Careful, disabling adapter layers with bias configured to be '{bias}' does not "
+                              "produce the same output as the base model would without adaption.")
+        was_disabled = model._adapters_disabled
+        try:
+            for m in toggled:
+                m.enable_adapters(False)
+            model._adapters_disabled = True
+            yield
+        finally:
+            if any(enabled):  # PEFT: re-enabled unless every layer was disabled before
+                for m in toggled:
+                    m.enable_adapters(True)
+            model._adapters_disabled = was_disabled
+
+    return use_adapter
+
+
+def _memoised(memo: dict, tag: str, fn):
+    """``fn(model, *args)`` remembered per (model, args)."""
+
+    def call(model, *args, **kwargs):
+        key = (tag, id(model), args, tuple(sorted(kwargs.items())))
+        got = memo.get(key)
+        if got is None or got[0] is not model:
+            got = memo[key] = (model, fn(model, *args, **kwargs))
+        return got[1]
+
+    return call
+
+
+@contextlib.contextmanager
+def _swapped(module, names: dict):
+    """``module``'s globals in ``names`` replaced for the duration (those it lacks are left alone)."""
+    old = {k: module.__dict__[k] for k in names if k in module.__dict__}
+    module.__dict__.update({k: names[k] for k in old})
+    try:
+        yield
+    finally:
+        module.__dict__.update(old)
+
+
+@contextlib.contextmanager
+def _instance_attr(obj, name: str, value):
+    had = name in obj.__dict__
+    old = obj.__dict__.get(name)
+    obj.__dict__[name] = value
+    try:
+        yield
+    finally:
+        if had:
+            obj.__dict__[name] = old
+        else:
+            obj.__dict__.pop(name, None)
+
+
+@contextlib.contextmanager
+def step_context(trainer):
+    """While one DPO ``compute_loss`` runs: TRL's per-step helpers replaced by the equivalents above."""
+    dpo = sys.modules.get("trl.trainer.dpo_trainer")
+    if dpo is None:
+        yield
+        return
+    memo = _memo(trainer)
+    names = {"disable_gradient_checkpointing": gradient_checkpointing_off(memo)}
+    if "use_adapter" in dpo.__dict__:
+        names["use_adapter"] = use_adapter_fast(memo, dpo.__dict__["use_adapter"])
+    if "is_peft_model" in dpo.__dict__:
+        names["is_peft_model"] = _memoised(memo, "is_peft_model", dpo.__dict__["is_peft_model"])
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_swapped(dpo, names))
+        acc = getattr(trainer, "accelerator", None)
+        if acc is not None and hasattr(acc, "unwrap_model"):
+            stack.enter_context(_instance_attr(acc, "unwrap_model", _memoised(memo, "unwrap", acc.unwrap_model)))
+        yield
+
+
+def parameters(trainer, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """``list(model.parameters())``, listed once per model (the fused gradient clip reads every ``.grad``)."""
+    return _memoised(_memo(trainer), "parameters", lambda m: list(m.parameters()))(model)
+
+
+def floating_point_ops(trainer, inputs, stock):
+    """The Trainer's ``floating_point_ops(inputs)`` (``stock``: its bound method, whatever formula this transformers
+    version uses) with the model's ``num_parameters`` answered from a memo per arguments while it runs."""
+    model = trainer.model
+    counter = getattr(model, "num_parameters", None)
+    if counter is None or not isinstance(model, torch.nn.Module):
+        return stock(inputs)
+    memo = _memo(trainer)
+
+    def num_parameters(*args, **kwargs):
+        key = ("num_parameters", id(model), args, tuple(sorted(kwargs.items())))
+        got = memo.get(key)
+        if got is None or got[0] is not model:
+            got = memo[key] = (model, counter(*args, **kwargs))
+        return got[1]
+
+    with _instance_attr(model, "num_parameters", num_parameters):
+        return stock(inputs)
