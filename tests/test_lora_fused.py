@@ -11,6 +11,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 
 import litespark_hf
 import litespark_kernels
+from litespark_hf.modules import lora as lora_mod
 from litespark_hf.modules import lora_group, original_class
 from tiny_models import OpLog, random_batch, tiny_model
 
@@ -47,20 +48,36 @@ def _logits(model, ids, seed=0, **kw):
 
 
 class _Spy:
-    """Records the weights of every `litespark_kernels.fused_linear` call (as a tuple of ids)."""
+    """Records the weights of every `litespark_kernels.fused_linear` call (as a tuple of ids), and of every
+    one-node group + adapters call (`lora_linear`: the base weights, and the A weights)."""
 
     def __init__(self, monkeypatch):
-        self.calls = Counter()
-        real = litespark_kernels.fused_linear
+        self.calls, self.lora_calls, self.lora_a = Counter(), Counter(), Counter()
+        real, real_lora = litespark_kernels.fused_linear, lora_mod.lora_linear
 
         def spy(x, weights, *args, **kwargs):
             self.calls[tuple(id(w) for w in weights)] += 1
             return real(x, weights, *args, **kwargs)
 
+        def spy_lora(x, weights, biases, a_weights, *args, **kwargs):
+            self.lora_calls[tuple(id(w) for w in weights)] += 1
+            self.lora_a[tuple(id(w) for w in a_weights)] += 1
+            return real_lora(x, weights, biases, a_weights, *args, **kwargs)
+
         monkeypatch.setattr(litespark_kernels, "fused_linear", spy)
+        monkeypatch.setattr(lora_mod, "lora_linear", spy_lora)
 
     def count(self, *weights):
         return self.calls[tuple(id(w) for w in weights)]
+
+    def group(self, *weights):
+        """Calls that ran these base weights as one GEMM, through either path."""
+        key = tuple(id(w) for w in weights)
+        return self.calls[key] + self.lora_calls[key]
+
+    def adapters(self, *a_weights):
+        """One-node calls that ran these adapters' A's together."""
+        return self.lora_a[tuple(id(w) for w in a_weights)]
 
 
 def _train_step(model, ids, seed=0):
@@ -104,18 +121,18 @@ def test_fused_lora_matches_peft(family, dropout, monkeypatch):
         attn, mlp = layer.self_attn, layer.mlp
         qkv = [getattr(attn, n) for n in QKV]
         assert all(type(m) is LoraLinear for m in qkv)
-        assert spy.count(*(m.base_layer.weight for m in qkv)) == 1  # q/k/v base: one GEMM
-        assert spy.count(mlp.gate_proj.base_layer.weight, mlp.up_proj.base_layer.weight) == 1
+        assert spy.group(*(m.base_layer.weight for m in qkv)) == 1  # q/k/v base: one GEMM
+        assert spy.group(mlp.gate_proj.base_layer.weight, mlp.up_proj.base_layer.weight) == 1
         a_weights = [m.lora_A["default"].weight for m in qkv]
-        if dropout == 0.0:  # the three A's read the same input: one GEMM
-            assert spy.count(*a_weights) == 1
+        if dropout == 0.0:  # the group and its three adapters in one node (the A's as one GEMM)
+            assert spy.adapters(*a_weights) == 1 and spy.count(*a_weights) == 0
         else:  # independent masks: each A reads its own dropped-out input
-            assert all(spy.count(w) == 1 for w in a_weights)
+            assert all(spy.count(w) == 1 for w in a_weights) and spy.adapters(*a_weights) == 0
 
 
 def test_fused_lora_fewer_gemms_than_peft():
-    """Per layer: stock PEFT makes 3 GEMMs for each of the 7 projections (21); fused: q/k/v base 1 + A's 1 + B's 3,
-    o 3, gate/up base 1 + A's 1 + B's 2, down 3 = 15."""
+    """Per layer: stock PEFT makes 3 GEMMs for each of the 7 projections (21); fused, each of the four groups (q/k/v,
+    o, gate/up, down) is its base GEMM, its adapters' A's as one GEMM and their B's as one accumulating GEMM: 12."""
     stock, lit = _pair("llama")
     ids = random_batch()
     counts = []
@@ -123,9 +140,9 @@ def test_fused_lora_fewer_gemms_than_peft():
         m.eval()
         with OpLog() as log, torch.no_grad():
             m(input_ids=ids)
-        counts.append(log.counts["mm"] + log.counts["addmm"])
+        counts.append(log.counts["mm"] + log.counts["addmm"] + log.counts["addmm_"])
     n_layers = len(_layers(lit))
-    assert counts == [21 * n_layers + 1, 15 * n_layers + 1]  # + the LM head
+    assert counts == [21 * n_layers + 1, 12 * n_layers + 1]  # + the LM head
 
 
 def test_lora_on_part_of_a_group(monkeypatch):
@@ -139,7 +156,7 @@ def test_lora_on_part_of_a_group(monkeypatch):
     assert abs(losses[0] - losses[1]) < 1e-5 * abs(losses[0])
     _assert_grads_match(stock, lit)
     attn = _layers(lit)[0].self_attn
-    assert spy.count(attn.q_proj.base_layer.weight, attn.k_proj.weight, attn.v_proj.base_layer.weight) == 1
+    assert spy.group(attn.q_proj.base_layer.weight, attn.k_proj.weight, attn.v_proj.base_layer.weight) == 1
 
 
 def test_state_dict_save_reload_and_merge_unchanged(tmp_path):
@@ -262,8 +279,8 @@ def test_switching_to_one_other_adapter_is_fused(monkeypatch):
     stock.eval(), lit.eval()
     assert _rel(_logits(lit, ids), _logits(stock, ids)) < 1e-5
     attn = _layers(lit)[0].self_attn
-    assert spy.count(*(getattr(attn, n).base_layer.weight for n in QKV)) == 1
-    assert spy.count(attn.q_proj.lora_A["second"].weight, attn.v_proj.lora_A["second"].weight) == 1
+    assert spy.group(*(getattr(attn, n).base_layer.weight for n in QKV)) == 1
+    assert spy.adapters(attn.q_proj.lora_A["second"].weight, attn.v_proj.lora_A["second"].weight) == 1
 
 
 def test_dora_is_left_to_peft(monkeypatch):
