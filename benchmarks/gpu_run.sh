@@ -241,14 +241,20 @@ fp8_tests() {
     | tee "$OUT_DIR/fp8_gpu.log" | tail -8
 }
 
-post_bench() {
+post_bench() {  # issue #14: the GPU tests of the post-training paths, the whole suite, a profile of the slowest row
   local rc=0
-  timeout 100 "$PYTHON" -m pytest -m gpu tests/gpu/test_checkpointing_gpu.py -q -rfE -s -p no:cacheprovider 2>&1 \
-    | tee "$OUT_DIR/checkpointing_gpu.log" | grep -E "saved|passed|failed|FAILED" | tail -6
-  timeout 450 "$PYTHON" -m litespark_hf.efficiency.bench --suite post --config llama-1b \
-    --modes sft_padded,sft_lora,dpo_full,dpo_lora --variants stock,litespark,litespark_checkpoint_all --steps 20 \
-    --time-from 11 --tag checkpoint --out "$OUT_DIR" > "$OUT_DIR/post_bench.log" 2>&1 || rc=$?
-  grep -E "^\| " "$OUT_DIR/post_bench.log" | tail -14
+  timeout 100 "$PYTHON" -m pytest -m gpu tests/gpu/test_checkpointing_gpu.py tests/gpu/test_lora_linear_gpu.py -q \
+    -rfE -p no:cacheprovider 2>&1 | tee "$OUT_DIR/post_gpu_tests.log" | grep -E "passed|failed|FAILED" | tail -6
+  timeout "${POST_TIMEOUT:-440}" "$PYTHON" -m litespark_hf.efficiency.bench --suite post --config llama-1b \
+    --modes sft_padded,sft_padding_free,sft_packing,sft_lora,dpo_full,dpo_lora --variants stock,liger,litespark \
+    --steps "${POST_STEPS:-14}" --time-from "${POST_TIME_FROM:-8}" --out "$OUT_DIR" > "$OUT_DIR/post_bench.log" 2>&1 \
+    || rc=$?
+  grep -E "^\| " "$OUT_DIR/post_bench.log" | tail -20
+  # where the host-bound LoRA DPO step goes (torch.profiler: wall vs GPU-kernel time, top ops)
+  LITESPARK_POST_PROFILE="$OUT_DIR/profile_post_dpo_lora.txt" timeout 80 "$PYTHON" -m litespark_hf.efficiency.bench \
+    --suite post --config llama-1b --modes dpo_lora --variants litespark --steps 12 --time-from 8 --no-energy \
+    --tag profile --out /tmp/post_profile > /dev/null 2>&1 || true
+  head -1 "$OUT_DIR/profile_post_dpo_lora.txt" 2>/dev/null
   return $rc
 }
 
