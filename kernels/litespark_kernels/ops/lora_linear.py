@@ -47,6 +47,20 @@ def _layout(sizes, ranks, slots):
     return [row_starts[s] for s in slots], col
 
 
+_SCALINGS: dict = {}
+
+
+def _scaling_vector(ranks: tuple, scalings: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Each adapter's scaling repeated over its rank, [sum r] in ``dtype``: the same for every call of a group, so
+    made once per (ranks, scalings, dtype, device) instead of a fill and a concatenation per forward."""
+    key = (ranks, scalings, dtype, device)
+    vec = _SCALINGS.get(key)
+    if vec is None:
+        vec = _SCALINGS[key] = torch.cat([torch.full((r,), s, dtype=dtype, device=device)
+                                          for r, s in zip(ranks, scalings)])
+    return vec
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, meta, w_cast, *params):
@@ -62,9 +76,12 @@ class _LoraLinear(torch.autograd.Function):
         b = bias_vector(biases, sizes, cdt, x.device)
         y = torch.mm(x2, w.t()) if b is None else torch.addmm(b, x2, w.t())
         ranks = [a.shape[0] for a in a_ws]
-        a = torch.cat([ai.to(cdt) for ai in a_ws]) if n_a > 1 else a_ws[0].to(cdt)
+        # one cast of the stacked A's (two launches) instead of one per adapter and a concatenation
+        same = all(ai.dtype == a_ws[0].dtype for ai in a_ws)
+        a = (torch.cat(a_ws) if same else torch.cat([ai.to(cdt) for ai in a_ws])) if n_a > 1 else a_ws[0]
+        a = a.to(cdt)
         h = torch.mm(x2, a.t())
-        svec = torch.cat([torch.full((r,), float(s), dtype=cdt, device=x.device) for r, s in zip(ranks, scalings)])
+        svec = _scaling_vector(tuple(ranks), scalings, cdt, x.device)
         hs = h * svec
         rows, cols = _layout(sizes, ranks, slots)
         bbd = torch.zeros(w.shape[0], sum(ranks), dtype=cdt, device=x.device)
