@@ -22,6 +22,9 @@ What this module does instead, with the same effect on the model:
   learning, a tuner that overrides PEFT's enabling) takes TRL's and PEFT's own code.
 - `floating_point_ops`: the Trainer's ``6 * tokens * num_parameters(exclude_embeddings=True)`` with the
   parameter count taken once; `parameters`: the model's parameter list for the fused gradient clip, listed once.
+- `lean_model_calls` (the whole ``train()``, whole weights only): the Trainer's ``model.train()`` at every step is a
+  no-op when every module is already training, and ``model.zero_grad()`` clears ``.grad`` from a parameter list
+  made once (~13 and ~9 ms of profiled host time per step on the 16-layer LoRA model).
 
 The memos live on the trainer and are dropped at the start of every ``train()`` (`reset`): modules swapped or
 adapters added between runs are seen again.
@@ -206,6 +209,52 @@ def step_context(trainer):
 def parameters(trainer, model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """``list(model.parameters())``, listed once per model (the fused gradient clip reads every ``.grad``)."""
     return _memoised(_memo(trainer), "parameters", lambda m: list(m.parameters()))(model)
+
+
+@contextlib.contextmanager
+def lean_model_calls(model: torch.nn.Module):
+    """For the duration: ``model.train()`` returns at once when every module is already in training mode (the
+    Trainer calls it at the start of every training step; it would walk and set every module), and
+    ``model.zero_grad()`` (after every optimizer step) clears the gradients from a parameter list made once.
+
+    Both lists are made at the first call (inside the training loop, after accelerate's prepare) and kept for this
+    ``train()``; for whole weights on one process or DDP only (the caller checks: sharding engines replace the
+    parameters). ``train`` takes the stock path when a module overrides ``train`` (beyond transformers'
+    ``PreTrainedModel.train``, which does nothing more when the mode does not change), for ``mode=False``, or when a
+    module is in eval mode; ``zero_grad(set_to_none=False)`` and a model that overrides ``zero_grad`` take it too."""
+    from transformers import PreTrainedModel
+
+    stock_train, stock_zero = model.train, model.zero_grad
+    lists: dict = {}
+
+    def _modules():
+        if "modules" not in lists:
+            mods = list(model.modules())
+            plain = (torch.nn.Module.train, PreTrainedModel.train)
+            lists["modules"] = mods if all(type(m).train in plain for m in mods) else None
+        return lists["modules"]
+
+    def train(mode: bool = True):
+        mods = _modules()
+        if mode is True and mods is not None and all(m.training for m in mods):
+            return model
+        return stock_train(mode)
+
+    def zero_grad(set_to_none: bool = True) -> None:
+        if not set_to_none:
+            return stock_zero(set_to_none)
+        if "params" not in lists:
+            lists["params"] = list(model.parameters())
+        for p in lists["params"]:
+            if p.grad is not None:
+                p.grad = None
+        return None
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_instance_attr(model, "train", train))
+        if type(model).zero_grad is torch.nn.Module.zero_grad and not getattr(model, "_is_replica", False):
+            stack.enter_context(_instance_attr(model, "zero_grad", zero_grad))
+        yield
 
 
 def floating_point_ops(trainer, inputs, stock):

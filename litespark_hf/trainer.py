@@ -15,6 +15,7 @@ too, for the model layers only (`_install_stock_trainer_hook`, with a warning). 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from dataclasses import dataclass, field
@@ -366,8 +367,13 @@ class LitesparkTrainerMixin:
             # training_step below applies the same rule on the GPU.
             self.__dict__["_litespark_nan_filter"] = True
             self.args.logging_nan_inf_filter = False
-        try:  # both put back when train() returns
-            return super().train(*args, **kwargs)
+        lean = contextlib.nullcontext()
+        if on and self._litespark_lean() and self._litespark_full_weights() and isinstance(self.model,
+                                                                                             torch.nn.Module):
+            lean = bookkeeping.lean_model_calls(self.model)
+        try:  # all put back when train() returns
+            with lean:
+                return super().train(*args, **kwargs)
         finally:
             if own_filter:
                 self.__dict__.pop("_litespark_nan_filter", None)

@@ -155,3 +155,41 @@ def test_floating_point_ops_same_value_counted_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert B.parameters(trainer, model) == list(model.parameters())
+
+
+def test_lean_model_calls_train_and_zero_grad():
+    model = _lora_model()
+    params = list(model.parameters())
+    with B.lean_model_calls(model):
+        model.eval()  # the stock path: every module to eval
+        assert not any(m.training for m in model.modules())
+        model.train()  # not all training: the stock path sets them
+        assert all(m.training for m in model.modules())
+        for p in params:
+            p.grad = torch.ones_like(p)
+        model.zero_grad()
+        assert all(p.grad is None for p in params)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        model.zero_grad(set_to_none=False)  # the stock path: zeros kept
+        assert all(p.grad is not None and not p.grad.any() for p in params)
+        model.base_model.model.model.layers[0].training = False  # set by hand: train() must still put it back
+        model.train()
+        assert model.base_model.model.model.layers[0].training
+    assert "train" not in model.__dict__ and "zero_grad" not in model.__dict__
+
+
+def test_lean_model_calls_leave_overridden_train_to_the_module():
+    model = tiny_model("llama")
+    seen = []
+
+    class Custom(torch.nn.Linear):
+        def train(self, mode=True):
+            seen.append(mode)
+            return super().train(mode)
+
+    model.model.extra = Custom(2, 2)
+    with B.lean_model_calls(model):
+        model.train()
+        model.train()
+    assert seen == [True, True]  # never skipped
