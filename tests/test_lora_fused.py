@@ -1,6 +1,7 @@
 """PEFT LoRA projections fused into the Litespark projection groups (`litespark_hf.modules.lora`): the same values,
 gradients, dropout draws, state dicts, saving and merging as stock PEFT, and the states left to PEFT's modules."""
 
+import contextlib
 import copy
 from collections import Counter
 
@@ -228,6 +229,13 @@ def test_disabled_adapters_run_the_fused_base(monkeypatch):
     attn = _layers(lit)[0].self_attn
     assert spy.count(*(getattr(attn, n).base_layer.weight for n in QKV)) == 1
     assert spy.count(attn.q_proj.lora_A["default"].weight) == 0
+    # the same ops as the plain Litespark model (no re-concatenation of the group's output)
+    logs = []
+    for m, ctx in ((lit, lit.disable_adapter()), (base, contextlib.nullcontext())):
+        with ctx, OpLog() as log:
+            _logits(m, ids)
+        logs.append(log.counts)
+    assert logs[0]["cat"] == logs[1]["cat"] and logs[0]["mm"] == logs[1]["mm"]
     # enabled again: the adapters are back
     assert _rel(_logits(lit, ids, seed=1), _logits(stock, ids, seed=1)) < 1e-5
 

@@ -197,6 +197,8 @@ def lora_project(x: torch.Tensor, group: LoraGroup, cast: torch.Tensor | None = 
         if out is not None:
             return out.split(group.sizes, dim=-1) if split else out
     base = lk.fused_linear(x, [lin.weight for lin in group.base], [lin.bias for lin in group.base], cast, fp8=fp8)
+    if all(t is None for t in group.terms):  # no adapter adds anything (disabled: TRL DPO's reference pass)
+        return list(base.split(group.sizes, dim=-1)) if split else base
     parts = base.split(group.sizes, dim=-1) if len(group.sizes) > 1 else (base,)
     # PEFT: ``(base_layer(x) + lora).to(base_layer(x).dtype)``
     outs = [p if d is None else (p + d).to(p.dtype) for p, d in zip(parts, _adapter_outputs(x, group.terms))]
