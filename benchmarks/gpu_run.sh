@@ -47,13 +47,14 @@
 #                on the 1B config for FP8_STEPS (default 300) steps, bf16 and --fp8 true, compared by
 #                benchmarks/fp8_quality.py (fp8_quality.log, pretrain_1b_bf16.log, pretrain_1b_fp8.log,
 #                fp8_quality_llama-1b_<device>.json/.png); ~6 min estimated (the speed is `train`'s litespark_fp8 row)
-#   post         issue #14: the checkpoint_layers GPU test (checkpointing_gpu.log), then litespark-train-bench
-#                --suite post on the Llama-3.2-1B shape, TRL's defaults, modes sft_padded, sft_lora, dpo_full,
-#                dpo_lora; variants stock, litespark (checkpoint_layers="auto", the default) and
-#                litespark_checkpoint_all (every layer recomputed, as before); 20 steps with 11-20 timed,
-#                time-boxed to 450 s (~8 min estimated; the JSON is rewritten after every run): post_bench.log,
-#                post_training_llama-1b_<device>_checkpoint.json/.png (the full six-mode file stays as it is; the
-#                compile_layers run of session 10 is post_training_llama-1b_h200_compile_layers.json)
+#   post         issue #14: litespark-train-bench --suite post on the Llama-3.2-1B shape, TRL's defaults, the six
+#                modes (POST_MODES) x stock, liger, litespark; 14 steps with 8-14 timed (POST_STEPS,
+#                POST_TIME_FROM), time-boxed to 545 s (POST_TIMEOUT; the JSON is rewritten after every run; the 18
+#                runs take ~25-30 s each, so give this command a call of its own): post_bench.log,
+#                post_training_llama-1b_<device>.json/.png
+#   post-profile the GPU tests of the post-training paths (post_gpu_tests.log: checkpoint_layers, lora_linear), then
+#                the Litespark dpo_lora and sft_lora steps profiled (profile_post_<mode>.txt: torch.profiler;
+#                cprofile_post_<mode>.prof/.prof.txt: cProfile); ~5 min estimated
 #   all          tests,kernels,recipes,train,fsdp2-probe,engines,families,sat
 #
 # OUT_DIR defaults to outputs/gpu_run. Every command also writes device.txt (GPU name, driver, power limit,
@@ -78,7 +79,7 @@ esac
 IFS=, read -r -a CMDS <<< "$COMMANDS"
 for c in "${CMDS[@]}"; do
   case "$c" in
-    tests|kernels|recipes|train|fsdp2-probe|engines|families|sat|verify|fp8|post) ;;
+    tests|kernels|recipes|train|fsdp2-probe|engines|families|sat|verify|fp8|post|post-profile) ;;
     *) echo "gpu_run.sh: unknown command '$c'" >&2; usage; exit 2 ;;
   esac
 done
@@ -241,20 +242,31 @@ fp8_tests() {
     | tee "$OUT_DIR/fp8_gpu.log" | tail -8
 }
 
-post_bench() {  # issue #14: the GPU tests of the post-training paths, the whole suite, a profile of the slowest row
+post_bench() {  # issue #14: the whole post suite, 18 isolated runs of ~25-30 s each (most of it imports and TRL's
+  # set-up): it needs a call of its own (call 4 of session 11 ran out at 440 s after 15 rows)
   local rc=0
+  timeout "${POST_TIMEOUT:-545}" "$PYTHON" -m litespark_hf.efficiency.bench --suite post --config llama-1b \
+    --modes "${POST_MODES:-sft_padded,sft_padding_free,sft_packing,sft_lora,dpo_full,dpo_lora}" \
+    --variants stock,liger,litespark --steps "${POST_STEPS:-14}" --time-from "${POST_TIME_FROM:-8}" \
+    --out "$OUT_DIR" > "$OUT_DIR/post_bench.log" 2>&1 || rc=$?
+  grep -E "^\| " "$OUT_DIR/post_bench.log" | tail -20
+  return $rc
+}
+
+post_profile() {  # the GPU tests of the post-training paths, and where the host-bound LoRA steps go
+  local rc=0 m
   timeout 100 "$PYTHON" -m pytest -m gpu tests/gpu/test_checkpointing_gpu.py tests/gpu/test_lora_linear_gpu.py -q \
     -rfE -p no:cacheprovider 2>&1 | tee "$OUT_DIR/post_gpu_tests.log" | grep -E "passed|failed|FAILED" | tail -6
-  timeout "${POST_TIMEOUT:-440}" "$PYTHON" -m litespark_hf.efficiency.bench --suite post --config llama-1b \
-    --modes sft_padded,sft_padding_free,sft_packing,sft_lora,dpo_full,dpo_lora --variants stock,liger,litespark \
-    --steps "${POST_STEPS:-14}" --time-from "${POST_TIME_FROM:-8}" --out "$OUT_DIR" > "$OUT_DIR/post_bench.log" 2>&1 \
-    || rc=$?
-  grep -E "^\| " "$OUT_DIR/post_bench.log" | tail -20
-  # where the host-bound LoRA DPO step goes (torch.profiler: wall vs GPU-kernel time, top ops)
-  LITESPARK_POST_PROFILE="$OUT_DIR/profile_post_dpo_lora.txt" timeout 80 "$PYTHON" -m litespark_hf.efficiency.bench \
-    --suite post --config llama-1b --modes dpo_lora --variants litespark --steps 12 --time-from 8 --no-energy \
-    --tag profile --out /tmp/post_profile > /dev/null 2>&1 || true
-  head -1 "$OUT_DIR/profile_post_dpo_lora.txt" 2>/dev/null
+  for m in dpo_lora sft_lora; do  # torch.profiler (wall vs GPU-kernel time, top ops), then cProfile (Python)
+    LITESPARK_POST_PROFILE="$OUT_DIR/profile_post_$m.txt" timeout 80 "$PYTHON" -m litespark_hf.efficiency.bench \
+      --suite post --config llama-1b --modes $m --variants litespark --steps 12 --time-from 8 --no-energy \
+      --tag profile --out /tmp/post_profile > /dev/null 2>&1 || rc=$?
+    head -1 "$OUT_DIR/profile_post_$m.txt" 2>/dev/null
+    LITESPARK_POST_CPROFILE="$OUT_DIR/cprofile_post_$m.prof" timeout 80 "$PYTHON" -m litespark_hf.efficiency.bench \
+      --suite post --config llama-1b --modes $m --variants litespark --steps 12 --time-from 8 --no-energy \
+      --tag profile --out /tmp/post_profile > /dev/null 2>&1 || rc=$?
+    head -1 "$OUT_DIR/cprofile_post_$m.prof.txt" 2>/dev/null
+  done
   return $rc
 }
 
@@ -304,6 +316,7 @@ for c in "${CMDS[@]}"; do
       step families-bench families_bench ;;
     sat) step sat-bench sat_bench ;;
     post) step post-bench post_bench ;;
+    post-profile) step post-profile post_profile ;;
     fp8)
       step fp8-tests fp8_tests
       step fp8-quality fp8_quality ;;
