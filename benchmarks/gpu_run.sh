@@ -47,11 +47,11 @@
 #                on the 1B config for FP8_STEPS (default 300) steps, bf16 and --fp8 true, compared by
 #                benchmarks/fp8_quality.py (fp8_quality.log, pretrain_1b_bf16.log, pretrain_1b_fp8.log,
 #                fp8_quality_llama-1b_<device>.json/.png); ~6 min estimated (the speed is `train`'s litespark_fp8 row)
-#   post         issue #14: litespark-train-bench --suite post on the Llama-3.2-1B shape, TRL's defaults, the six
-#                modes (POST_MODES) x stock, liger, litespark; 14 steps with 8-14 timed (POST_STEPS,
-#                POST_TIME_FROM), time-boxed to 545 s (POST_TIMEOUT; the JSON is rewritten after every run; the 18
+#   post         issue #14: litespark-train-bench --suite post on the Llama-3.2-1B shape (POST_CONFIG=llama-3b for
+#                the 3B one: fewer modes per call), TRL's defaults, the six modes (POST_MODES) x stock, liger,
+#                litespark; 14 steps with 8-14 timed (POST_STEPS, POST_TIME_FROM), time-boxed to 545 s (POST_TIMEOUT; the JSON is rewritten after every run; the 18
 #                runs take ~25-30 s each, so give this command a call of its own): post_bench.log,
-#                post_training_llama-1b_<device>.json/.png
+#                post_training_<config>_<device>.json/.png
 #   post-profile the GPU tests of the post-training paths (post_gpu_tests.log: checkpoint_layers, lora_linear), then
 #                the Litespark dpo_lora and sft_lora steps profiled (profile_post_<mode>.txt: torch.profiler;
 #                cprofile_post_<mode>.prof/.prof.txt: cProfile); ~5 min estimated
@@ -245,7 +245,7 @@ fp8_tests() {
 post_bench() {  # issue #14: the whole post suite, 18 isolated runs of ~25-30 s each (most of it imports and TRL's
   # set-up): it needs a call of its own (call 4 of session 11 ran out at 440 s after 15 rows)
   local rc=0
-  timeout "${POST_TIMEOUT:-545}" "$PYTHON" -m litespark_hf.efficiency.bench --suite post --config llama-1b \
+  timeout "${POST_TIMEOUT:-545}" "$PYTHON" -m litespark_hf.efficiency.bench --suite post --config "${POST_CONFIG:-llama-1b}" \
     --modes "${POST_MODES:-sft_padded,sft_padding_free,sft_packing,sft_lora,dpo_full,dpo_lora}" \
     --variants stock,liger,litespark --steps "${POST_STEPS:-14}" --time-from "${POST_TIME_FROM:-8}" \
     --out "$OUT_DIR" > "$OUT_DIR/post_bench.log" 2>&1 || rc=$?
