@@ -148,7 +148,7 @@ def _install_stock_trainer_hook() -> None:
                 warnings.warn(
                     f"use_litespark=True on a stock {type(self).__name__}: the Litespark model layers are applied "
                     "at the start of train(), but the trainer-side features (fused_optimizer, fused_grad_clip, "
-                    "sync_free_nan_filter, non_blocking_batches) need litespark_hf's trainer classes "
+                    "sync_free_nan_filter, non_blocking_batches, lean_bookkeeping) need litespark_hf's trainer classes "
                     "(litespark_hf.SFTTrainer, DPOTrainer, Trainer) or litespark_hf.patch_trl() before the trainer "
                     "is imported.", UserWarning, stacklevel=2,
                 )
