@@ -556,3 +556,65 @@ def test_attention_sat_refuses_families_it_does_not_reproduce(family):
     ids = torch.randint(0, 128, (2, 16))
     sat_step(model, 0, 10)
     model(input_ids=ids, labels=ids).loss.backward()  # runs (OLMo2 crashed in the sparse attention before)
+
+
+def _sat_pair(apply=True, layers=3):
+    a = tiny_model("llama", num_hidden_layers=layers)
+    if apply:
+        litespark_hf.apply(a)
+    b = copy.deepcopy(a)
+    for m in (a, b):
+        enable_sat(m, **_sat_kwargs())
+        m.train()
+    return a, b
+
+
+def _sparse_step(model, warm, **batch):
+    """A dense measuring step on ``warm``, then a sparse step on ``batch``: (loss, selection, gradients)."""
+    sat_step(model, 0, 10)
+    model(input_ids=warm, labels=warm).loss.backward()
+    model.zero_grad()
+    sat_step(model, 1, 10)
+    selection = [m._sat_state.index.tolist() for m in controller(model).mlps]
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), selection, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("apply", [False, True])
+def test_sat_under_gradient_checkpointing_is_exact(apply):
+    """Recomputed layers run the same selection (and the measuring step counts each forward once): the same
+    losses, selections and gradients as without checkpointing."""
+    plain, ckpt = _sat_pair(apply)
+    ckpt.gradient_checkpointing_enable()
+    ids = random_batch(2, 21)
+    got = [_sparse_step(m, ids, input_ids=ids, labels=ids) for m in (plain, ckpt)]
+    assert got[0][1] == got[1][1] and all(len(s) > 0 for s in got[0][1])
+    assert got[0][0] == got[1][0]
+    assert got[0][2].keys() == got[1][2].keys()
+    for name, g in got[0][2].items():
+        assert torch.equal(g, got[1][2][name]), name
+
+
+def test_sat_on_padding_free_batches_equals_padded():
+    """A padding-free row (sequences packed with position_ids, what TRL's padding_free / packing give) takes the
+    same sparse step as the same sequences right-padded."""
+    padded, packed = _sat_pair(apply=True)
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(3, 120, (n,), generator=g) for n in (13, 7)]
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)], labels[i, :len(s)] = s, 1, s
+    row = torch.cat(seqs)[None]
+    position_ids = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    row_labels = torch.cat([torch.cat([torch.tensor([-100]), s[1:]]) for s in seqs])[None]
+    warm = random_batch(2, 21)
+    a = _sparse_step(padded, warm, input_ids=ids, attention_mask=mask, labels=labels)
+    b = _sparse_step(packed, warm, input_ids=row, position_ids=position_ids, labels=row_labels)
+    assert a[1] == b[1]
+    assert a[0] == pytest.approx(b[0], rel=1e-6)
+    for name, grad in a[2].items():
+        torch.testing.assert_close(b[2][name], grad, atol=1e-6, rtol=1e-5, msg=name)
