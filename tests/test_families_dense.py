@@ -154,14 +154,17 @@ def test_lora_all_linear_matches_peft(family, monkeypatch):
     with torch.no_grad():
         assert rel_err(lit(**no_labels, use_cache=False).logits[valid],
                        stock(**no_labels, use_cache=False).logits[valid]) <= 1e-4
+    from litespark_hf.modules import lora as lora_module
+
     spy = _Spy(monkeypatch, "fused_linear")
+    one_node = _Spy(monkeypatch, "lora_linear", module=lora_module)  # a group and its adapters as one node
     stock.train(), lit.train()
     loss_a, loss_b = stock(**inputs).loss, lit(**inputs).loss
     assert abs(loss_a.item() - loss_b.item()) <= 1e-5 * abs(loss_a.item())
     loss_a.backward()
     loss_b.backward()
     assert_grads_match(stock, lit)
-    base_gemms = {tuple(id(w) for w in args[1]) for args, _ in spy.calls}
+    base_gemms = {tuple(id(w) for w in args[1]) for args, _ in spy.calls + one_node.calls}
     for layer in lit.base_model.model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         qkv = (attn.qkv_proj,) if family == "phi3" else (attn.q_proj, attn.k_proj, attn.v_proj)
