@@ -152,7 +152,10 @@ def _memoised(memo: dict, tag: str, fn):
 
     def call(model, *args, **kwargs):
         key = (tag, id(model), args, tuple(sorted(kwargs.items())))
-        got = memo.get(key)
+        try:
+            got = memo.get(key)
+        except TypeError:  # an unhashable argument: not remembered
+            return fn(model, *args, **kwargs)
         if got is None or got[0] is not model:
             got = memo[key] = (model, fn(model, *args, **kwargs))
         return got[1]

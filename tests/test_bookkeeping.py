@@ -193,3 +193,11 @@ def test_lean_model_calls_leave_overridden_train_to_the_module():
         model.train()
         model.train()
     assert seen == [True, True]  # never skipped
+
+
+def test_memo_passes_unhashable_arguments_through():
+    calls = []
+    f = B._memoised({}, "t", lambda m, *a, **k: calls.append(a) or len(calls))
+    model = object()
+    assert f(model, 1) == 1 and f(model, 1) == 1  # remembered
+    assert f(model, [1]) == 2 and f(model, [1]) == 3  # a list argument: called every time
