@@ -180,3 +180,18 @@ def test_warm_up_replays_the_timed_batches(tiny_result):
             continue  # packed blocks all have one shape: no replay
         real = r["real_tokens_per_step"]
         assert real[:1] == real[1:2], (r["name"], real)  # STEPS=3, time-from 2: step 1 replays step 2's batch
+
+
+def test_profile_env_vars_write_their_reports(tmp_path, monkeypatch):
+    """``LITESPARK_POST_PROFILE`` (torch.profiler) and ``LITESPARK_POST_CPROFILE`` (cProfile) over the timed steps."""
+    monkeypatch.setenv("LITESPARK_POST_PROFILE", str(tmp_path / "torch.txt"))
+    monkeypatch.setenv("LITESPARK_POST_CPROFILE", str(tmp_path / "c.prof"))
+    row = PB.run_one("tiny", "sft_padded", "litespark", 4, 2, progress=False, energy=False, out_dir=str(tmp_path))
+    assert row["status"] == "ok"
+    torch_report = (tmp_path / "torch.txt").read_text()
+    assert torch_report.startswith("timed steps 3: wall ") and "Self CPU" in torch_report
+    c_report = (tmp_path / "c.prof.txt").read_text()
+    assert c_report.startswith("timed steps 3: wall ") and "training_step" in c_report
+    import pstats
+
+    assert pstats.Stats(str(tmp_path / "c.prof")).total_calls > 0

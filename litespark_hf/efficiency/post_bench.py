@@ -434,98 +434,88 @@ def run_one(config_name: str, mode: str, variant: str, steps: int, time_from: in
 # the suite
 
 
-class _ProfileCallback:
+def _window_callback(time_from: int, start, finish):
+    """A TrainerCallback that calls ``start()`` (-> a handle) before step ``time_from`` and, when training ends,
+    ``finish(handle, timed steps, perf_counter at the start)``."""
+    from transformers import TrainerCallback
+
+    class _Cb(TrainerCallback):
+        def __init__(self):
+            self.handle, self.t0, self.steps = None, None, 0
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step + 1 == time_from and self.handle is None:
+                self.handle = start()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.handle is not None:
+                self.steps += 1
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.handle is not None:
+                finish(self.handle, max(self.steps, 1), self.t0)
+
+    return _Cb()
+
+
+def _ProfileCallback(time_from: int, path: str):
     """``LITESPARK_POST_PROFILE=FILE``: torch.profiler over the timed steps; FILE gets, per timed step, the wall
     time, the GPU kernel time (the sum of CUDA kernel durations) and so the idle share, and the top ops by CPU and by
     CUDA self time."""
+    import torch
 
-    def __new__(cls, time_from: int, path: str):
-        from transformers import TrainerCallback
+    def start():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                  torch.profiler.ProfilerActivity.CUDA])
+        prof.__enter__()
+        return prof
 
-        class _Cb(TrainerCallback):
-            def __init__(self):
-                self.prof, self.t0, self.steps = None, None, 0
+    def finish(prof, n, t0):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        prof.__exit__(None, None, None)
+        events = prof.key_averages()
+        kernel_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+        lines = [f"timed steps {n}: wall {1e3 * wall / n:.1f} ms/step, GPU kernels "
+                 f"{kernel_us / 1e3 / n:.1f} ms/step ({100 * kernel_us / 1e6 / wall:.0f}% busy)",
+                 events.table(sort_by="self_cuda_time_total", row_limit=18),
+                 events.table(sort_by="self_cpu_time_total", row_limit=25)]
+        with open(path, "w") as fh:
+            fh.write("\n".join(lines))
 
-            def on_step_begin(self, args, state, control, **kw):
-                import torch
-
-                if state.global_step + 1 == time_from and self.prof is None:
-                    if torch.cuda.is_available():
-                        torch.cuda.synchronize()
-                    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-                    self.prof = torch.profiler.profile(activities=acts)
-                    self.prof.__enter__()
-                    self.t0 = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kw):
-                if self.prof is not None:
-                    self.steps += 1
-
-            def on_train_end(self, args, state, control, **kw):
-                import torch
-
-                if self.prof is None:
-                    return
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                wall = time.perf_counter() - self.t0
-                self.prof.__exit__(None, None, None)
-                events = self.prof.key_averages()
-                kernel_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
-                n = max(self.steps, 1)
-                lines = [f"timed steps {n}: wall {1e3 * wall / n:.1f} ms/step, GPU kernels "
-                         f"{kernel_us / 1e3 / n:.1f} ms/step ({100 * kernel_us / 1e6 / wall:.0f}% busy)",
-                         events.table(sort_by="self_cuda_time_total", row_limit=18),
-                         events.table(sort_by="self_cpu_time_total", row_limit=25)]
-                with open(path, "w") as fh:
-                    fh.write("\n".join(lines))
-
-        return _Cb()
+    return _window_callback(time_from, start, finish)
 
 
-class _CProfileCallback:
+def _CProfileCallback(time_from: int, path: str):
     """``LITESPARK_POST_CPROFILE=FILE``: cProfile over the timed steps (host time by Python function: a host-bound
     step's time is here, not in the GPU trace); FILE gets the pstats dump, FILE.txt the top functions by own time
     and by cumulative time, per timed step."""
+    import cProfile
+    import io
+    import pstats
 
-    def __new__(cls, time_from: int, path: str):
-        from transformers import TrainerCallback
+    def start():
+        prof = cProfile.Profile()
+        prof.enable()
+        return prof
 
-        class _Cb(TrainerCallback):
-            def __init__(self):
-                self.prof, self.t0, self.steps = None, None, 0
+    def finish(prof, n, t0):
+        prof.disable()
+        wall = time.perf_counter() - t0
+        prof.dump_stats(path)
+        buf = io.StringIO()
+        buf.write(f"timed steps {n}: wall {1e3 * wall / n:.1f} ms/step (cProfile on: host time inflated)\n")
+        stats = pstats.Stats(prof, stream=buf)
+        stats.sort_stats("tottime").print_stats(45)
+        stats.sort_stats("cumulative").print_stats(70)
+        with open(path + ".txt", "w") as fh:
+            fh.write(buf.getvalue())
 
-            def on_step_begin(self, args, state, control, **kw):
-                import cProfile
-
-                if state.global_step + 1 == time_from and self.prof is None:
-                    self.prof = cProfile.Profile()
-                    self.t0 = time.perf_counter()
-                    self.prof.enable()
-
-            def on_step_end(self, args, state, control, **kw):
-                if self.prof is not None:
-                    self.steps += 1
-
-            def on_train_end(self, args, state, control, **kw):
-                import io
-                import pstats
-
-                if self.prof is None:
-                    return
-                self.prof.disable()
-                wall = time.perf_counter() - self.t0
-                self.prof.dump_stats(path)
-                buf = io.StringIO()
-                buf.write(f"timed steps {self.steps}: wall {1e3 * wall / max(self.steps, 1):.1f} ms/step "
-                          "(cProfile on: host time inflated)\n")
-                stats = pstats.Stats(self.prof, stream=buf)
-                stats.sort_stats("tottime").print_stats(45)
-                stats.sort_stats("cumulative").print_stats(70)
-                with open(path + ".txt", "w") as fh:
-                    fh.write(buf.getvalue())
-
-        return _Cb()
+    return _window_callback(time_from, start, finish)
 
 
 def _failure(mode: str, variant: str, exc: BaseException) -> dict:
