@@ -224,6 +224,11 @@ class LitesparkConfig:
     def __post_init__(self):
         from .checkpointing import parse_mode
 
+        for f in dataclasses.fields(self):  # a switch given as a string or a number is an error, not truthy
+            value = getattr(self, f.name)
+            if f.type in ("bool", bool) and not isinstance(value, bool):
+                raise ValueError(f"litespark_config {f.name!r} must be true or false, got {value!r}")
+
         parse_mode(self.checkpoint_layers)  # a bad value is an error here, not at the first forward
         if isinstance(self.checkpoint_layers, int):
             self.checkpoint_layers = str(self.checkpoint_layers)

@@ -100,6 +100,13 @@ def test_unknown_litespark_config_key_is_rejected():
         LitesparkConfig.from_any({"atention": False})
 
 
+@pytest.mark.parametrize("value", ["maybe", "false", 1, None])
+def test_a_switch_must_be_a_boolean(value):
+    with pytest.raises(ValueError, match="'lean_bookkeeping' must be true or false"):
+        LitesparkConfig.from_any({"lean_bookkeeping": value})
+    assert LitesparkConfig.from_any('{"lean_bookkeeping": false, "unpad": true}').lean_bookkeeping is False
+
+
 def test_switches_turn_parts_off():
     model = tiny_model("llama")
     litespark_hf.apply(model, mlp=False, fused_cross_entropy=False)
