@@ -41,7 +41,8 @@ import torch
 _MEMO = "_litespark_bookkeeping"
 
 
-def _memo(trainer) -> dict:
+def memo_of(trainer) -> dict:
+    """The trainer's memo (what this module remembers for the current ``train()``)."""
     return trainer.__dict__.setdefault(_MEMO, {})
 
 
@@ -50,14 +51,20 @@ def reset(trainer) -> None:
     trainer.__dict__.pop(_MEMO, None)
 
 
+def _remember(memo: dict, tag: str, model, build):
+    """``build()`` the first time ``tag`` is asked of this very ``model`` (held in the memo, so an id reused by a
+    later object is not mistaken for it), the remembered answer afterwards."""
+    key = (tag, id(model))
+    got = memo.get(key)
+    if got is None or got[0] is not model:
+        got = memo[key] = (model, build())
+    return got[1]
+
+
 def _flagged_modules(memo: dict, model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules that carry transformers' ``gradient_checkpointing`` flag (what ``_set_gradient_checkpointing``
     sets), found once per model."""
-    key = ("gc", id(model))
-    got = memo.get(key)
-    if got is None or got[0] is not model:
-        got = memo[key] = (model, [m for m in model.modules() if hasattr(m, "gradient_checkpointing")])
-    return got[1]
+    return _remember(memo, "gc", model, lambda: [m for m in model.modules() if hasattr(m, "gradient_checkpointing")])
 
 
 def gradient_checkpointing_off(memo: dict):
@@ -82,10 +89,10 @@ def _peft_adapter_layers(memo: dict, model) -> tuple[list, list] | None:
     """(the layers PEFT's ``_enable_adapter_layers`` toggles, the ``BaseTunerLayer``s among them that its
     ``get_model_status`` reads) for a PEFT model whose ``disable_adapter`` takes the LoRA-style branch with PEFT's
     own enabling code; None where it does not (then PEFT's code runs)."""
-    key = ("adapters", id(model))
-    got = memo.get(key)
-    if got is not None and got[0] is model:
-        return got[1]
+    return _remember(memo, "adapters", model, lambda: _find_adapter_layers(model))
+
+
+def _find_adapter_layers(model) -> tuple[list, list] | None:
     layers = None
     peft = sys.modules.get("peft")
     tuners = sys.modules.get("peft.tuners.tuners_utils")
@@ -104,7 +111,6 @@ def _peft_adapter_layers(memo: dict, model) -> tuple[list, list] | None:
             status = [m for m in toggled if isinstance(m, tuner_layer)]
             if status:
                 layers = (toggled, status)
-    memo[key] = (model, layers)
     return layers
 
 
@@ -151,14 +157,12 @@ def _memoised(memo: dict, tag: str, fn):
     """``fn(model, *args)`` remembered per (model, args)."""
 
     def call(model, *args, **kwargs):
-        key = (tag, id(model), args, tuple(sorted(kwargs.items())))
+        key = (tag, args, tuple(sorted(kwargs.items())))
         try:
-            got = memo.get(key)
+            hash(key)
         except TypeError:  # an unhashable argument: not remembered
             return fn(model, *args, **kwargs)
-        if got is None or got[0] is not model:
-            got = memo[key] = (model, fn(model, *args, **kwargs))
-        return got[1]
+        return _remember(memo, key, model, lambda: fn(model, *args, **kwargs))
 
     return call
 
@@ -195,50 +199,55 @@ def step_context(trainer):
     if dpo is None:
         yield
         return
-    memo = _memo(trainer)
+    memo = memo_of(trainer)
+    acc = getattr(trainer, "accelerator", None)
+    names, unwrap = _remember(memo, "step_names", dpo, lambda: _step_replacements(memo, dpo, acc))
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_swapped(dpo, names))
+        if unwrap is not None:
+            stack.enter_context(_instance_attr(acc, "unwrap_model", unwrap))
+        yield
+
+
+def _step_replacements(memo: dict, dpo, acc):
+    """(the TRL DPO module globals to replace, the accelerator's memoised ``unwrap_model`` or None), made once."""
     names = {"disable_gradient_checkpointing": gradient_checkpointing_off(memo)}
     if "use_adapter" in dpo.__dict__:
         names["use_adapter"] = use_adapter_fast(memo, dpo.__dict__["use_adapter"])
     if "is_peft_model" in dpo.__dict__:
         names["is_peft_model"] = _memoised(memo, "is_peft_model", dpo.__dict__["is_peft_model"])
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(_swapped(dpo, names))
-        acc = getattr(trainer, "accelerator", None)
-        if acc is not None and hasattr(acc, "unwrap_model"):
-            stack.enter_context(_instance_attr(acc, "unwrap_model", _memoised(memo, "unwrap", acc.unwrap_model)))
-        yield
+    stock_unwrap = getattr(acc, "unwrap_model", None) if acc is not None else None
+    return names, (_memoised(memo, "unwrap", stock_unwrap) if stock_unwrap is not None else None)
 
 
 def parameters(trainer, model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """``list(model.parameters())``, listed once per model (the fused gradient clip reads every ``.grad``)."""
-    return _memoised(_memo(trainer), "parameters", lambda m: list(m.parameters()))(model)
+    return _remember(memo_of(trainer), "parameters", model, lambda: list(model.parameters()))
 
 
 @contextlib.contextmanager
-def lean_model_calls(model: torch.nn.Module):
+def lean_model_calls(model: torch.nn.Module, memo: dict | None = None):
     """For the duration: ``model.train()`` returns at once when every module is already in training mode (the
     Trainer calls it at the start of every training step; it would walk and set every module), and
     ``model.zero_grad()`` (after every optimizer step) clears the gradients from a parameter list made once.
 
-    Both lists are made at the first call (inside the training loop, after accelerate's prepare) and kept for this
-    ``train()``; for whole weights on one process or DDP only (the caller checks: sharding engines replace the
+    Both lists are made at the first call (inside the training loop, after accelerate's prepare) and kept in
+    ``memo`` (the trainer's: the parameter list is the one `parameters` gives the fused clip) for this ``train()``; for whole weights on one process or DDP only (the caller checks: sharding engines replace the
     parameters). ``train`` takes the stock path when a module overrides ``train`` (beyond transformers'
     ``PreTrainedModel.train``, which does nothing more when the mode does not change), for ``mode=False``, or when a
     module is in eval mode; ``zero_grad(set_to_none=False)`` and a model that overrides ``zero_grad`` take it too."""
     from transformers import PreTrainedModel
 
     stock_train, stock_zero = model.train, model.zero_grad
-    lists: dict = {}
+    memo = {} if memo is None else memo
+    plain = (torch.nn.Module.train, PreTrainedModel.train)
 
-    def _modules():
-        if "modules" not in lists:
-            mods = list(model.modules())
-            plain = (torch.nn.Module.train, PreTrainedModel.train)
-            lists["modules"] = mods if all(type(m).train in plain for m in mods) else None
-        return lists["modules"]
+    def _modules():  # None when a module overrides train(): then the stock call always runs
+        mods = list(model.modules())
+        return mods if all(type(m).train in plain for m in mods) else None
 
     def train(mode: bool = True):
-        mods = _modules()
+        mods = _remember(memo, "train_modules", model, _modules)
         if mode is True and mods is not None and all(m.training for m in mods):
             return model
         return stock_train(mode)
@@ -246,9 +255,7 @@ def lean_model_calls(model: torch.nn.Module):
     def zero_grad(set_to_none: bool = True) -> None:
         if not set_to_none:
             return stock_zero(set_to_none)
-        if "params" not in lists:
-            lists["params"] = list(model.parameters())
-        for p in lists["params"]:
+        for p in _remember(memo, "parameters", model, lambda: list(model.parameters())):
             if p.grad is not None:
                 p.grad = None
         return None
@@ -267,14 +274,7 @@ def floating_point_ops(trainer, inputs, stock):
     counter = getattr(model, "num_parameters", None)
     if counter is None or not isinstance(model, torch.nn.Module):
         return stock(inputs)
-    memo = _memo(trainer)
+    count = _memoised(memo_of(trainer), "num_parameters", lambda _m, *a, **k: counter(*a, **k))
 
-    def num_parameters(*args, **kwargs):
-        key = ("num_parameters", id(model), args, tuple(sorted(kwargs.items())))
-        got = memo.get(key)
-        if got is None or got[0] is not model:
-            got = memo[key] = (model, counter(*args, **kwargs))
-        return got[1]
-
-    with _instance_attr(model, "num_parameters", num_parameters):
+    with _instance_attr(model, "num_parameters", lambda *a, **k: count(model, *a, **k)):
         return stock(inputs)

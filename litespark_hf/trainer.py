@@ -370,7 +370,7 @@ class LitesparkTrainerMixin:
         lean = contextlib.nullcontext()
         if on and self._litespark_lean() and self._litespark_full_weights() and isinstance(self.model,
                                                                                              torch.nn.Module):
-            lean = bookkeeping.lean_model_calls(self.model)
+            lean = bookkeeping.lean_model_calls(self.model, bookkeeping.memo_of(self))
         try:  # all put back when train() returns
             with lean:
                 return super().train(*args, **kwargs)

@@ -311,10 +311,10 @@ def run_one(config_name: str, mode: str, variant: str, steps: int, time_from: in
         peft_config = LoraConfig(**LORA)
     timer = _bench._timer_callback(time_from, steps, cuda, progress, meter)
     callbacks = [timer]
-    if os.environ.get("LITESPARK_POST_PROFILE"):  # where the step's time goes: see _ProfileCallback
-        callbacks.append(_ProfileCallback(time_from, os.environ["LITESPARK_POST_PROFILE"]))
-    if os.environ.get("LITESPARK_POST_CPROFILE"):  # where the step's host (Python) time goes: _CProfileCallback
-        callbacks.append(_CProfileCallback(time_from, os.environ["LITESPARK_POST_CPROFILE"]))
+    if os.environ.get("LITESPARK_POST_PROFILE"):  # where the step's time goes: see _profile_callback
+        callbacks.append(_profile_callback(time_from, os.environ["LITESPARK_POST_PROFILE"]))
+    if os.environ.get("LITESPARK_POST_CPROFILE"):  # where the step's host (Python) time goes: _cprofile_callback
+        callbacks.append(_cprofile_callback(time_from, os.environ["LITESPARK_POST_CPROFILE"]))
     extra = {"ref_model": ref_model} if kind == "dpo" else {}
     trainer = TrainerCls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=callbacks, **extra)
@@ -459,7 +459,7 @@ def _window_callback(time_from: int, start, finish):
     return _Cb()
 
 
-def _ProfileCallback(time_from: int, path: str):
+def _profile_callback(time_from: int, path: str):
     """``LITESPARK_POST_PROFILE=FILE``: torch.profiler over the timed steps; FILE gets, per timed step, the wall
     time, the GPU kernel time (the sum of CUDA kernel durations) and so the idle share, and the top ops by CPU and by
     CUDA self time."""
@@ -490,7 +490,7 @@ def _ProfileCallback(time_from: int, path: str):
     return _window_callback(time_from, start, finish)
 
 
-def _CProfileCallback(time_from: int, path: str):
+def _cprofile_callback(time_from: int, path: str):
     """``LITESPARK_POST_CPROFILE=FILE``: cProfile over the timed steps (host time by Python function: a host-bound
     step's time is here, not in the GPU trace); FILE gets the pstats dump, FILE.txt the top functions by own time
     and by cumulative time, per timed step."""
