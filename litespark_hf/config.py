@@ -48,7 +48,8 @@ class LitesparkConfig:
         metadata={
             "help": "Trainers only: fold gradient-norm clipping (max_grad_norm) into torch's fused Adam/AdamW step "
             "(the clip factor becomes the optimizer's grad_scale) instead of a separate pass over all gradients. "
-            "Used on one device or DDP without a GradScaler and with LitesparkAdamW or a fused torch Adam/AdamW; "
+            "Used on one device or DDP without a GradScaler and with LitesparkAdamW or a fused torch Adam/AdamW, "
+            "and under FSDP2 with LitesparkAdamW (the norm from the local shards, one all-reduce); "
             "otherwise the Trainer clips as usual."
         },
     )

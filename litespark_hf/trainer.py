@@ -202,6 +202,32 @@ def _guard_fsdp2_root(model) -> None:
             _clear_stale_fsdp_groups, prepend=True)
 
 
+def _sharded_grad_norm(grads: list) -> torch.Tensor | None:
+    """The 2-norm of FSDP2's sharded gradients over the whole model, from each process's local shards: the local
+    sum of squares, summed over the mesh's process group (one all-reduce of one scalar). The same number that
+    ``torch.nn.utils.clip_grad_norm_`` computes through DTensor dispatch, as a plain replicated tensor. None (the
+    caller then clips as usual) unless every gradient is a DTensor sharded (``Shard``) on one 1-D mesh: a replicated
+    placement (HSDP, tensor parallelism) would count its elements once per process."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = None
+    for g in grads:
+        if not isinstance(g, DTensor) or g.device_mesh.ndim != 1 or not isinstance(g.placements[0], Shard):
+            return None
+        if mesh is None:
+            mesh = g.device_mesh
+        elif g.device_mesh is not mesh and g.device_mesh != mesh:
+            return None
+    local = [g._local_tensor for g in grads if g._local_tensor.numel()]
+    if local:
+        sq = torch.nn.utils.get_total_norm(local, 2.0, False, None).float().square()
+    else:  # this process holds no element of any gradient
+        sq = torch.zeros((), dtype=torch.float32, device=grads[0]._local_tensor.device)
+    if mesh.size() > 1:
+        torch.distributed.all_reduce(sq, group=mesh.get_group())
+    return sq.sqrt()
+
+
 # Accelerator device types on which the Trainer hands FSDP2's sharded weights to `LitesparkAdamW` (the kernel runs
 # on CUDA; tests/fsdp2_cpu_worker.py adds "cpu" to drive the whole accelerate path on gloo, through the reference).
 _FSDP2_ADAMW_DEVICES = ("cuda",)
@@ -254,25 +280,37 @@ class LitesparkTrainerMixin:
         min(1, max_norm / (norm + 1e-6)). Here the norm is the same (`torch.nn.utils.get_total_norm`) and the factor
         is handed to the optimizer as ``grad_scale``: it divides each gradient by it as it reads it (torch's fused
         kernel then stores the clipped gradient; `LitesparkAdamW` does not write gradients), which saves a pass over
-        every gradient per step. Returns the pre-clip norm like the Trainer's clip, or None where it does not apply.
+        every gradient per step (under FSDP2 also the per-tensor DTensor dispatch of torch's clip). Returns the pre-clip
+        norm like the Trainer's clip, or None where it does not apply.
         """
         if not getattr(self.args, "use_litespark", False):
             return None
         if not self._litespark_config().fused_grad_clip:
             return None
-        if not self._litespark_full_weights() or getattr(self.accelerator, "scaler", None) is not None:
+        if getattr(self.accelerator, "scaler", None) is not None:
+            return None
+        fsdp2 = self._litespark_fsdp2()
+        if not fsdp2 and not self._litespark_full_weights():
             return None
         opt = getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's AcceleratedOptimizer
+        if fsdp2 and not isinstance(opt, LitesparkAdamW):  # torch's fused AdamW on DTensors: the Trainer's clip
+            return None
         if not isinstance(opt, LitesparkAdamW) and (not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW))
                                                     or not all(g.get("fused") for g in opt.param_groups)):
             return None
         from litespark_kernels._dispatch import _is_dtensor
 
-        params = bookkeeping.parameters(self, model) if self._litespark_lean() else model.parameters()
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads or any(_is_dtensor(g) for g in grads):
-            return None
-        total = torch.nn.utils.get_total_norm(grads, 2.0, False, None)
+        if fsdp2:  # FSDP2 swaps module parameters between sharded and gathered ones: list them afresh
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            total = _sharded_grad_norm(grads) if grads else None
+            if total is None:
+                return None
+        else:
+            params = bookkeeping.parameters(self, model) if self._litespark_lean() else model.parameters()
+            grads = [p.grad for p in params if p.grad is not None]
+            if not grads or any(_is_dtensor(g) for g in grads):
+                return None
+            total = torch.nn.utils.get_total_norm(grads, 2.0, False, None)
         coef = torch.clamp(self.args.max_grad_norm / (total.float() + 1e-6), max=1.0)
         opt.grad_scale = coef.reciprocal()
         if not opt.__dict__.get("_litespark_clip_hook"):
@@ -312,7 +350,7 @@ class LitesparkTrainerMixin:
         ``param_groups`` at the sharded DTensor weights (``fsdp2_switch_optimizer_parameters``), which
         `LitesparkAdamW` steps on their local shards; the weights may be plain fp32 tensors (on the CPU or the meta
         device until prepare moves them) or fp32 DTensors, on a CUDA accelerator. No low-precision copies under
-        FSDP2, and the gradient clip stays the Trainer's. Never for FSDP1 or DeepSpeed (which own the step).
+        FSDP2; the gradient clip is folded into the step there too (`_sharded_grad_norm`). Never for FSDP1 or DeepSpeed (which own the step).
         """
         if type(optimizer) is not torch.optim.AdamW:
             return None

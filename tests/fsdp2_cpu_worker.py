@@ -32,7 +32,8 @@ get/set_optimizer_state_dict into a fresh `LitesparkAdamW` (and into a torch Ada
 continuing with the first optimizer. ``trainer_litespark_adamw``: as ``trainer_litespark`` with "cpu" allowed for the
 Trainer's FSDP2 swap to `LitesparkAdamW` (`litespark_hf.trainer._FSDP2_ADAMW_DEVICES`; on CUDA it needs nothing),
 so that accelerate's prepare re-points its parameter groups at the sharded weights and the step-2 checkpoint saves
-its sharded state.
+its sharded state; the gradient clip is then folded into its step (`litespark_hf.trainer._sharded_grad_norm`: the
+norms it computes are recorded next to the logged ``grad_norm``).
 """
 
 from __future__ import annotations
@@ -454,9 +455,17 @@ def trainer_check(out_dir: Path, trainer_kind: str, old_hooks: bool, cpu_adamw: 
     res = {"trainer": f"{cls.__module__}.{cls.__name__}"}
     import litespark_hf.trainer as lt
 
-    devices = lt._FSDP2_ADAMW_DEVICES
+    devices, sharded_norm = lt._FSDP2_ADAMW_DEVICES, lt._sharded_grad_norm
     if cpu_adamw:
         lt._FSDP2_ADAMW_DEVICES = devices + ("cpu",)
+    folded = []
+
+    def counted_norm(grads):  # the folded clip's norm over the local shards, recorded
+        total = sharded_norm(grads)
+        folded.append(None if total is None else total.item())
+        return total
+
+    lt._sharded_grad_norm = counted_norm
     with ctx:
         trainer = cls(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                       processing_class=tiny_tokenizer())
@@ -464,6 +473,8 @@ def trainer_check(out_dir: Path, trainer_kind: str, old_hooks: bool, cpu_adamw: 
         try:
             trainer.train()
             res["train_losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+            res["grad_norms"] = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+            res["folded_clip_norms"] = folded
             res["eval_loss_step2"] = next(h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h)
             res["checkpoint"] = sorted(os.listdir(out / "checkpoint-2"))
             res["eval_loss"] = trainer.evaluate()["eval_loss"]
@@ -482,7 +493,7 @@ def trainer_check(out_dir: Path, trainer_kind: str, old_hooks: bool, cpu_adamw: 
             res["traceback"] = traceback.format_exc()[-2500:]
             res["failed_in"] = "evaluate" if "train_losses" in res else "train"
         finally:
-            lt._FSDP2_ADAMW_DEVICES = devices
+            lt._FSDP2_ADAMW_DEVICES, lt._sharded_grad_norm = devices, sharded_norm
     PartialState().wait_for_everyone()
     return res
 

@@ -218,3 +218,10 @@ def test_trainer_swaps_in_litespark_adamw_under_accelerate_fsdp2(two):
     assert ".metadata" in ours["checkpoint_optimizer"]
     assert _rel(ours["train_losses"], stock_opt["train_losses"]) <= TOL
     assert ours["eval_loss"] == pytest.approx(stock_opt["eval_loss"], rel=TOL)
+    # the clip folded into LitesparkAdamW's step: its norm (local shards + one all-reduce) is the one the stock clip
+    # (torch.optim.AdamW, accelerate's DTensor clip_grad_norm_) logs, at every step; and it clips (norm > max 1.0)
+    assert len(ours["folded_clip_norms"]) == 2 and None not in ours["folded_clip_norms"], ours
+    assert stock_opt["folded_clip_norms"] == [], stock_opt
+    assert _rel(ours["folded_clip_norms"], ours["grad_norms"]) <= TOL
+    assert _rel(ours["grad_norms"], stock_opt["grad_norms"]) <= TOL
+    assert min(stock_opt["grad_norms"]) > 1.0, stock_opt["grad_norms"]
