@@ -33,7 +33,8 @@
 #                reference: the MLP microbenchmark; pre-training rows on the Llama-3.2-1B shape (stock, litespark,
 #                litespark+SAT at 0.25/0.5 x freeze on/off, constant rate; 14 steps, 5-14 timed) and one profiled
 #                SAT 0.5 step; TRL SFT dense Litespark vs ladder SAT 0.5 on the post-bench length distribution (a
-#                24-step priming pass, then 96 steps each, held-out loss at the end); time-boxed to 480 s (~6 min
+#                24-step priming pass, then 96 steps each, held-out loss at the end); time-boxed to SAT_TIMEOUT
+#                (default 480 s, ~6 min
 #                estimated; the JSON is rewritten after every row): bench_sat.log, bench_sat_<device>.json/.png,
 #                profile_sat_step_<device>.txt
 #   verify       what session 8 wrote after its last GPU call: the GPU tests never run yet (head-dim-256 attention
@@ -55,6 +56,12 @@
 #   post-profile the GPU tests of the post-training paths (post_gpu_tests.log: checkpoint_layers, lora_linear), then
 #                the Litespark dpo_lora and sft_lora steps profiled (profile_post_<mode>.txt: torch.profiler;
 #                cprofile_post_<mode>.prof/.prof.txt: cProfile); ~5 min estimated
+#   post-tests   the GPU tests of the post-training and sharded paths alone (post_gpu_tests.log: checkpoint_layers,
+#                lora_linear, LitesparkAdamW under FSDP2); ~1.5 min
+#   fsdp2        issue #20's kept ratio in one call: litespark-train-bench on the Llama-3.2-1B shape, sdpa and
+#                litespark, --engine none (in OUT_DIR/none/, so that the seven-variant one-device file is not
+#                replaced) then --engine fsdp2, 12 steps with 6-12 timed (FSDP2_REPEATS, default 1, runs the pair
+#                again; each repeat's tables stay in bench_fsdp2_pair.log); ~3.5 min per repeat
 #   all          tests,kernels,recipes,train,fsdp2-probe,engines,families,sat
 #
 # OUT_DIR defaults to outputs/gpu_run. Every command also writes device.txt (GPU name, driver, power limit,
@@ -79,7 +86,7 @@ esac
 IFS=, read -r -a CMDS <<< "$COMMANDS"
 for c in "${CMDS[@]}"; do
   case "$c" in
-    tests|kernels|recipes|train|fsdp2-probe|engines|families|sat|verify|fp8|post|post-profile) ;;
+    tests|kernels|recipes|train|fsdp2-probe|engines|families|sat|verify|fp8|post|post-profile|post-tests|fsdp2) ;;
     *) echo "gpu_run.sh: unknown command '$c'" >&2; usage; exit 2 ;;
   esac
 done
@@ -253,6 +260,27 @@ post_bench() {  # issue #14: the whole post suite, 18 isolated runs of ~25-30 s 
   return $rc
 }
 
+post_tests() {
+  timeout 150 "$PYTHON" -m pytest -m gpu tests/gpu/test_checkpointing_gpu.py tests/gpu/test_lora_linear_gpu.py \
+    tests/gpu/test_fsdp2_adamw_gpu.py -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT_DIR/post_gpu_tests.log" \
+    | grep -E "passed|failed|FAILED|Error" | tail -8
+}
+
+fsdp2_pair() {  # the one-device and FSDP2 rows of llama-1b in one call (#20's "kept" ratio)
+  local rc=0 r engine dir
+  for r in $(seq "${FSDP2_REPEATS:-1}"); do
+    for engine in none fsdp2; do
+      dir=$OUT_DIR
+      [ "$engine" = none ] && dir=$OUT_DIR/none
+      timeout 150 "$PYTHON" benchmarks/train_bench.py --config llama-1b --engine "$engine" --variants sdpa,litespark \
+        --steps 12 --time-from 6 --out "$dir" --no-progress >> "$OUT_DIR/bench_fsdp2_pair.log" 2>&1 || rc=$?
+      grep -E "^\| (sdpa|litespark) " "$OUT_DIR/bench_fsdp2_pair.log" | tail -2 | cut -d"|" -f2,4,10 \
+        | sed "s/^/repeat $r $engine /"
+    done
+  done
+  return $rc
+}
+
 post_profile() {  # the GPU tests of the post-training paths, and where the host-bound LoRA steps go
   local rc=0 m
   timeout 100 "$PYTHON" -m pytest -m gpu tests/gpu/test_checkpointing_gpu.py tests/gpu/test_lora_linear_gpu.py -q \
@@ -291,7 +319,7 @@ fp8_quality() {  # the same 1B pre-training run in bf16 and with float8 projecti
 
 sat_bench() {  # SAT on Litespark (issue #19): pre-training and TRL SFT rows, time-boxed; the JSON survives a timeout
   local rc=0
-  timeout 480 "$PYTHON" benchmarks/bench_sat.py --modes pretrain,sft --profile --out "$OUT_DIR" \
+  timeout "${SAT_TIMEOUT:-480}" "$PYTHON" benchmarks/bench_sat.py --modes pretrain,sft --profile --out "$OUT_DIR" \
     > "$OUT_DIR/bench_sat.log" 2>&1 || rc=$?
   grep -E "^\[bench_sat\] |^\| |^targets:" "$OUT_DIR/bench_sat.log" | tail -40 || tail -30 "$OUT_DIR/bench_sat.log"
   return $rc
@@ -317,6 +345,8 @@ for c in "${CMDS[@]}"; do
     sat) step sat-bench sat_bench ;;
     post) step post-bench post_bench ;;
     post-profile) step post-profile post_profile ;;
+    post-tests) step post-tests post_tests ;;
+    fsdp2) step fsdp2-pair fsdp2_pair ;;
     fp8)
       step fp8-tests fp8_tests
       step fp8-quality fp8_quality ;;
