@@ -61,7 +61,10 @@
 #   fsdp2        issue #20's kept ratio in one call: litespark-train-bench on the Llama-3.2-1B shape, sdpa and
 #                litespark, --engine none (in OUT_DIR/none/, so that the seven-variant one-device file is not
 #                replaced) then --engine fsdp2, 12 steps with 6-12 timed (FSDP2_REPEATS, default 1, runs the pair
-#                again; each repeat's tables stay in bench_fsdp2_pair.log); ~3.5 min per repeat
+#                again; each repeat's tables stay in bench_fsdp2_pair.log); ~2 min per repeat. FSDP2_VARIANTS
+#                (default sdpa,litespark) for the FSDP2 rows, e.g. with the litespark_clip_unfolded /
+#                litespark_torch_adamw diagnostics; FSDP2_ENGINES (default "none fsdp2"); FSDP2_PROFILE=1 adds a
+#                torch.profiler window of the FSDP2 litespark step (profile_llama-1b_fsdp2_<device>.json)
 #   all          tests,kernels,recipes,train,fsdp2-probe,engines,families,sat
 #
 # OUT_DIR defaults to outputs/gpu_run. Every command also writes device.txt (GPU name, driver, power limit,
@@ -268,16 +271,25 @@ post_tests() {
 
 fsdp2_pair() {  # the one-device and FSDP2 rows of llama-1b in one call (#20's "kept" ratio)
   local rc=0 r engine dir
+  local variants
   for r in $(seq "${FSDP2_REPEATS:-1}"); do
-    for engine in none fsdp2; do
+    for engine in ${FSDP2_ENGINES:-none fsdp2}; do
       dir=$OUT_DIR
-      [ "$engine" = none ] && dir=$OUT_DIR/none
-      timeout 150 "$PYTHON" benchmarks/train_bench.py --config llama-1b --engine "$engine" --variants sdpa,litespark \
-        --steps 12 --time-from 6 --out "$dir" --no-progress >> "$OUT_DIR/bench_fsdp2_pair.log" 2>&1 || rc=$?
-      grep -E "^\| (sdpa|litespark) " "$OUT_DIR/bench_fsdp2_pair.log" | tail -2 | cut -d"|" -f2,4,10 \
+      variants=${FSDP2_VARIANTS:-sdpa,litespark}
+      [ "$engine" = none ] && dir=$OUT_DIR/none variants=sdpa,litespark
+      timeout 240 "$PYTHON" benchmarks/train_bench.py --config llama-1b --engine "$engine" --variants "$variants" \
+        --steps 12 --time-from 6 --out "$dir" --no-progress > "$OUT_DIR/bench_pair.tmp" 2>&1 || rc=$?
+      cat "$OUT_DIR/bench_pair.tmp" >> "$OUT_DIR/bench_fsdp2_pair.log"
+      grep -E "^\| (sdpa|litespark[a-z_]*) " "$OUT_DIR/bench_pair.tmp" | cut -d"|" -f2,4,6,10 \
         | sed "s/^/repeat $r $engine /"
     done
   done
+  rm -f "$OUT_DIR/bench_pair.tmp"
+  if [ "${FSDP2_PROFILE:-0}" = 1 ]; then
+    timeout 150 "$PYTHON" benchmarks/profile_step.py --config llama-1b --engine fsdp2 --variants litespark \
+      --out "$OUT_DIR" > "$OUT_DIR/profile_fsdp2.log" 2>&1 || rc=$?
+    tail -30 "$OUT_DIR/profile_fsdp2.log"
+  fi
   return $rc
 }
 

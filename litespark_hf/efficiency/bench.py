@@ -93,6 +93,11 @@ VARIANTS = {
     "litespark_cudnn": ("sdpa", {"use_litespark": True, "litespark_config": '{"attention_cudnn": true}'}, None),
     "litespark_compile_layers": ("sdpa", {"use_litespark": True, "litespark_config": '{"compile_layers": true}'},
                                  None),
+    # diagnostics: Litespark with one trainer-side part switched off (what that part is worth, in the same run)
+    "litespark_clip_unfolded": ("sdpa", {"use_litespark": True, "litespark_config": '{"fused_grad_clip": false}'},
+                                None),
+    "litespark_torch_adamw": ("sdpa", {"use_litespark": True, "litespark_config": '{"fused_optimizer": false}'},
+                              None),
 }
 BASELINE = "sdpa"
 
