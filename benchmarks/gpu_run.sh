@@ -34,7 +34,8 @@
 #                litespark+SAT at 0.25/0.5 x freeze on/off, constant rate; 14 steps, 5-14 timed) and one profiled
 #                SAT 0.5 step; TRL SFT dense Litespark vs ladder SAT 0.5 on the post-bench length distribution (a
 #                24-step priming pass, then 96 steps each, held-out loss at the end); time-boxed to SAT_TIMEOUT
-#                (default 480 s, ~6 min
+#                (default 480 s; SAT_MODES=pretrain for those rows alone, SAT_ARGS for more options, e.g.
+#                --skip-micro), ~2-6 min
 #                estimated; the JSON is rewritten after every row): bench_sat.log, bench_sat_<device>.json/.png,
 #                profile_sat_step_<device>.txt
 #   verify       what session 8 wrote after its last GPU call: the GPU tests never run yet (head-dim-256 attention
@@ -50,21 +51,23 @@
 #                fp8_quality_llama-1b_<device>.json/.png); ~6 min estimated (the speed is `train`'s litespark_fp8 row)
 #   post         issue #14: litespark-train-bench --suite post on the Llama-3.2-1B shape (POST_CONFIG=llama-3b for
 #                the 3B one: fewer modes per call), TRL's defaults, the six modes (POST_MODES) x stock, liger,
-#                litespark; 14 steps with 8-14 timed (POST_STEPS, POST_TIME_FROM), time-boxed to 545 s (POST_TIMEOUT; the JSON is rewritten after every run; the 18
+#                litespark (POST_VARIANTS); 14 steps with 8-14 timed (POST_STEPS, POST_TIME_FROM), time-boxed to 545 s (POST_TIMEOUT; the JSON is rewritten after every run; the 18
 #                runs take ~25-30 s each, so give this command a call of its own): post_bench.log,
 #                post_training_<config>_<device>.json/.png
 #   post-profile the GPU tests of the post-training paths (post_gpu_tests.log: checkpoint_layers, lora_linear), then
 #                the Litespark dpo_lora and sft_lora steps profiled (profile_post_<mode>.txt: torch.profiler;
 #                cprofile_post_<mode>.prof/.prof.txt: cProfile); ~5 min estimated
 #   post-tests   the GPU tests of the post-training and sharded paths alone (post_gpu_tests.log: checkpoint_layers,
-#                lora_linear, LitesparkAdamW under FSDP2); ~1.5 min
+#                lora_linear, LitesparkAdamW under FSDP2 and with SAT's frozen masks); ~1.5 min
 #   fsdp2        issue #20's kept ratio in one call: litespark-train-bench on the Llama-3.2-1B shape, sdpa and
 #                litespark, --engine none (in OUT_DIR/none/, so that the seven-variant one-device file is not
 #                replaced) then --engine fsdp2, 12 steps with 6-12 timed (FSDP2_REPEATS, default 1, runs the pair
 #                again; each repeat's tables stay in bench_fsdp2_pair.log); ~2 min per repeat. FSDP2_VARIANTS
 #                (default sdpa,litespark) for the FSDP2 rows, e.g. with the litespark_clip_unfolded /
-#                litespark_torch_adamw diagnostics; FSDP2_ENGINES (default "none fsdp2"); FSDP2_PROFILE=1 adds a
-#                torch.profiler window of the FSDP2 litespark step (profile_llama-1b_fsdp2_<device>.json)
+#                litespark_torch_adamw diagnostics; FSDP2_NONE_VARIANTS (default sdpa,litespark) for the
+#                one-device rows; FSDP2_ENGINES (default "none fsdp2"); FSDP2_CONFIG (default llama-1b; a
+#                space-separated list runs each; llama-3b runs 10 steps with 5-10 timed); FSDP2_PROFILE=1 adds a torch.profiler window of the FSDP2
+#                litespark step (profile_<config>_fsdp2_<device>.json)
 #   all          tests,kernels,recipes,train,fsdp2-probe,engines,families,sat
 #
 # OUT_DIR defaults to outputs/gpu_run. Every command also writes device.txt (GPU name, driver, power limit,
@@ -257,7 +260,7 @@ post_bench() {  # issue #14: the whole post suite, 18 isolated runs of ~25-30 s 
   local rc=0
   timeout "${POST_TIMEOUT:-545}" "$PYTHON" -m litespark_hf.efficiency.bench --suite post --config "${POST_CONFIG:-llama-1b}" \
     --modes "${POST_MODES:-sft_padded,sft_padding_free,sft_packing,sft_lora,dpo_full,dpo_lora}" \
-    --variants stock,liger,litespark --steps "${POST_STEPS:-14}" --time-from "${POST_TIME_FROM:-8}" \
+    --variants "${POST_VARIANTS:-stock,liger,litespark}" --steps "${POST_STEPS:-14}" --time-from "${POST_TIME_FROM:-8}" \
     --out "$OUT_DIR" > "$OUT_DIR/post_bench.log" 2>&1 || rc=$?
   grep -E "^\| " "$OUT_DIR/post_bench.log" | tail -20
   return $rc
@@ -265,28 +268,32 @@ post_bench() {  # issue #14: the whole post suite, 18 isolated runs of ~25-30 s 
 
 post_tests() {
   timeout 150 "$PYTHON" -m pytest -m gpu tests/gpu/test_checkpointing_gpu.py tests/gpu/test_lora_linear_gpu.py \
-    tests/gpu/test_fsdp2_adamw_gpu.py -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT_DIR/post_gpu_tests.log" \
+    tests/gpu/test_fsdp2_adamw_gpu.py tests/gpu/test_adamw_frozen_gpu.py -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT_DIR/post_gpu_tests.log" \
     | grep -E "passed|failed|FAILED|Error" | tail -8
 }
 
-fsdp2_pair() {  # the one-device and FSDP2 rows of llama-1b in one call (#20's "kept" ratio)
+fsdp2_pair() {  # the one-device and FSDP2 rows of each config in one call (#20's "kept" ratio)
   local rc=0 r engine dir
-  local variants
-  for r in $(seq "${FSDP2_REPEATS:-1}"); do
-    for engine in ${FSDP2_ENGINES:-none fsdp2}; do
-      dir=$OUT_DIR
-      variants=${FSDP2_VARIANTS:-sdpa,litespark}
-      [ "$engine" = none ] && dir=$OUT_DIR/none variants=sdpa,litespark
-      timeout 240 "$PYTHON" benchmarks/train_bench.py --config llama-1b --engine "$engine" --variants "$variants" \
-        --steps 12 --time-from 6 --out "$dir" --no-progress > "$OUT_DIR/bench_pair.tmp" 2>&1 || rc=$?
-      cat "$OUT_DIR/bench_pair.tmp" >> "$OUT_DIR/bench_fsdp2_pair.log"
-      grep -E "^\| (sdpa|litespark[a-z_]*) " "$OUT_DIR/bench_pair.tmp" | cut -d"|" -f2,4,6,10 \
-        | sed "s/^/repeat $r $engine /"
+  local variants config steps
+  for config in ${FSDP2_CONFIG:-llama-1b}; do
+    steps=(--steps 12 --time-from 6)
+    [ "$config" = llama-3b ] && steps=(--steps 10 --time-from 5)
+    for r in $(seq "${FSDP2_REPEATS:-1}"); do
+      for engine in ${FSDP2_ENGINES:-none fsdp2}; do
+        dir=$OUT_DIR
+        variants=${FSDP2_VARIANTS:-sdpa,litespark}
+        [ "$engine" = none ] && dir=$OUT_DIR/none variants=${FSDP2_NONE_VARIANTS:-sdpa,litespark}
+        timeout 240 "$PYTHON" benchmarks/train_bench.py --config "$config" --engine "$engine" --variants "$variants" \
+          "${steps[@]}" --out "$dir" --no-progress > "$OUT_DIR/bench_pair.tmp" 2>&1 || rc=$?
+        cat "$OUT_DIR/bench_pair.tmp" >> "$OUT_DIR/bench_fsdp2_pair.log"
+        grep -E "^\| (sdpa|litespark[a-z_]*) " "$OUT_DIR/bench_pair.tmp" | cut -d"|" -f2,4,6,10 \
+          | sed "s/^/$config repeat $r $engine /"
+      done
     done
   done
   rm -f "$OUT_DIR/bench_pair.tmp"
   if [ "${FSDP2_PROFILE:-0}" = 1 ]; then
-    timeout 150 "$PYTHON" benchmarks/profile_step.py --config llama-1b --engine fsdp2 --variants litespark \
+    timeout 150 "$PYTHON" benchmarks/profile_step.py --config "$config" --engine fsdp2 --variants litespark \
       --out "$OUT_DIR" > "$OUT_DIR/profile_fsdp2.log" 2>&1 || rc=$?
     tail -30 "$OUT_DIR/profile_fsdp2.log"
   fi
@@ -331,7 +338,8 @@ fp8_quality() {  # the same 1B pre-training run in bf16 and with float8 projecti
 
 sat_bench() {  # SAT on Litespark (issue #19): pre-training and TRL SFT rows, time-boxed; the JSON survives a timeout
   local rc=0
-  timeout "${SAT_TIMEOUT:-480}" "$PYTHON" benchmarks/bench_sat.py --modes pretrain,sft --profile --out "$OUT_DIR" \
+  timeout "${SAT_TIMEOUT:-480}" "$PYTHON" benchmarks/bench_sat.py --modes "${SAT_MODES:-pretrain,sft}" --profile \
+    ${SAT_ARGS:-} --out "$OUT_DIR" \
     > "$OUT_DIR/bench_sat.log" 2>&1 || rc=$?
   grep -E "^\[bench_sat\] |^\| |^targets:" "$OUT_DIR/bench_sat.log" | tail -40 || tail -30 "$OUT_DIR/bench_sat.log"
   return $rc

@@ -98,6 +98,10 @@ VARIANTS = {
                                 None),
     "litespark_torch_adamw": ("sdpa", {"use_litespark": True, "litespark_config": '{"fused_optimizer": false}'},
                               None),
+    # configs with gradient checkpointing (llama-3b, starcoder2-3b): every layer recomputed, as the sharding engines
+    # do (checkpoint_layers="auto" keeps activations only with whole weights on one device)
+    "litespark_checkpoint_all": ("sdpa", {"use_litespark": True,
+                                          "litespark_config": '{"checkpoint_layers": "all"}'}, None),
 }
 BASELINE = "sdpa"
 
