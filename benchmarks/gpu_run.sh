@@ -64,8 +64,8 @@
 #                replaced) then --engine fsdp2, 12 steps with 6-12 timed (FSDP2_REPEATS, default 1, runs the pair
 #                again; each repeat's tables stay in bench_fsdp2_pair.log); ~2 min per repeat. FSDP2_VARIANTS
 #                (default sdpa,litespark) for the FSDP2 rows, e.g. with the litespark_clip_unfolded /
-#                litespark_torch_adamw diagnostics; FSDP2_NONE_VARIANTS (default sdpa,litespark) for the
-#                one-device rows; FSDP2_ENGINES (default "none fsdp2"); FSDP2_CONFIG (default llama-1b; a
+#                litespark_torch_adamw diagnostics; FSDP2_NONE_VARIANTS (default sdpa,litespark; for llama-3b,
+#                which checkpoints, also litespark_checkpoint_all) for the one-device rows; FSDP2_ENGINES (default "none fsdp2"); FSDP2_CONFIG (default llama-1b; a
 #                space-separated list runs each; llama-3b runs 10 steps with 5-10 timed); FSDP2_PROFILE=1 adds a torch.profiler window of the FSDP2
 #                litespark step (profile_<config>_fsdp2_<device>.json)
 #   all          tests,kernels,recipes,train,fsdp2-probe,engines,families,sat
@@ -282,7 +282,11 @@ fsdp2_pair() {  # the one-device and FSDP2 rows of each config in one call (#20'
       for engine in ${FSDP2_ENGINES:-none fsdp2}; do
         dir=$OUT_DIR
         variants=${FSDP2_VARIANTS:-sdpa,litespark}
-        [ "$engine" = none ] && dir=$OUT_DIR/none variants=${FSDP2_NONE_VARIANTS:-sdpa,litespark}
+        if [ "$engine" = none ]; then  # llama-3b checkpoints: also every layer recomputed, as under FSDP2
+          dir=$OUT_DIR/none variants=sdpa,litespark
+          [ "$config" = llama-3b ] && variants=sdpa,litespark,litespark_checkpoint_all
+          variants=${FSDP2_NONE_VARIANTS:-$variants}
+        fi
         timeout 240 "$PYTHON" benchmarks/train_bench.py --config "$config" --engine "$engine" --variants "$variants" \
           "${steps[@]}" --out "$dir" --no-progress > "$OUT_DIR/bench_pair.tmp" 2>&1 || rc=$?
         cat "$OUT_DIR/bench_pair.tmp" >> "$OUT_DIR/bench_fsdp2_pair.log"

@@ -195,3 +195,36 @@ def test_profile_env_vars_write_their_reports(tmp_path, monkeypatch):
     import pstats
 
     assert pstats.Stats(str(tmp_path / "c.prof")).total_calls > 0
+
+
+def test_syncs_env_var_counts_host_waits_by_code_line(tmp_path, monkeypatch):
+    """``LITESPARK_POST_SYNCS``: the operations that make the host wait for the device, per timed step and code line.
+    A padded SFT batch: Litespark's unpadding reads the real-token count once per forward, and TRL's
+    SFTTrainer reads its logged metrics back (sft_trainer.py); a reading at a line of its own is counted once."""
+    monkeypatch.setenv("LITESPARK_POST_SYNCS", str(tmp_path / "syncs.txt"))
+    row = PB.run_one("tiny", "sft_padded", "litespark", 4, 2, progress=False, energy=False, out_dir=str(tmp_path))
+    assert row["status"] == "ok"
+    lines = (tmp_path / "syncs.txt").read_text().splitlines()
+    assert lines[0].startswith("timed steps 3: ") and "host-waiting operations per step" in lines[0]
+    per_step = {ln.split(None, 2)[2]: float(ln.split("/step")[0]) for ln in lines[1:]}
+    ours = sum(v for k, v in per_step.items() if "/litespark_hf/" in k)
+    assert ours == 1.0, per_step  # one count of the real tokens per forward (the unpadding)
+    assert any("trl/trainer/sft_trainer.py" in k for k in per_step), per_step
+    assert abs(sum(per_step.values()) - float(lines[0].split(": ")[1].split()[0])) < 0.11  # the total is the sum
+
+    # the mode counts what it is told to: an item() inside the window is one more at its line
+    calls = []
+    mode_cb = PB._syncs_callback(1, str(tmp_path / "direct.txt"))
+    handle = mode_cb.handle = None
+    import types
+
+    state = types.SimpleNamespace(global_step=0)
+    mode_cb.on_step_begin(None, state, None)
+    for _ in range(3):
+        calls.append(torch.tensor([1.0, 2.0]).sum().item())
+    mode_cb.on_step_end(None, state, None)
+    mode_cb.on_train_end(None, state, None)
+    direct = (tmp_path / "direct.txt").read_text().splitlines()
+    assert direct[0].startswith("timed steps 1: 3.0 host-waiting"), direct
+    assert "_local_scalar_dense" in direct[1] and "3.00/step" in direct[1], direct
+    assert handle is None and calls == [3.0, 3.0, 3.0]

@@ -315,6 +315,8 @@ def run_one(config_name: str, mode: str, variant: str, steps: int, time_from: in
         callbacks.append(_profile_callback(time_from, os.environ["LITESPARK_POST_PROFILE"]))
     if os.environ.get("LITESPARK_POST_CPROFILE"):  # where the step's host (Python) time goes: _cprofile_callback
         callbacks.append(_cprofile_callback(time_from, os.environ["LITESPARK_POST_CPROFILE"]))
+    if os.environ.get("LITESPARK_POST_SYNCS"):  # where the host waits for the GPU: _syncs_callback
+        callbacks.append(_syncs_callback(time_from, os.environ["LITESPARK_POST_SYNCS"]))
     extra = {"ref_model": ref_model} if kind == "dpo" else {}
     trainer = TrainerCls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=callbacks, **extra)
@@ -514,6 +516,70 @@ def _cprofile_callback(time_from: int, path: str):
         stats.sort_stats("cumulative").print_stats(70)
         with open(path + ".txt", "w") as fh:
             fh.write(buf.getvalue())
+
+    return _window_callback(time_from, start, finish)
+
+
+# aten ops after which the host waits for the device (on CUDA): a value read back (item(), bool(), int()), a result
+# whose size depends on the data, a comparison returning a Python bool
+_SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive",
+             "unique_dim", "is_nonzero", "equal", "allclose", "repeat_interleave", "bincount", "histc")
+
+
+def _sync_site(stack) -> str:
+    """The innermost frame of the project, TRL, transformers, PEFT or accelerate in ``stack`` (file:line function),
+    and the innermost frame overall when none."""
+    keep = ("litespark_hf", "litespark_kernels", "/trl/", "/transformers/", "/peft/", "/accelerate/")
+    for fr in reversed(stack):
+        if any(k in fr.filename for k in keep) and "post_bench.py" not in fr.filename:
+            return f"{fr.filename.split('site-packages/')[-1]}:{fr.lineno} {fr.name}"
+    fr = stack[-1]
+    return f"{fr.filename}:{fr.lineno} {fr.name}"
+
+
+def _syncs_callback(time_from: int, path: str):
+    """``LITESPARK_POST_SYNCS=FILE``: the operations that make the host wait for the GPU (`_SYNC_OPS`, and copies
+    from the device to the CPU), counted per timed step by the code line that asked for them (a TorchDispatchMode on
+    the training thread: forward passes and CPU backward; CUDA's backward threads are not seen). A host-bound step
+    whose host waits at every such point cannot run ahead of the GPU: its GPU time adds to its host time."""
+    import collections
+    import traceback
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Mode(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func.overloadpacket.__name__
+            to_cpu = False
+            if name in ("_to_copy", "copy_"):
+                src = args[1] if name == "copy_" else args[0]
+                dst_cpu = (args[0].device.type == "cpu") if name == "copy_" else (
+                    str(kwargs.get("device", src.device if torch.is_tensor(src) else "cpu")).startswith("cpu"))
+                to_cpu = torch.is_tensor(src) and src.device.type not in ("cpu", "meta") and dst_cpu \
+                    and not kwargs.get("non_blocking", False)
+            if name in _SYNC_OPS or to_cpu:
+                self.counts[(name, _sync_site(traceback.extract_stack()[:-1]))] += 1
+            return func(*args, **kwargs)
+
+    def start():
+        mode = _Mode()
+        mode.__enter__()
+        return mode
+
+    def finish(mode, n, t0):
+        mode.__exit__(None, None, None)
+        total = sum(mode.counts.values())
+        lines = [f"timed steps {n}: {total / n:.1f} host-waiting operations per step (training thread)"]
+        for (name, site), c in mode.counts.most_common():
+            lines.append(f"{c / n:8.2f}/step  {name:22s} {site}")
+        with open(path, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
 
     return _window_callback(time_from, start, finish)
 
