@@ -38,6 +38,30 @@ NUM_WARPS = 4
 
 
 @triton.jit
+def _adamw_math(p, g, m, v, SCALE, decay, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+                HAS_SCALE: tl.constexpr):
+    """One AdamW update of loaded fp32 values: (new p, new m, new v)."""
+    if HAS_SCALE:
+        g = tl.div_rn(g, tl.load(SCALE))
+    p = p * decay
+    m = m + one_minus_beta1 * (g - m)
+    v = beta2 * v + one_minus_beta2 * (g * g)
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    p = p - tl.div_rn(step_size * m, denom)
+    return p, m, v
+
+
+@triton.jit
+def _low(p, S_FP16: tl.constexpr):
+    """``p`` rounded to the shadow's dtype (fp16 or bf16, round to nearest even)."""
+    if S_FP16:
+        s = p.to(tl.float16, fp_downcast_rounding="rtne")
+    else:
+        s = p.to(tl.bfloat16, fp_downcast_rounding="rtne")
+    return s
+
+
+@triton.jit
 def _adamw_update(P, G, M, V, S, SCALE, offs, mask, has_s, decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
                   bc2_sqrt, eps, HAS_SCALE: tl.constexpr, S_FP16: tl.constexpr, MASKED: tl.constexpr):
     if MASKED:  # mask: in bounds (the last block of a tensor) and, for a frozen tensor, kept
@@ -50,17 +74,9 @@ def _adamw_update(P, G, M, V, S, SCALE, offs, mask, has_s, decay, one_minus_beta
         g = tl.load(G + offs)
         m = tl.load(M + offs)
         v = tl.load(V + offs)
-    if HAS_SCALE:
-        g = tl.div_rn(g, tl.load(SCALE))
-    p = p * decay
-    m = m + one_minus_beta1 * (g - m)
-    v = beta2 * v + one_minus_beta2 * (g * g)
-    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-    p = p - tl.div_rn(step_size * m, denom)
-    if S_FP16:
-        s = p.to(tl.float16, fp_downcast_rounding="rtne")
-    else:
-        s = p.to(tl.bfloat16, fp_downcast_rounding="rtne")
+    p, m, v = _adamw_math(p, g, m, v, SCALE, decay, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt,
+                          eps, HAS_SCALE)
+    s = _low(p, S_FP16)
     if MASKED:
         tl.store(P + offs, p, mask=mask)
         tl.store(M + offs, m, mask=mask)
@@ -82,24 +98,15 @@ def _adamw_update_select(P, G, M, V, S, SCALE, offs, keep, has_s, decay, one_min
     (128-bit accesses), the frozen ones stored as the bits they were loaded with (``tl.where`` selects, it does not
     compute), so they stay bit-for-bit as they were."""
     p0 = tl.load(P + offs)
-    g = tl.load(G + offs)
     m0 = tl.load(M + offs)
     v0 = tl.load(V + offs)
-    if HAS_SCALE:
-        g = tl.div_rn(g, tl.load(SCALE))
-    m = m0 + one_minus_beta1 * (g - m0)
-    v = beta2 * v0 + one_minus_beta2 * (g * g)
-    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-    p = p0 * decay - tl.div_rn(step_size * m, denom)
+    p, m, v = _adamw_math(p0, tl.load(G + offs), m0, v0, SCALE, decay, one_minus_beta1, beta2, one_minus_beta2,
+                          step_size, bc2_sqrt, eps, HAS_SCALE)
     tl.store(P + offs, tl.where(keep, p, p0))
     tl.store(M + offs, tl.where(keep, m, m0))
     tl.store(V + offs, tl.where(keep, v, v0))
     if has_s:
-        if S_FP16:
-            s = p.to(tl.float16, fp_downcast_rounding="rtne")
-        else:
-            s = p.to(tl.bfloat16, fp_downcast_rounding="rtne")
-        tl.store(S + offs, tl.where(keep, s, tl.load(S + offs)))
+        tl.store(S + offs, tl.where(keep, _low(p, S_FP16), tl.load(S + offs)))
 
 
 @triton.jit
