@@ -262,3 +262,28 @@ def test_train_bench_cli_entry(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| eager | ok |" in out
     assert (tmp_path / f"train_bench_tiny_{device_tag()}_cli.json").exists()
+
+
+def test_every_bench_variant_config_parses_and_the_diagnostics_switch_one_part_off():
+    """Each variant's ``litespark_config`` is a valid LitesparkConfig, and the diagnostic variants turn off exactly
+    the part they are named after (the rest at its default)."""
+    import json
+
+    from litespark_hf.config import LitesparkConfig
+    from litespark_hf.efficiency import bench
+
+    default = LitesparkConfig()
+    off = {"litespark_clip_unfolded": ("fused_grad_clip", False), "litespark_torch_adamw": ("fused_optimizer", False),
+           "litespark_checkpoint_all": ("checkpoint_layers", "all")}
+    for name, (attn, overrides, _) in bench.VARIANTS.items():
+        raw = overrides.get("litespark_config")
+        if raw is None:
+            continue
+        assert overrides.get("use_litespark") is True, name
+        cfg = LitesparkConfig.from_any(raw)
+        if name in off:
+            key, value = off[name]
+            assert getattr(cfg, key) == value != getattr(default, key), name
+            changed = [f for f in json.loads(raw)]
+            assert changed == [key], name
+    assert set(off) <= set(bench.VARIANTS)
