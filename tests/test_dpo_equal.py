@@ -12,6 +12,7 @@ import torch
 
 from litespark_hf.efficiency import post_bench as PB
 from litespark_hf.efficiency import post_data as PD
+from tiny_models import record_training_steps
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -32,30 +33,18 @@ def _run(lora: bool, litespark: bool, tmp_path, model, dataset):
     args = Config(output_dir=str(tmp_path / ("lit" if litespark else "stock")), max_steps=STEPS, logging_steps=1,
                   save_strategy="no", report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
                   per_device_train_batch_size=2, max_length=64, learning_rate=1e-3, bf16=False, **extra, **_EXTRA)
-    grads, logps = [], []
+    logps = []
     ref = None if lora else copy.deepcopy(model).eval().requires_grad_(False)
     trainer = Trainer(model=model, ref_model=ref, args=args, train_dataset=dataset,
                       processing_class=PD.id_tokenizer(model.config.vocab_size),
                       peft_config=LoraConfig(**PB.LORA, lora_dropout=0.0) if lora else None,
                       )
     trainer._get_train_sampler = lambda train_dataset=None: torch.utils.data.SequentialSampler(trainer.train_dataset)
-    step = trainer.training_step
-
-    def training_step(*a, **k):
-        loss = step(*a, **k)
+    def after_step(loss, batch):
         m = trainer._metrics["train"]
         logps.append((loss.item(), m["logps/chosen"][-1], m["logps/rejected"][-1]))
-        return loss
 
-    trainer.training_step = training_step
-    clip = trainer._clip_grad_norm
-
-    def clip_grad_norm(model_):  # the gradients before clipping (Litespark folds the clip into the optimizer)
-        grads.append({n: p.grad.detach().clone() for n, p in model_.named_parameters()
-                      if p.requires_grad and p.grad is not None})
-        return clip(model_)
-
-    trainer._clip_grad_norm = clip_grad_norm
+    grads = record_training_steps(trainer, after_step)
     trainer.train()
     return grads, logps
 

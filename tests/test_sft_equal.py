@@ -15,6 +15,7 @@ import torch
 
 from litespark_hf.efficiency import post_bench as PB
 from litespark_hf.efficiency import post_data as PD
+from tiny_models import record_training_steps
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -66,24 +67,13 @@ def _run(litespark: bool, tmp_path, model, dataset, tokenizer, lora: bool = Fals
     trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                       peft_config=LoraConfig(**PB.LORA, lora_dropout=0.0) if lora else None)
     trainer._get_train_sampler = lambda train_dataset=None: torch.utils.data.SequentialSampler(trainer.train_dataset)
-    losses, grads, batches = [], [], []
-    step = trainer.training_step
+    losses, batches = [], []
 
-    def training_step(model_, inputs, *a, **k):
-        batches.append({key: v.clone() for key, v in inputs.items() if torch.is_tensor(v)})
-        loss = step(model_, inputs, *a, **k)
+    def after_step(loss, batch):
         losses.append(loss.item())
-        return loss
+        batches.append(batch)
 
-    trainer.training_step = training_step
-    clip = trainer._clip_grad_norm
-
-    def clip_grad_norm(model_):  # the gradients before clipping (Litespark folds the clip into the optimizer)
-        grads.append({n: p.grad.detach().clone() for n, p in model_.named_parameters()
-                      if p.requires_grad and p.grad is not None})
-        return clip(model_)
-
-    trainer._clip_grad_norm = clip_grad_norm
+    grads = record_training_steps(trainer, after_step)
     trainer.train()
     return losses, grads, batches
 

@@ -220,3 +220,28 @@ def saved_bytes(call, exclude=frozenset()) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         call()
     return sum(seen.values())
+
+
+def record_training_steps(trainer, after_step=None) -> list[dict]:
+    """Wrap a Trainer's ``training_step`` (``after_step(loss, inputs)`` after each, with the batch it trained on) and
+    its ``_clip_grad_norm``: returns the list that receives, at every optimizer step, the gradients of every trainable
+    parameter before clipping (Litespark folds the clip into the optimizer step, so they are read just before it)."""
+    import torch
+
+    grads: list[dict] = []
+    step, clip = trainer.training_step, trainer._clip_grad_norm
+
+    def training_step(model, inputs, *a, **k):
+        batch = {key: v.clone() for key, v in inputs.items() if torch.is_tensor(v)}
+        loss = step(model, inputs, *a, **k)
+        if after_step is not None:
+            after_step(loss, batch)
+        return loss
+
+    def clip_grad_norm(model):
+        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()
+                      if p.requires_grad and p.grad is not None})
+        return clip(model)
+
+    trainer.training_step, trainer._clip_grad_norm = training_step, clip_grad_norm
+    return grads
