@@ -350,7 +350,8 @@ class LitesparkTrainerMixin:
         ``param_groups`` at the sharded DTensor weights (``fsdp2_switch_optimizer_parameters``), which
         `LitesparkAdamW` steps on their local shards; the weights may be plain fp32 tensors (on the CPU or the meta
         device until prepare moves them) or fp32 DTensors, on a CUDA accelerator. No low-precision copies under
-        FSDP2; the gradient clip is folded into the step there too (`_sharded_grad_norm`). Never for FSDP1 or DeepSpeed (which own the step).
+        FSDP2; the gradient clip is folded into the step there too (`_sharded_grad_norm`). Never for FSDP1 or
+        DeepSpeed (which own the step).
         """
         if type(optimizer) is not torch.optim.AdamW:
             return None
