@@ -220,11 +220,13 @@ def _sharded_grad_norm(grads: list) -> torch.Tensor | None:
             return None
     local = [g._local_tensor for g in grads if g._local_tensor.numel()]
     if local:
-        sq = torch.nn.utils.get_total_norm(local, 2.0, False, None).float().square()
+        norm = torch.nn.utils.get_total_norm(local, 2.0, False, None).float()
     else:  # this process holds no element of any gradient
-        sq = torch.zeros((), dtype=torch.float32, device=grads[0]._local_tensor.device)
-    if mesh.size() > 1:
-        torch.distributed.all_reduce(sq, group=mesh.get_group())
+        norm = torch.zeros((), dtype=torch.float32, device=grads[0]._local_tensor.device)
+    if mesh.size() == 1:  # one process: the local norm is the norm (no square, reduce and root)
+        return norm
+    sq = norm.square()
+    torch.distributed.all_reduce(sq, group=mesh.get_group())
     return sq.sqrt()
 
 

@@ -40,7 +40,7 @@ ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS"
        "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
 LAYOUTS = ("layers", "accelerate", "accelerate_tied", "root")
 ONE_PROCESS = ("train_accelerate_tied", "trainer_stock_old_hooks", "trainer_ours_old_hooks",
-               "trainer_litespark_old_hooks", "optim_adamw")
+               "trainer_litespark_old_hooks", "optim_adamw", "trainer_litespark", "trainer_litespark_adamw")
 ERROR = "aten.embedding.default got mixed torch.Tensor and DTensor"
 
 
@@ -208,8 +208,8 @@ def test_litespark_adamw_sharded_state_dict_round_trip(two):
     assert max(res["torch_resumed_vs_continued"].values()) <= ADAMW_TOL, res
 
 
-def test_trainer_swaps_in_litespark_adamw_under_accelerate_fsdp2(two):
-    ours, stock_opt = _ok(two, "trainer_litespark_adamw"), _ok(two, "trainer_litespark")
+def test_trainer_swaps_in_litespark_adamw_under_accelerate_fsdp2(world):
+    ours, stock_opt = _ok(world, "trainer_litespark_adamw"), _ok(world, "trainer_litespark")
     assert ours["fsdp2"] and ours["optimizer"] == "LitesparkAdamW"
     assert stock_opt["optimizer"] == "AdamW"  # without "cpu" allowed the CPU run keeps torch's (the kernel is CUDA)
     # created before accelerate's prepare, re-pointed at the sharded weights by it; sharded state, saved by DCP
