@@ -54,11 +54,13 @@
 #                litespark (POST_VARIANTS); 14 steps with 8-14 timed (POST_STEPS, POST_TIME_FROM), time-boxed to 545 s (POST_TIMEOUT; the JSON is rewritten after every run; the 18
 #                runs take ~25-30 s each, so give this command a call of its own): post_bench.log,
 #                post_training_<config>_<device>.json/.png
-#   post-profile the GPU tests of the post-training paths (post_gpu_tests.log: checkpoint_layers, lora_linear), then
-#                the Litespark dpo_lora and sft_lora steps profiled (profile_post_<mode>.txt: torch.profiler;
-#                cprofile_post_<mode>.prof/.prof.txt: cProfile); ~5 min estimated
+#   post-profile the GPU tests of the post-training paths (post_gpu_tests.log: checkpoint_layers, lora_linear; skipped
+#                with POST_PROFILE_TESTS=0), then the Litespark steps of POST_PROFILE_MODES (default "dpo_lora
+#                sft_lora") profiled (profile_post_<mode>.txt: torch.profiler; cprofile_post_<mode>.prof/.prof.txt:
+#                cProfile); ~5 min estimated
 #   post-tests   the GPU tests of the post-training and sharded paths alone (post_gpu_tests.log: checkpoint_layers,
-#                lora_linear, LitesparkAdamW under FSDP2 and with SAT's frozen masks); ~1.5 min
+#                lora_linear, LitesparkAdamW (and checkpoint_layers) under FSDP2, the AdamW kernel with and without
+#                SAT's frozen masks); ~2 min
 #   fsdp2        issue #20's kept ratio in one call: litespark-train-bench on the Llama-3.2-1B shape, sdpa and
 #                litespark, --engine none (in OUT_DIR/none/, so that the seven-variant one-device file is not
 #                replaced) then --engine fsdp2, 12 steps with 6-12 timed (FSDP2_REPEATS, default 1, runs the pair
@@ -267,8 +269,8 @@ post_bench() {  # issue #14: the whole post suite, 18 isolated runs of ~25-30 s 
 }
 
 post_tests() {
-  timeout 150 "$PYTHON" -m pytest -m gpu tests/gpu/test_checkpointing_gpu.py tests/gpu/test_lora_linear_gpu.py \
-    tests/gpu/test_fsdp2_adamw_gpu.py tests/gpu/test_adamw_frozen_gpu.py -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT_DIR/post_gpu_tests.log" \
+  timeout 200 "$PYTHON" -m pytest -m gpu tests/gpu/test_checkpointing_gpu.py tests/gpu/test_lora_linear_gpu.py \
+    tests/gpu/test_fsdp2_adamw_gpu.py tests/gpu/test_adamw_frozen_gpu.py tests/gpu/test_optim_gpu.py -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT_DIR/post_gpu_tests.log" \
     | grep -E "passed|failed|FAILED|Error" | tail -8
 }
 
@@ -306,9 +308,11 @@ fsdp2_pair() {  # the one-device and FSDP2 rows of each config in one call (#20'
 
 post_profile() {  # the GPU tests of the post-training paths, and where the host-bound LoRA steps go
   local rc=0 m
-  timeout 100 "$PYTHON" -m pytest -m gpu tests/gpu/test_checkpointing_gpu.py tests/gpu/test_lora_linear_gpu.py -q \
-    -rfE -p no:cacheprovider 2>&1 | tee "$OUT_DIR/post_gpu_tests.log" | grep -E "passed|failed|FAILED" | tail -6
-  for m in dpo_lora sft_lora; do  # torch.profiler (wall vs GPU-kernel time, top ops), then cProfile (Python)
+  if [ "${POST_PROFILE_TESTS:-1}" != 0 ]; then
+    timeout 100 "$PYTHON" -m pytest -m gpu tests/gpu/test_checkpointing_gpu.py tests/gpu/test_lora_linear_gpu.py -q \
+      -rfE -p no:cacheprovider 2>&1 | tee "$OUT_DIR/post_gpu_tests.log" | grep -E "passed|failed|FAILED" | tail -6
+  fi
+  for m in ${POST_PROFILE_MODES:-dpo_lora sft_lora}; do  # torch.profiler (wall vs GPU-kernel time, top ops), then cProfile (Python)
     LITESPARK_POST_PROFILE="$OUT_DIR/profile_post_$m.txt" timeout 80 "$PYTHON" -m litespark_hf.efficiency.bench \
       --suite post --config llama-1b --modes $m --variants litespark --steps 12 --time-from 8 --no-energy \
       --tag profile --out /tmp/post_profile > /dev/null 2>&1 || rc=$?

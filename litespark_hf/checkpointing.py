@@ -14,8 +14,10 @@ memory this process may use on the device and an upper bound of what one layer s
 residual-norm add runs between them). The estimate (`plan`) counts what is allocated now, the parameter gradients and
 (before the first optimizer step) AdamW's two states still to come, one chunk of the loss's logits, the layer being
 recomputed and a margin; when nothing fits it is the user's checkpointing as it was. Only on CUDA, in one process,
-with the weights whole on one device (not FSDP / DeepSpeed shards), outside ``torch.compile``; elsewhere
-checkpointing is untouched.
+outside ``torch.compile``; elsewhere checkpointing is untouched. The weights may be whole on one device or sharded by
+FSDP2 (DTensors) or DeepSpeed ZeRO-3 at world size 1: the estimate then counts the local shards, the gathered units
+(`ENGINE_UNITS`) and the engine's gradient buffers, which ZeRO-3 allocates before the first forward and so are counted
+twice there (on the safe side). With several processes each would plan on its own batch (see `_distributed`).
 ``"all"``: transformers' behaviour (every layer recomputed). An integer ``n``: exactly the first ``n`` layers
 recomputed, no memory estimate.
 
@@ -38,6 +40,10 @@ _STATE = "_litespark_checkpointing"
 BUDGET_FRACTION = 0.9  # of the device's memory, less what other processes hold
 MARGIN_BYTES = 2 << 30  # allocator fragmentation, workspaces, the optimizer step's temporaries
 SAFETY = 1.25  # on top of the per-token bound
+# Under FSDP2 / ZeRO-3: a unit's gathered compute-dtype weights, the next unit's prefetched ones and the unit's
+# fp32 gradient before its reduce-scatter are live on top of the shards, in layer-weight-copy units (4 = 2 + 2 x 2 B).
+ENGINE_UNITS = 4
+PLANNED_DEVICE_TYPES = ("cuda",)  # where "auto" plans (tests add "cpu" with a fake `device_memory`)
 
 
 def parse_mode(value) -> str | int:
@@ -120,11 +126,39 @@ def activation_estimate(n_layers: int, unchecked: int, tokens: int, per_token_la
             + (unchecked + 1) * per_layer_bytes)
 
 
+def _full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The whole parameter's shape: a DTensor's global shape, a DeepSpeed ZeRO-3 parameter's ``ds_shape`` (its data
+    is empty while it is partitioned)."""
+    return tuple(getattr(p, "ds_shape", None) or p.shape)
+
+
+def _local_numel(p: torch.Tensor) -> int:
+    """The elements this process holds of ``p``: a DTensor's local shard, a ZeRO-3 parameter's partition."""
+    if hasattr(p, "to_local"):
+        return p.to_local().numel()
+    if hasattr(p, "ds_id"):
+        part = getattr(p, "ds_tensor", None)
+        return part.numel() if part is not None else int(getattr(p, "ds_numel", 0))
+    return p.numel()
+
+
+def _sharded(p: torch.Tensor) -> bool:
+    return hasattr(p, "to_local") or hasattr(p, "ds_id")
+
+
 def layer_weight_bytes(layer: nn.Module, compute_bytes: int = 2) -> int:
     """The compute-dtype copy of a decoder layer's matrices (every parameter of two or more dimensions) that its
     projections save for the backward when they cast per call (`litespark_hf.casting`: no whole-model cast buffer
-    under checkpointing)."""
-    return compute_bytes * sum(p.numel() for p in layer.parameters() if p.dim() >= 2)
+    under checkpointing). Whole sizes, also for sharded parameters (the projections save the gathered weights)."""
+    total = 0
+    for p in layer.parameters():
+        shape = _full_shape(p)
+        if len(shape) >= 2:
+            n = 1
+            for d in shape:
+                n *= int(d)
+            total += n
+    return compute_bytes * total
 
 
 def _tokens(args, kwargs) -> int:
@@ -167,7 +201,7 @@ class _Planner:
         self.set_flags: list[bool] | None = None  # the flags this planner last set
         self.estimate: int | None = None  # bytes the last "auto" plan expects the step to need at most
         self._sizes_cache: tuple[int, int, int] | None = None
-        self._whole_cache: bool | None = None
+        self._placement_cache: str | None = None
 
     def _flags(self) -> list[bool]:
         return [bool(getattr(m, "gradient_checkpointing", False)) for m in self.layers]
@@ -181,24 +215,30 @@ class _Planner:
         self.user_flags = None
         return bool(flags) and all(flags)
 
-    def _weights_whole(self) -> bool:
-        """Every weight whole (no FSDP2 / ZeRO-3 shard) on one CUDA device: read at the first training forward
-        (after accelerate's prepare), fixed from then on."""
-        if self._whole_cache is None:
+    def _placement(self) -> str:
+        """``"whole"`` (every weight a plain tensor), ``"sharded"`` (FSDP2 DTensors or DeepSpeed ZeRO-3 partitions
+        among them) or ``"other"`` (not all on one CUDA device, or another tensor type): read at the first training
+        forward (after accelerate's prepare), fixed from then on."""
+        if self._placement_cache is None:
             from litespark_kernels.ops.linear import _plain_tensor
 
             params = list(self.base.parameters())
+            sharded = any(_sharded(p) for p in params)
+            kinds_ok = all(_plain_tensor(p) or _sharded(p) for p in params)
             devices = {p.device for p in params}
-            self._whole_cache = (all(_plain_tensor(p) for p in params) and len(devices) == 1
-                                 and next(iter(devices)).type == "cuda")
-        return self._whole_cache
+            one_cuda = len(devices) == 1 and next(iter(devices)).type in PLANNED_DEVICE_TYPES
+            self._placement_cache = ("other" if not (kinds_ok and one_cuda and params)
+                                     else "sharded" if sharded else "whole")
+        return self._placement_cache
 
     def _sizes(self) -> tuple[int, int, int]:
-        """(gradient bytes, trainable parameters, one layer's weight-copy bytes): fixed once training starts."""
+        """(gradient bytes, trainable parameters, one layer's weight-copy bytes) of this process: fixed once training
+        starts. Sharded: the local shards, with fp32 gradients (FSDP2's reduce dtype, ZeRO-3's accumulation)."""
         if self._sizes_cache is None:
             ps = [p for p in self.base.parameters() if p.requires_grad]
-            self._sizes_cache = (sum(p.numel() * p.element_size() for p in ps), sum(p.numel() for p in ps),
-                                 layer_weight_bytes(self.layers[-1]))
+            sharded = self._placement() == "sharded"
+            grads = sum(_local_numel(p) * (max(4, p.dtype.itemsize) if sharded else p.element_size()) for p in ps)
+            self._sizes_cache = (grads, sum(_local_numel(p) for p in ps), layer_weight_bytes(self.layers[-1]))
         return self._sizes_cache
 
     def recompute_count(self, tokens: int) -> int:
@@ -207,7 +247,8 @@ class _Planner:
             return min(n, self.mode)
         cfg = getattr(self.base, "config", None)
         per_token = activation_bytes_per_token(cfg) if cfg is not None else None
-        if per_token is None or not self._weights_whole() or _distributed():
+        placement = self._placement()
+        if per_token is None or placement == "other" or _distributed():
             return n
         device = next(self.base.parameters()).device
         total, others, allocated = device_memory(device)
@@ -217,7 +258,8 @@ class _Planner:
         optimizer_to_come = max(0, 8 * n_trainable - (allocated - self.first_allocated))  # AdamW's two fp32 states
         vocab = getattr(cfg, "vocab_size", 0) or 0
         loss_bytes = min(tokens, 4096) * vocab * 4 * 2  # one chunk of fp32 logits and their gradient
-        base = allocated + grad_bytes + optimizer_to_come + loss_bytes + MARGIN_BYTES
+        engine = ENGINE_UNITS * weights if placement == "sharded" else 0
+        base = allocated + grad_bytes + optimizer_to_come + loss_bytes + engine + MARGIN_BYTES
         budget = int(BUDGET_FRACTION * total) - others
         boundary = 4 * cfg.hidden_size
         recomputed = plan(n, tokens, per_token, base, budget, boundary, weights)

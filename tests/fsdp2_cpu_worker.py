@@ -22,6 +22,8 @@ a sharded checkpoint at step 2, then ``trainer.evaluate()``. ``old_hooks``: with
 pytorch/pytorch#180428 (what the H100/H200 machines run, torch 2.11; see `_old_group_hooks`), where the stock trainer
 fails exactly as seen on the H100 and litespark_hf's trainers (`litespark_hf.trainer._clear_stale_fsdp_groups`) do not.
 
+``checkpoint_plan`` (issue #20, `checkpoint_layers="auto"` under FSDP2): see `checkpoint_plan_check`.
+
 ``optim_*`` (issue #20, `LitesparkAdamW` on FSDP2's sharded weights): ``optim_adamw``: in each layout above, a tiny
 Llama with a one-output probe head (``Linear(64, 1)``: at world size 2 the second rank holds empty shards of its weight
 and bias), 3 steps of `LitesparkAdamW` and of ``torch.optim.AdamW(foreach=False)`` from the same weights on the same
@@ -243,6 +245,60 @@ def train_check(mesh, rank, world, layout: str, tied: bool) -> dict:
     litespark_hf.apply(plain)
     res["casts_unsharded"] = autocast_casts(plain, data[0][rows])
     res["n_layers"] = len(base.model.layers)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoint_layers="auto" on FSDP2's sharded weights
+# ---------------------------------------------------------------------------------------------------------------
+def checkpoint_plan_check(mesh, rank, world) -> dict:
+    """The planner on FSDP2's DTensor weights, its device memory faked (the CPU counted as a planned device type):
+    for each budget a fresh copy of a 4-layer tiny Llama, Litespark applied (``checkpoint_layers="auto"``), sharded
+    in accelerate's layout, transformers' checkpointing on; 3 AdamW steps on this rank's rows. Recorded: the
+    placement the planner read, the layers it recomputed, its estimate, the losses and the final weights."""
+    import litespark_hf.checkpointing as C
+
+    layers = 4
+    data = batches(3)
+    rows = slice(rank * (GLOBAL_BATCH // world), (rank + 1) * (GLOBAL_BATCH // world))
+    tokens = (GLOBAL_BATCH // world) * SEQ
+    base = tiny_model("llama", seed=0, attn_implementation="sdpa", num_hidden_layers=layers)
+    cfg = base.config
+    per_token, boundary = C.activation_bytes_per_token(cfg), 4 * cfg.hidden_size
+    weights = C.layer_weight_bytes(base.model.layers[-1])
+    saved_types = C.PLANNED_DEVICE_TYPES, C.device_memory
+    total = [0]
+    C.PLANNED_DEVICE_TYPES = ("cuda", "cpu")
+    C.device_memory = lambda device: (total[0], 0, 0)
+    res = {"per_token": per_token, "weights": weights, "tokens": tokens}
+    try:
+        def run(budget):
+            total[0] = int((budget + 1) / C.BUDGET_FRACTION) + 1
+            model = copy.deepcopy(base)
+            litespark_hf.apply(model)
+            shard(model, mesh, "accelerate", tied=False)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            losses = train_losses(model, data, rows, world)
+            planner = model.__dict__[C._STATE][0]
+            full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+            return {"placement": planner._placement(), "recomputed": planner.recomputed,
+                    "estimate": planner.estimate, "sizes": list(planner._sizes()), "losses": losses,
+                    "flags": [bool(m.gradient_checkpointing) for m in model.model.layers]}, full
+
+        big, w_big = run(1 << 50)
+        res["big"] = big
+        # the budget for exactly 2 unchecked layers, from the big run's estimate (every layer unchecked)
+        if big["estimate"] is not None:
+            fixed = big["estimate"] - C.activation_estimate(layers, layers, tokens, per_token, boundary, weights)
+            res["base"] = fixed
+            mid, w_mid = run(fixed + C.activation_estimate(layers, 2, tokens, per_token, boundary, weights))
+            res["mid"] = mid
+            res["mid_weight_diff"] = max((w_mid[n] - w).abs().max().item() for n, w in w_big.items())
+        small, w_small = run(1)
+        res["small"] = small
+        res["small_weight_diff"] = max((w_small[n] - w).abs().max().item() for n, w in w_big.items())
+    finally:
+        C.PLANNED_DEVICE_TYPES, C.device_memory = saved_types
     return res
 
 
@@ -518,6 +574,7 @@ def main():
         "optim_adamw": lambda: optim_check(mesh, rank, world),
         "optim_frozen": lambda: optim_frozen_check(mesh, rank, world),
         "optim_state_dict": lambda: optim_state_dict_check(mesh, rank, world),
+        "checkpoint_plan": lambda: checkpoint_plan_check(mesh, rank, world),
     }
     only = sys.argv[2].split(",") if len(sys.argv) > 2 else list(checks)
     results = {"world_size": world, "torch": torch.__version__}

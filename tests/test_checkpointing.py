@@ -104,7 +104,7 @@ def test_eval_and_no_grad_forwards_are_left_alone():
 
 def _fake_cuda(monkeypatch, total, others=0):
     """The planner's view of a CUDA device with ``total`` bytes (the CPU model's allocation counted as 0)."""
-    monkeypatch.setattr(C._Planner, "_weights_whole", lambda self: True)
+    monkeypatch.setattr(C._Planner, "_placement", lambda self: "whole")
     monkeypatch.setattr(C, "device_memory", lambda device: (total, others, 0))
 
 

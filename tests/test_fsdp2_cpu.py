@@ -40,7 +40,7 @@ ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS"
        "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
 LAYOUTS = ("layers", "accelerate", "accelerate_tied", "root")
 ONE_PROCESS = ("train_accelerate_tied", "trainer_stock_old_hooks", "trainer_ours_old_hooks",
-               "trainer_litespark_old_hooks", "optim_adamw", "trainer_litespark", "trainer_litespark_adamw")
+               "trainer_litespark_old_hooks", "optim_adamw", "trainer_litespark", "trainer_litespark_adamw", "checkpoint_plan")
 ERROR = "aten.embedding.default got mixed torch.Tensor and DTensor"
 
 
@@ -225,3 +225,32 @@ def test_trainer_swaps_in_litespark_adamw_under_accelerate_fsdp2(world):
     assert _rel(ours["folded_clip_norms"], ours["grad_norms"]) <= TOL
     assert _rel(ours["grad_norms"], stock_opt["grad_norms"]) <= TOL
     assert min(stock_opt["grad_norms"]) > 1.0, stock_opt["grad_norms"]
+
+
+# ------------------------------------------------------------------------------- checkpoint_layers="auto" under FSDP2
+def test_checkpoint_planner_on_fsdp2_shards_at_one_process(one):
+    import litespark_hf.checkpointing as C
+
+    res = _ok(one, "checkpoint_plan")
+    big, mid, small = res["big"], res["mid"], res["small"]
+    assert big["placement"] == mid["placement"] == small["placement"] == "sharded"
+    # the memory decides: everything kept, exactly the first two recomputed, the user's checkpointing
+    assert (big["recomputed"], big["flags"]) == (0, [False] * 4)
+    assert (mid["recomputed"], mid["flags"]) == (2, [True, True, False, False])
+    assert (small["recomputed"], small["flags"]) == (4, [True] * 4)
+    # what it reckoned with: the local shards' fp32 gradients and AdamW states to come, a logits chunk, the gathered
+    # units (ENGINE_UNITS layer weight copies) and the margin (the fake device's allocation is 0)
+    grads, n_trainable, weights = big["sizes"]
+    assert grads == 4 * n_trainable and weights == res["weights"]
+    logits = min(res["tokens"], 4096) * VOCAB * 8
+    assert res["base"] == grads + 8 * n_trainable + logits + C.ENGINE_UNITS * weights + C.MARGIN_BYTES
+    # values do not depend on the split
+    assert mid["losses"] == big["losses"] == small["losses"]
+    assert res["mid_weight_diff"] == 0.0 and res["small_weight_diff"] == 0.0
+
+
+def test_checkpoint_planner_keeps_the_users_checkpointing_with_two_processes(two):
+    res = _ok(two, "checkpoint_plan")
+    # each rank would plan on its own batch: the user's checkpointing stays, even with room for every layer
+    assert res["big"]["recomputed"] == 4 and res["big"]["flags"] == [True] * 4
+    assert res["big"]["losses"] == res["small"]["losses"]

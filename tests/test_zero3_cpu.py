@@ -52,8 +52,10 @@ def _worker(out_dir: Path) -> None:
     import litespark_kernels
     import litespark_kernels.ops.linear as lk_linear
     from litespark_hf.efficiency.engines import decline_deepspeed_shm_comm
+    import litespark_hf.checkpointing as C
     from tiny_models import tiny_model
 
+    planned = C.PLANNED_DEVICE_TYPES, C.device_memory
     seen = {"fused": 0, "fused_status": set(), "reference": 0, "flce": 0, "flce_weights": set()}
     fused_apply, reference, flce = lk_linear._FusedLinear.apply, lk_linear.fused_linear_reference, \
         litespark_kernels.fused_linear_cross_entropy
@@ -99,13 +101,18 @@ def _worker(out_dir: Path) -> None:
             out.append(loss.item())
         return out
 
-    def zero3_losses(litespark: bool) -> dict:
+    def zero3_losses(litespark: bool, budget: int | None = None) -> dict:
+        """``budget``: transformers' checkpointing on and the planner's device faked with that many usable bytes."""
         model = copy.deepcopy(base)
         keep = HfDeepSpeedConfig(ds_config)  # what the Trainer holds: transformers now knows ZeRO-3 is on
         res = {}
         if litespark:
             litespark_hf.apply(model)
             res["registered"] = sum(len(m.__dict__.get("_litespark_zero3_external", ())) for m in model.modules())
+        if budget is not None:
+            total = int((budget + 1) / C.BUDGET_FRACTION) + 1
+            C.PLANNED_DEVICE_TYPES, C.device_memory = ("cuda", "cpu"), lambda device: (total, 0, 0)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=LR),
                                           config=ds_config)
         for k in seen:
@@ -123,12 +130,33 @@ def _worker(out_dir: Path) -> None:
         res.update(losses=losses, q_proj_between_steps=sorted(between),
                    seen={k: sorted(v) if isinstance(v, set) else v for k, v in seen.items()},
                    n_layers=len(model.model.layers))
+        if budget is not None:
+            planner = model.__dict__[C._STATE][0]
+            res.update(placement=planner._placement(), recomputed=planner.recomputed, estimate=planner.estimate,
+                       sizes=list(planner._sizes()), whole_numel=sum(p.ds_numel for p in model.parameters()),
+                       flags=[bool(m.gradient_checkpointing) for m in model.model.layers])
+            C.PLANNED_DEVICE_TYPES, C.device_memory = planned
         del keep
         return res
 
+    def plan_checks() -> dict:
+        """checkpoint_layers="auto" on ZeRO-3 partitions: every layer kept, exactly half recomputed, all."""
+        n = base.config.num_hidden_layers
+        tokens = (GLOBAL_BATCH // world) * SEQ
+        per_token, boundary = C.activation_bytes_per_token(base.config), 4 * base.config.hidden_size
+        weights = C.layer_weight_bytes(base.model.layers[-1])
+        out = {"big": zero3_losses(True, 1 << 50), "weights": weights, "tokens": tokens, "n": n}
+        if out["big"]["estimate"] is not None:
+            fixed = out["big"]["estimate"] - C.activation_estimate(n, n, tokens, per_token, boundary, weights)
+            out["base"] = fixed
+            out["mid"] = zero3_losses(True, fixed + C.activation_estimate(n, n // 2, tokens, per_token, boundary,
+                                                                          weights))
+        out["small"] = zero3_losses(True, 1)
+        return out
+
     results = {"world_size": world}
     for name, fn in (("reference", reference_losses), ("stock", lambda: zero3_losses(False)),
-                     ("litespark", lambda: zero3_losses(True))):
+                     ("litespark", lambda: zero3_losses(True)), ("plan", plan_checks)):
         t0 = time.perf_counter()
         try:
             results[name] = fn()
@@ -163,19 +191,28 @@ def test_fused_child_parameters_per_family():
     assert fused_child_parameters(model) == []
 
 
-@pytest.fixture(scope="module")
-def zero3(tmp_path_factory):
+def _run(tmp_path_factory, nproc: int) -> dict:
     pytest.importorskip("deepspeed", reason="DeepSpeed is the optional extra: pip install -e '.[deepspeed]'")
-    out = tmp_path_factory.mktemp("zero3")
+    out = tmp_path_factory.mktemp(f"zero3_{nproc}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
     env.pop("TRITON_INTERPRET", None)  # the kernels' CPU path is the PyTorch reference
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__, str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), __file__, str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     results = json.loads((out / "results.json").read_text())
-    assert results["world_size"] == 2
+    assert results["world_size"] == nproc
     return results
+
+
+@pytest.fixture(scope="module")
+def zero3(tmp_path_factory):
+    return _run(tmp_path_factory, 2)
+
+
+@pytest.fixture(scope="module")
+def zero3_one(tmp_path_factory):
+    return _run(tmp_path_factory, 1)
 
 
 def _ok(results, name):
@@ -215,6 +252,33 @@ def test_zero3_fused_modules_get_their_gathered_weights(zero3):
     assert seen["fused_status"] == ["AVAILABLE"], seen
     # the fused cross-entropy in the LM head's own forward, on the full [vocab, hidden] weight
     assert seen["flce"] == STEPS and seen["flce_weights"] == [f"[{VOCAB}, {HIDDEN}]"], seen
+
+
+@pytest.mark.slow
+def test_checkpoint_planner_on_zero3_partitions_at_one_process(zero3_one):
+    import litespark_hf.checkpointing as C
+
+    res = _ok(zero3_one, "plan")
+    n, big, mid, small = res["n"], res["big"], res["mid"], res["small"]
+    assert big["placement"] == mid["placement"] == small["placement"] == "sharded"
+    assert (big["recomputed"], big["flags"]) == (0, [False] * n)
+    assert (mid["recomputed"], mid["flags"]) == (n - n // 2, [i < n - n // 2 for i in range(n)])
+    assert (small["recomputed"], small["flags"]) == (n, [True] * n)
+    # the partitions' sizes (a partitioned parameter's own data is empty): fp32 gradients, the whole layer's copy
+    grads, n_trainable, weights = big["sizes"]
+    assert n_trainable == big["whole_numel"] > 0  # one process: the partitions are the whole parameters
+    assert grads == 4 * n_trainable and weights == res["weights"] > 0
+    logits = min(res["tokens"], 4096) * VOCAB * 8
+    assert res["base"] == grads + 8 * n_trainable + logits + C.ENGINE_UNITS * weights + C.MARGIN_BYTES
+    # the split does not change the values; every variant trains as the unchecked Litespark run
+    assert _rel(mid["losses"], big["losses"]) <= TOL and _rel(small["losses"], big["losses"]) <= TOL
+    assert _rel(big["losses"], _ok(zero3_one, "litespark")["losses"]) <= TOL
+
+
+@pytest.mark.slow
+def test_checkpoint_planner_keeps_the_users_checkpointing_under_zero3_with_two_processes(zero3):
+    big = _ok(zero3, "plan")["big"]
+    assert big["recomputed"] == big["n_layers"] and big["flags"] == [True] * big["n_layers"]
 
 
 if __name__ == "__main__":

@@ -98,8 +98,8 @@ VARIANTS = {
                                 None),
     "litespark_torch_adamw": ("sdpa", {"use_litespark": True, "litespark_config": '{"fused_optimizer": false}'},
                               None),
-    # configs with gradient checkpointing (llama-3b, starcoder2-3b): every layer recomputed, as the sharding engines
-    # do (checkpoint_layers="auto" keeps activations only with whole weights on one device)
+    # configs with gradient checkpointing (llama-3b, starcoder2-3b): every layer recomputed, as transformers does
+    # (and the sharding engines with several processes; checkpoint_layers="auto" plans in one process only)
     "litespark_checkpoint_all": ("sdpa", {"use_litespark": True,
                                           "litespark_config": '{"checkpoint_layers": "all"}'}, None),
 }
