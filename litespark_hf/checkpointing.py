@@ -28,6 +28,7 @@ split (tests/test_checkpointing.py, fp32).
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn as nn
@@ -142,23 +143,11 @@ def _local_numel(p: torch.Tensor) -> int:
     return p.numel()
 
 
-def _sharded(p: torch.Tensor) -> bool:
-    return hasattr(p, "to_local") or hasattr(p, "ds_id")
-
-
 def layer_weight_bytes(layer: nn.Module, compute_bytes: int = 2) -> int:
     """The compute-dtype copy of a decoder layer's matrices (every parameter of two or more dimensions) that its
     projections save for the backward when they cast per call (`litespark_hf.casting`: no whole-model cast buffer
     under checkpointing). Whole sizes, also for sharded parameters (the projections save the gathered weights)."""
-    total = 0
-    for p in layer.parameters():
-        shape = _full_shape(p)
-        if len(shape) >= 2:
-            n = 1
-            for d in shape:
-                n *= int(d)
-            total += n
-    return compute_bytes * total
+    return compute_bytes * sum(math.prod(s) for s in map(_full_shape, layer.parameters()) if len(s) >= 2)
 
 
 def _tokens(args, kwargs) -> int:
@@ -217,17 +206,16 @@ class _Planner:
 
     def _placement(self) -> str:
         """``"whole"`` (every weight a plain tensor), ``"sharded"`` (FSDP2 DTensors or DeepSpeed ZeRO-3 partitions
-        among them) or ``"other"`` (not all on one CUDA device, or another tensor type): read at the first training
+        among them) or ``"other"`` (not all on one planned (CUDA) device): read at the first training
         forward (after accelerate's prepare), fixed from then on."""
         if self._placement_cache is None:
             from litespark_kernels.ops.linear import _plain_tensor
 
             params = list(self.base.parameters())
-            sharded = any(_sharded(p) for p in params)
-            kinds_ok = all(_plain_tensor(p) or _sharded(p) for p in params)
+            sharded = not all(_plain_tensor(p) for p in params)  # FSDP2 DTensors or ZeRO-3 partitions
             devices = {p.device for p in params}
             one_cuda = len(devices) == 1 and next(iter(devices)).type in PLANNED_DEVICE_TYPES
-            self._placement_cache = ("other" if not (kinds_ok and one_cuda and params)
+            self._placement_cache = ("other" if not (one_cuda and params)
                                      else "sharded" if sharded else "whole")
         return self._placement_cache
 
