@@ -270,7 +270,7 @@ post_bench() {  # issue #14: the whole post suite, 18 isolated runs of ~25-30 s 
 
 post_tests() {
   timeout 200 "$PYTHON" -m pytest -m gpu tests/gpu/test_checkpointing_gpu.py tests/gpu/test_lora_linear_gpu.py \
-    tests/gpu/test_fsdp2_adamw_gpu.py tests/gpu/test_adamw_frozen_gpu.py tests/gpu/test_optim_gpu.py -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT_DIR/post_gpu_tests.log" \
+    tests/gpu/test_fsdp2_adamw_gpu.py tests/gpu/test_adamw_frozen_gpu.py tests/gpu/test_optim_gpu.py tests/gpu/test_sync_free_gpu.py -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT_DIR/post_gpu_tests.log" \
     | grep -E "passed|failed|FAILED|Error" | tail -8
 }
 

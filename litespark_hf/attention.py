@@ -31,7 +31,7 @@ from litespark_kernels.ops.attention import (
     visibility_mask,
 )
 
-from .unpadding import marked_segments
+from .unpadding import mark_segments, marked_segments
 
 ATTENTION_NAME = "litespark"
 
@@ -156,9 +156,13 @@ _own_positions = _OwnPositions()
 
 def position_pre_hook(module, args, kwargs):
     """Forward pre-hook for the decoder stack: supply ``position_ids = arange(seq)[None]`` when the caller gave
-    none and no cache or packing arguments (exactly what the model would make), marked as not packed."""
-    if torch.compiler.is_compiling() or kwargs.get("position_ids") is not None or len(args) > 2:
+    none and no cache or packing arguments (exactly what the model would make), marked as not packed; and for a
+    padding-free batch that carries ``cu_seq_lens_q`` (`_packed_from_cu_seqlens`), take its documents from there."""
+    if torch.compiler.is_compiling() or len(args) > 2:
         return None
+    if kwargs.get("position_ids") is not None:
+        packed = _packed_from_cu_seqlens(kwargs)
+        return None if packed is None else (args, packed)
     if any(kwargs.get(k) is not None for k in ("past_key_values", "cache_position", "cu_seq_lens_q",
                                                  "cu_seq_lens_k", "seq_idx")):
         return None
@@ -172,6 +176,29 @@ def position_pre_hook(module, args, kwargs):
     positions = torch.arange(ref.shape[1], device=ref.device)[None]
     _own_positions.mark(positions)
     return args, {**kwargs, "position_ids": positions}
+
+
+def _packed_from_cu_seqlens(kwargs):
+    """A padding-free batch (TRL's ``padding_free=True``, transformers' ``DataCollatorWithFlattening``) arrives as one
+    row with ``position_ids`` and the document boundaries ``cu_seq_lens_q``. Finding the documents from the positions
+    reads a device value on the host, twice (transformers' ``find_packed_sequence_indices`` in the mask creation and
+    this backend's segment detection), at the start of the forward: the host then waits for everything queued (the
+    previous step's backward and optimizer) before it can launch the first layer. The boundaries give the same
+    documents without a read (``searchsorted``): they are attached to a view of ``position_ids`` (`mark_segments`,
+    never the caller's tensor), which both checks then take as known. Where the two disagree the boundaries win, as
+    in transformers' flash-attention path. Returns the new keyword arguments, or None (nothing changed)."""
+    positions, cu = kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q")
+    if not isinstance(positions, torch.Tensor) or not isinstance(cu, torch.Tensor) or positions.dim() != 2 \
+            or positions.shape[0] != 1 or cu.dim() != 1 or cu.numel() < 2 or marked_segments(positions) is not None:
+        return None
+    if kwargs.get("past_key_values") is not None or kwargs.get("cache_position") is not None:
+        return None
+    k = kwargs.get("cu_seq_lens_k")
+    if isinstance(k, torch.Tensor) and k is not cu and k.shape != cu.shape:  # queries and keys split differently
+        return None
+    marked = positions.view(positions.shape)
+    mark_segments(marked, segment_ids_from_cu_seqlens(cu.to(positions.device), positions.shape[1]))
+    return {**kwargs, "position_ids": marked}
 
 
 def _install_packed_check_skip() -> None:

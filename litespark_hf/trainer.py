@@ -32,7 +32,7 @@ from trl.trainer.dpo_trainer import DPOTrainer as _StockDPOTrainer
 from trl.trainer.sft_config import SFTConfig as _StockSFTConfig
 from trl.trainer.sft_trainer import SFTTrainer as _StockSFTTrainer
 
-from . import bookkeeping
+from . import bookkeeping, unpadding
 from .config import LitesparkConfig
 from .optim import LitesparkAdamW
 from .patching import apply
@@ -422,7 +422,31 @@ class LitesparkTrainerMixin:
             if async_batches:
                 loader.non_blocking = False
 
+    def get_train_dataloader(self, *args, **kwargs):
+        if not self._litespark_counts_tokens():
+            return super().get_train_dataloader(*args, **kwargs)
+        collator = self.data_collator
+        self.data_collator = unpadding.TokenCountingCollator(collator)
+        try:
+            return super().get_train_dataloader(*args, **kwargs)
+        finally:
+            self.data_collator = collator
+
+    def _litespark_counts_tokens(self) -> bool:
+        """The training batches carry their real-token count from the collator (`unpadding.TokenCountingCollator`),
+        so the unpadding of a padded batch needs no host sync: with ``use_litespark``, the backend and ``unpad`` on,
+        and batches each process collates itself (not accelerate's dispatching of one process's batches)."""
+        if not getattr(self.args, "use_litespark", False) or self.data_collator is None:
+            return False
+        cfg = self._litespark_config()
+        if not (cfg.attention and cfg.unpad):
+            return False
+        dispatch = getattr(getattr(self.accelerator, "dataloader_config", None), "dispatch_batches", None)
+        iterable = isinstance(getattr(self, "train_dataset", None), torch.utils.data.IterableDataset)
+        return not (dispatch or (dispatch is None and iterable and self.accelerator.num_processes > 1))
+
     def training_step(self, model, inputs, *args, **kwargs):
+        unpadding.pop_token_count(inputs)  # from TokenCountingCollator: noted for this batch's attention mask
         loss = super().training_step(model, inputs, *args, **kwargs)
         if not self.__dict__.get("_litespark_nan_filter"):
             return loss

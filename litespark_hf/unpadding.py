@@ -14,8 +14,12 @@ keys); the loss, since pad labels are ignored. What differs: the hidden states A
 the values stock computes for pad tokens, and so a label right after a pad (a left-padded row's first real token,
 which stock "predicts" from the pad's hidden state) is ignored (`label_pre_hook`). It is used only for calls that carry no KV cache
 (training, and forwards with ``use_cache=False`` such as TRL's fused LM head, DPO's reference pass included), do not
-ask for per-layer hidden states or attentions, and only when the batch has padding; the decision costs the one host
-sync that finding the real tokens needs (the padded path had one too: the mask check).
+ask for per-layer hidden states or attentions, and only when the batch has padding. Finding the real tokens needs
+their number on the host: a device read (``nonzero``) at the start of the forward, which makes the host wait for the
+whole previous step (backward and optimizer) before it can launch the first layer, unless the number is already known
+there. The trainers of `litespark_hf` know it: `TokenCountingCollator` counts each batch's mask on the CPU, where the
+collator made it, and the trainer hands that count over with the batch's mask (`note_token_count`); the gather is
+then ``nonzero_static`` of that size, with no wait.
 
 Only on CUDA by default: without the attention kernel (CPU), the PyTorch reference attends over the whole packed row
 with a mask, which costs (rows x seq)^2 instead of rows x seq^2; ``LITESPARK_UNPAD_CPU=1`` unpads there too (the
@@ -25,11 +29,86 @@ tests do, to check the path the GPU takes). The label rule of `label_pre_hook` a
 from __future__ import annotations
 
 import os
+import weakref
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
 
 _STATE = "_litespark_unpad"
+# The batch key under which `TokenCountingCollator` passes the host's count of real tokens (taken out of the batch by
+# the trainer, `pop_token_count`, before any model sees it).
+TOKEN_COUNT_KEY = "litespark_real_tokens"
+
+
+class TokenCountingCollator:
+    """Wraps a data collator: each batch with a 2-D CPU ``attention_mask`` also carries the number of its real tokens
+    as a Python int under `TOKEN_COUNT_KEY` (counted where the mask is made, on the CPU; pinning and the copy to the
+    device leave an int as it is). Picklable, for data-loader worker processes."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.device.type == "cpu" \
+                and TOKEN_COUNT_KEY not in batch:
+            batch[TOKEN_COUNT_KEY] = int(mask.count_nonzero())
+        return batch
+
+    def __getattr__(self, name):  # the wrapped collator's attributes (tokenizer, padding side, ...)
+        if name == "collator":
+            raise AttributeError(name)
+        return getattr(self.collator, name)
+
+
+class _KnownCount:
+    """The host's count of real tokens for one attention-mask tensor (the current batch's), held while that very
+    tensor is unchanged (same object, same version counter)."""
+
+    def __init__(self) -> None:
+        self._ref = None
+        self._version = -1
+        self._count = None
+
+    def note(self, mask: torch.Tensor, count: int) -> None:
+        self._ref, self._version, self._count = weakref.ref(mask), mask._version, int(count)
+
+    def get(self, mask: torch.Tensor) -> int | None:
+        own = self._ref() if self._ref is not None else None
+        if own is not mask or own._version != self._version:
+            return None
+        return self._count
+
+
+_known = _KnownCount()
+
+
+def note_token_count(mask: torch.Tensor, count: int) -> None:
+    """Tell the unpadding that ``mask`` (as it is now) has ``count`` nonzero entries, so it need not read the device."""
+    _known.note(mask, count)
+
+
+def pop_token_count(inputs) -> None:
+    """Take `TOKEN_COUNT_KEY` out of a batch (a dict) and note it for the batch's ``attention_mask``."""
+    if not isinstance(inputs, dict):
+        return
+    count = inputs.pop(TOKEN_COUNT_KEY, None)
+    mask = inputs.get("attention_mask")
+    if isinstance(count, int) and isinstance(mask, torch.Tensor) and mask.dim() == 2 and 0 <= count <= mask.numel():
+        note_token_count(mask, count)
+
+
+def _real_token_indices(keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the real tokens: ``nonzero_static`` when the host knows their number (no device read),
+    ``nonzero`` (one host sync) otherwise."""
+    count = _known.get(mask)
+    if count is not None:
+        if count == keep.numel():
+            return torch.arange(count, device=keep.device)
+        return torch.nonzero_static(keep, size=count).squeeze(1)
+    return keep.nonzero().squeeze(1)
 
 
 def mark_segments(position_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
@@ -83,7 +162,7 @@ def unpad_pre_hook(module: nn.Module, args, kwargs):
     mask = kwargs["attention_mask"]
     batch, seq = mask.shape
     keep = mask.reshape(-1) != 0
-    idx = keep.nonzero().squeeze(1)  # the one host sync: how many real tokens there are
+    idx = _real_token_indices(keep, mask)  # a host sync unless the trainer gave the count
     total = idx.numel()
     kwargs = dict(kwargs)
     if total == batch * seq:  # no padding: nothing to gather, and no mask to check again downstream

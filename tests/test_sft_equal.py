@@ -51,7 +51,7 @@ def _word_tokenizer():
     return tok
 
 
-def _run(litespark: bool, tmp_path, model, dataset, tokenizer, lora: bool = False, **cfg):
+def _run(litespark: bool, tmp_path, model, dataset, tokenizer, lora: bool = False, on_trainer=None, **cfg):
     import trl
     from peft import LoraConfig
 
@@ -74,6 +74,8 @@ def _run(litespark: bool, tmp_path, model, dataset, tokenizer, lora: bool = Fals
         batches.append(batch)
 
     grads = record_training_steps(trainer, after_step)
+    if on_trainer is not None:
+        on_trainer(trainer)
     trainer.train()
     return losses, grads, batches
 
@@ -162,3 +164,49 @@ def test_sft_assistant_only_loss_litespark_equals_stock_per_step(mode, tmp_path)
     # without the mask the same batches train on every token: other losses (so the comparison above saw the mask)
     full = _run(True, tmp_path / "b", copy.deepcopy(base), data, _word_tokenizer(), **MODES[mode])
     assert abs(full[0][0] - lit[0][0]) > 1e-3
+
+
+# what makes the host wait for the device on CUDA: reads of a value (bool(), .item()) and nonzero (its output size)
+_READS = ("_local_scalar_dense", "is_nonzero", "item", "nonzero")
+
+
+@pytest.mark.parametrize("mode", ["padded", "padding_free"])
+def test_sft_decoder_forwards_read_no_device_value(mode, tmp_path):
+    """The decoder stack's forward in Litespark SFT training reads no device value on the host, so the host need not
+    wait for the previous step's backward and optimizer before launching the first layer: a padded batch's real-token
+    count comes from the collator (`unpadding.TokenCountingCollator`, gathered with ``nonzero_static``), a
+    padding-free batch's documents from ``cu_seq_lens_q`` (no look at ``position_ids``). The losses still equal
+    stock's (the same run as the equality tests)."""
+    from tiny_models import OpLog
+
+    from litespark_hf.patching import unwrap_model
+
+    forwards = []
+
+    def watch(trainer):
+        stack = unwrap_model(trainer.model).model
+        while not hasattr(stack, "layers"):  # PEFT-free here, but keep to the decoder stack
+            stack = stack.model
+
+        def enter(module, args, kwargs):
+            forwards.append(OpLog().__enter__())
+
+        def leave(module, args, kwargs, output):
+            forwards[-1].__exit__(None, None, None)
+
+        stack.register_forward_pre_hook(enter, with_kwargs=True, prepend=True)  # before the unpadding's own hook
+        stack.register_forward_hook(leave, with_kwargs=True)
+
+    base, data, tok = _base(), _prompt_completion(), PD.id_tokenizer(PB.CONFIGS["tiny"]["model"]["vocab_size"])
+    stock = _run(False, tmp_path, copy.deepcopy(base), data, tok, completion_only_loss=True, **MODES[mode])
+    lit = _run(True, tmp_path, copy.deepcopy(base), data, tok, completion_only_loss=True, on_trainer=watch,
+               **MODES[mode])
+    _assert_equal(stock, lit)
+    # TRL's default gradient checkpointing: no layer is recomputed by the planner at this size, one forward a step
+    assert len(forwards) >= STEPS
+    for ops in forwards:
+        assert not any(ops.counts[name] for name in _READS), {n: ops.counts[n] for n in _READS}
+        if mode == "padded":  # the batch had pads: they were gathered out with the count the collator gave
+            assert ops.counts["nonzero_static"] == 1
+        else:
+            assert ops.counts["searchsorted"] >= 1  # segment ids from cu_seq_lens_q

@@ -111,3 +111,22 @@ def test_restore_removes_the_position_hook():
     assert len(model.model._forward_pre_hooks) == 3 and len(model.model._forward_hooks) == 1
     litespark_hf.restore(model)
     assert not model.model._forward_pre_hooks and not model.model._forward_hooks
+
+
+def test_padding_free_boundaries_give_the_documents_without_a_read():
+    """A padding-free batch with ``cu_seq_lens_q`` (TRL's ``padding_free``, ``DataCollatorWithFlattening``): no look
+    at ``position_ids`` (transformers' packed check and the backend's own would each read one), the same outputs as
+    stock from the positions alone, the second document blind to the first; the caller's tensor is left unmarked."""
+    ids = random_batch(1, 24)
+    packed = torch.cat([torch.arange(10), torch.arange(14)])[None]
+    cu = torch.tensor([0, 10, 24], dtype=torch.int32)
+    stock = tiny_model("llama", attn_implementation="sdpa")
+    want = stock.model(input_ids=ids, position_ids=packed, use_cache=False).last_hidden_state
+    model = litespark_hf.apply(tiny_model("llama", attn_implementation="sdpa"))
+    reads, got = _reads(model.model, input_ids=ids, position_ids=packed, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                        max_length_q=14, max_length_k=14, use_cache=False)
+    assert reads == 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    alone = model.model(input_ids=ids[:, 10:]).last_hidden_state
+    torch.testing.assert_close(got[:, 10:], alone, rtol=1e-4, atol=1e-5)
+    assert not hasattr(packed, "_litespark_segments")

@@ -197,3 +197,52 @@ def test_cpu_default_keeps_padded_batches_padded(monkeypatch):
     assert all(s[:2] == tuple(ids.shape) for s in seen.shapes)
     a = stock(input_ids=ids, attention_mask=mask, labels=labels).loss
     assert abs(a.item() - b.item()) <= 1e-5 * abs(a.item())
+
+
+def test_a_count_from_the_host_gathers_without_a_read_and_only_for_that_mask():
+    """`note_token_count` (what the trainers hand over from `TokenCountingCollator`): the gather is
+    ``nonzero_static`` of that size, no device read, the same outputs; a mask changed in place since, or another
+    tensor, is read as before."""
+    from tiny_models import OpLog
+
+    from litespark_hf import unpadding
+
+    stock, lit = pair()
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        want = stock.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        unpadding.note_token_count(mask, int(mask.sum()))
+        with OpLog() as ops:
+            got = lit.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        assert ops.counts["nonzero"] == 0 and ops.counts["nonzero_static"] == 1
+        valid = mask.bool()
+        assert rel_err(got[valid], want[valid]) <= 1e-5
+        for other in (mask.clone(), mask):  # another tensor; then the noted one changed in place
+            if other is mask:
+                mask[2, -1] = 1
+            with OpLog() as ops:
+                lit.model(input_ids=ids, attention_mask=other, use_cache=False)
+            assert ops.counts["nonzero"] == 1 and ops.counts["nonzero_static"] == 0
+
+
+def test_token_counting_collator_counts_on_the_cpu_and_pops_cleanly():
+    import pickle
+
+    from transformers import DataCollatorWithPadding
+
+    from litespark_hf import unpadding
+    from tiny_models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    inner = DataCollatorWithPadding(tok)
+    collate = pickle.loads(pickle.dumps(unpadding.TokenCountingCollator(inner)))  # data-loader workers pickle it
+    assert collate.tokenizer is inner.tokenizer or collate.tokenizer.vocab_size == tok.vocab_size
+    out = collate([{"input_ids": [5, 6, 7]}, {"input_ids": [5, 6, 7, 8, 9]}])
+    assert out[unpadding.TOKEN_COUNT_KEY] == 8 == int(out["attention_mask"].sum())
+    inputs = dict(out)
+    unpadding.pop_token_count(inputs)
+    assert unpadding.TOKEN_COUNT_KEY not in inputs
+    assert unpadding._known.get(inputs["attention_mask"]) == 8
+    assert unpadding._known.get(inputs["attention_mask"].clone()) is None
+    # a batch without a 2-D mask gets no count
+    assert unpadding.TOKEN_COUNT_KEY not in unpadding.TokenCountingCollator(lambda f: {"input_ids": torch.ones(1, 3)})([])

@@ -72,3 +72,56 @@ def test_litespark_trainer_steps_do_not_wait_for_the_gpu(tmp_path):
     assert rep["training"]["tokens_seen"] == 8 * 2 * 128
     assert all(s["time"] > 0 for s in eff._steps) and len(eff._steps) == 8
     assert rep["training"]["tokens_per_second_steady"] > 0
+
+
+@pytest.mark.parametrize("mode", ["padded", "padding_free"])
+def test_trl_sft_decoder_forward_does_not_wait_for_the_gpu(tmp_path, mode):
+    """TRL's SFTTrainer with ``use_litespark``: the decoder stack's forward (embedding, mask creation, unpadding,
+    layers) runs no synchronizing operation on padded batches (the real-token count comes from the collator,
+    `unpadding.TokenCountingCollator`; the gather is ``nonzero_static``) and on padding-free ones (documents from
+    ``cu_seq_lens_q``). So the host launches the next forward while the GPU still runs the previous optimizer step.
+    (TRL's own metrics and its fused LM head still read device values after the stack: stock does the same.)"""
+    from datasets import Dataset
+
+    import litespark_hf
+    from litespark_hf.efficiency import post_data as PD
+    from litespark_hf.patching import unwrap_model
+    from tiny_models import tiny_model
+
+    g = torch.Generator().manual_seed(3)
+    lengths = [int(n) for n in torch.randint(8, 120, (32,), generator=g)]
+    ds = Dataset.from_dict({"input_ids": [torch.randint(4, 256, (n,), generator=g).tolist() for n in lengths]})
+    model = tiny_model("llama", vocab_size=256, hidden_size=128, intermediate_size=256, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=64).cuda()
+    extra = {"padding_free": True, "max_length": None} if mode == "padding_free" else {"max_length": 128}
+    args = litespark_hf.SFTConfig(
+        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, report_to=[], use_litespark=True,
+        bf16=True, learning_rate=1e-3, save_strategy="no", logging_steps=6, **extra)
+    trainer = litespark_hf.SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=PD.id_tokenizer(256))
+    records, forwards = [], []
+
+    def enter(module, a, kw):
+        forwards.append(kw.get("attention_mask") is not None or kw.get("cu_seq_lens_q") is not None)
+        if len(forwards) > 2:  # after the first steps' one-time probes and autotuning
+            catch = warnings.catch_warnings(record=True)
+            records.append((catch, catch.__enter__()))
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def leave(module, a, kw, out):
+        if len(forwards) > 2:
+            torch.cuda.set_sync_debug_mode("default")
+            records[-1][0].__exit__(None, None, None)
+
+    stack = unwrap_model(trainer.model).model
+    stack.register_forward_pre_hook(enter, with_kwargs=True, prepend=True)
+    stack.register_forward_hook(leave, with_kwargs=True)
+    try:
+        trainer.train()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [(str(w.message).splitlines()[0], w.filename, w.lineno) for _, rec in records for w in rec
+             if "called a synchronizing" in str(w.message)]
+    print(json.dumps(syncs, indent=1))
+    assert len(records) >= 3 and all(forwards)  # padded masks / boundaries reached the stack
+    assert syncs == []
