@@ -100,15 +100,17 @@ def pop_token_count(inputs) -> None:
         note_token_count(mask, count)
 
 
-def _real_token_indices(keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Flat indices of the real tokens: ``nonzero_static`` when the host knows their number (no device read),
-    ``nonzero`` (one host sync) otherwise."""
+def _real_token_indices(mask: torch.Tensor) -> torch.Tensor | None:
+    """Flat indices of the real tokens, or None when there is no padding: ``nonzero_static`` when the host knows their
+    number (no device read; nothing at all launched for a batch without padding), ``nonzero`` (one host sync)
+    otherwise."""
     count = _known.get(mask)
-    if count is not None:
-        if count == keep.numel():
-            return torch.arange(count, device=keep.device)
-        return torch.nonzero_static(keep, size=count).squeeze(1)
-    return keep.nonzero().squeeze(1)
+    if count == mask.numel():
+        return None
+    keep = mask.reshape(-1) != 0
+    idx = keep.nonzero() if count is None else torch.nonzero_static(keep, size=count)
+    idx = idx.squeeze(1)
+    return None if idx.numel() == mask.numel() else idx
 
 
 def mark_segments(position_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
@@ -161,14 +163,12 @@ def unpad_pre_hook(module: nn.Module, args, kwargs):
         return None
     mask = kwargs["attention_mask"]
     batch, seq = mask.shape
-    keep = mask.reshape(-1) != 0
-    idx = _real_token_indices(keep, mask)  # a host sync unless the trainer gave the count
-    total = idx.numel()
+    idx = _real_token_indices(mask)  # a host sync unless the trainer gave the count
     kwargs = dict(kwargs)
-    if total == batch * seq:  # no padding: nothing to gather, and no mask to check again downstream
+    if idx is None:  # no padding: nothing to gather, and no mask to check again downstream
         kwargs["attention_mask"] = None
         return args, kwargs
-    if total == 0:
+    if idx.numel() == 0:
         return None
     positions = kwargs.get("position_ids")
     if positions is None or positions.shape[0] == 1:  # one row of positions for every row (the default arange)
