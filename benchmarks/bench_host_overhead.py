@@ -2,9 +2,11 @@
 
 Runs the 1B-shaped model of ``litespark-train-bench`` (random init, fp32 weights, bf16 autocast) on a tiny batch
 (``--batch`` x ``--seq``, default 1 x 16 tokens) so that the GPU work is negligible and the wall time of a forward,
-and of forward + backward, is the time the CPU needs to issue it. Compares stock sdpa with Litespark. Also times
-single ops (Litespark dispatcher vs the eager PyTorch equivalent) on tiny tensors. Prints a table, writes JSON.
-Needs a GPU.
+and of forward + backward, is the time the CPU needs to issue it. Compares stock sdpa with Litespark, and Litespark
+with its Triton launch shortcut (`litespark_kernels._launch`) against Triton's own launch path
+(``LITESPARK_FAST_LAUNCH=0``). Also times single ops (Litespark dispatcher vs the eager PyTorch equivalent) on tiny
+tensors, and with ``--breakdown`` each layer of one RMSNorm call, both launch paths. Prints tables, writes JSON and
+a PNG next to it. Needs a GPU.
 """
 
 from __future__ import annotations
@@ -48,7 +50,12 @@ def breakdown(reps: int) -> dict:
     grid = (triton.cdiv(16, bm),)
     args = (x, x, y, y, w, rstd, x.stride(0), 0, 0, y.stride(0), 16, 2048, 1e-5)
 
+    kernel = getattr(rt._rms_fwd_kernel, "fn", rt._rms_fwd_kernel)  # the JITFunction under the shortcut
+
     def raw():
+        return kernel[grid](*args, HAS_RESIDUAL=False, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
+
+    def fast():
         return rt._rms_fwd_kernel[grid](*args, HAS_RESIDUAL=False, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
 
     class Nop(torch.autograd.Function):
@@ -67,10 +74,13 @@ def breakdown(reps: int) -> dict:
         "no-op autograd.Function": lambda: Nop.apply(xg),
         "use_triton check": lambda: _dispatch.use_triton("rms_norm", x, w),
         "raw Triton launch kernel[grid](...)": raw,
-        "rms_norm_forward (launcher + allocs)": lambda: rt.rms_norm_forward(x, None, w, 1e-5),
-        "rms_norm_triton (autograd.Function)": lambda: rt.rms_norm_triton(xg, wg, 1e-5),
-        "lk.rms_norm (dispatcher, grad)": lambda: lk.rms_norm(xg, wg, 1e-5),
+        "launch shortcut (FastLauncher)": fast,
     }
+    for path, flag in (("Triton launch", "0"), ("shortcut", "1")):
+        layers[f"rms_norm_forward (launcher + allocs), {path}"] = _env(
+            flag, lambda: rt.rms_norm_forward(x, None, w, 1e-5))
+        layers[f"rms_norm_triton (autograd.Function), {path}"] = _env(flag, lambda: rt.rms_norm_triton(xg, wg, 1e-5))
+        layers[f"lk.rms_norm (dispatcher, grad), {path}"] = _env(flag, lambda: lk.rms_norm(xg, wg, 1e-5))
     try:
         ck = raw()
         run = ck[(grid[0], 1, 1)]
@@ -80,11 +90,57 @@ def breakdown(reps: int) -> dict:
     except Exception as e:  # the compiled-kernel API differs between Triton versions
         print("compiled-kernel launch not timed:", type(e).__name__, e)
     out = {}
-    print(f"{'layer':>42} | host us per call")
+    print(f"{'layer':>58} | host us per call")
     for name, fn in layers.items():
         out[name] = _time(fn, reps) * 1e3
-        print(f"{name:>42} | {out[name]:8.2f}", flush=True)
+        print(f"{name:>58} | {out[name]:8.2f}", flush=True)
     return out
+
+
+def _env(flag: str, fn):
+    """``fn`` run with LITESPARK_FAST_LAUNCH=flag (the launch path), the variable restored after each call."""
+
+    def run():
+        old = os.environ.get("LITESPARK_FAST_LAUNCH")
+        os.environ["LITESPARK_FAST_LAUNCH"] = flag
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["LITESPARK_FAST_LAUNCH"]
+            else:
+                os.environ["LITESPARK_FAST_LAUNCH"] = old
+
+    return run
+
+
+def plot(res: dict, path: str) -> None:
+    """Bars: host ms per forward / forward+backward per model variant, and host us per layer of the breakdown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("model", "host ms per call (tiny batch)")] + ([("breakdown_us", "host us per call")]
+                                                           if res.get("breakdown_us") else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        if key == "model":
+            names = list(res["model"])
+            for j, part in enumerate(("forward_ms", "forward_backward_ms")):
+                vals = [res["model"][n][part] for n in names]
+                ax.barh([i + 0.4 * j for i in range(len(names))], vals, height=0.4, label=part)
+            ax.set_yticks([i + 0.2 for i in range(len(names))], names)
+            ax.legend()
+        else:
+            names = list(res[key])
+            ax.barh(range(len(names)), [res[key][n] for n in names])
+            ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_xlabel(label)
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -114,11 +170,12 @@ def main(argv=None):
     hf = _hf_config(cfg)
     res = {"model": {}, "ops": {}}
     ids = torch.randint(0, hf.vocab_size, (a.batch, a.seq), device="cuda")
-    for name in ("sdpa", "litespark"):
+    for name in ("sdpa", "litespark", "litespark_triton_launch"):
+        os.environ["LITESPARK_FAST_LAUNCH"] = "0" if name == "litespark_triton_launch" else "1"
         torch.manual_seed(0)
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa", dtype=torch.float32)
-        if name == "litespark":
+        if name.startswith("litespark"):
             litespark_hf.apply(model)
         model.train()
 
@@ -135,6 +192,7 @@ def main(argv=None):
               f"(CPU-bound: {a.batch}x{a.seq} tokens)", flush=True)
         del model
         torch.cuda.empty_cache()
+    os.environ.pop("LITESPARK_FAST_LAUNCH", None)
 
     d = torch.device("cuda")
     x = torch.randn(16, 2048, device=d, requires_grad=True)
@@ -179,6 +237,8 @@ def main(argv=None):
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as fh:
         json.dump({"device": torch.cuda.get_device_name(), "args": vars(a), **res}, fh, indent=1)
+    plot(res, os.path.splitext(a.out)[0] + ".png")
+    print("wrote", a.out, "and", os.path.splitext(a.out)[0] + ".png")
 
 
 if __name__ == "__main__":

@@ -70,6 +70,11 @@
 #                which checkpoints, also litespark_checkpoint_all) for the one-device rows; FSDP2_ENGINES (default "none fsdp2"); FSDP2_CONFIG (default llama-1b; a
 #                space-separated list runs each; llama-3b runs 10 steps with 5-10 timed); FSDP2_PROFILE=1 adds a torch.profiler window of the FSDP2
 #                litespark step (profile_<config>_fsdp2_<device>.json)
+#   launch       the Triton launch shortcut (litespark_kernels/_launch.py): its GPU test (every wrapped kernel bit
+#                for bit against Triton's own launch; launch_gpu_tests.log), then benchmarks/bench_host_overhead.py
+#                --breakdown (host time of the 1B model's forward at 16 tokens: sdpa, litespark, litespark with
+#                Triton's launch; per op; per layer of one RMSNorm call): host_overhead.log,
+#                host_overhead_<device>.json/.png; ~1 min
 #   all          tests,kernels,recipes,train,fsdp2-probe,engines,families,sat
 #
 # OUT_DIR defaults to outputs/gpu_run. Every command also writes device.txt (GPU name, driver, power limit,
@@ -94,7 +99,7 @@ esac
 IFS=, read -r -a CMDS <<< "$COMMANDS"
 for c in "${CMDS[@]}"; do
   case "$c" in
-    tests|kernels|recipes|train|fsdp2-probe|engines|families|sat|verify|fp8|post|post-profile|post-tests|fsdp2) ;;
+    tests|kernels|recipes|train|fsdp2-probe|engines|families|sat|verify|fp8|post|post-profile|post-tests|fsdp2|launch) ;;
     *) echo "gpu_run.sh: unknown command '$c'" >&2; usage; exit 2 ;;
   esac
 done
@@ -270,8 +275,21 @@ post_bench() {  # issue #14: the whole post suite, 18 isolated runs of ~25-30 s 
 
 post_tests() {
   timeout 200 "$PYTHON" -m pytest -m gpu tests/gpu/test_checkpointing_gpu.py tests/gpu/test_lora_linear_gpu.py \
-    tests/gpu/test_fsdp2_adamw_gpu.py tests/gpu/test_adamw_frozen_gpu.py tests/gpu/test_optim_gpu.py tests/gpu/test_sync_free_gpu.py -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT_DIR/post_gpu_tests.log" \
+    tests/gpu/test_fsdp2_adamw_gpu.py tests/gpu/test_adamw_frozen_gpu.py tests/gpu/test_optim_gpu.py tests/gpu/test_sync_free_gpu.py \
+    tests/gpu/test_fast_launch_gpu.py -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT_DIR/post_gpu_tests.log" \
     | grep -E "passed|failed|FAILED|Error" | tail -8
+}
+
+launch_tests() {
+  timeout 150 "$PYTHON" -m pytest -m gpu tests/gpu/test_fast_launch_gpu.py -q -rfE -p no:cacheprovider 2>&1 \
+    | tee "$OUT_DIR/launch_gpu_tests.log" | grep -E "passed|failed|FAILED|Error|skipped" | tail -8
+}
+
+host_overhead() {
+  local tag
+  tag=$("$PYTHON" -c "from litespark_hf.efficiency.device import device_tag; print(device_tag())")
+  timeout 200 "$PYTHON" benchmarks/bench_host_overhead.py --breakdown --out "$OUT_DIR/host_overhead_$tag.json" \
+    2>&1 | tee "$OUT_DIR/host_overhead.log" | tail -40
 }
 
 fsdp2_pair() {  # the one-device and FSDP2 rows of each config in one call (#20's "kept" ratio)
@@ -374,6 +392,9 @@ for c in "${CMDS[@]}"; do
     post) step post-bench post_bench ;;
     post-profile) step post-profile post_profile ;;
     post-tests) step post-tests post_tests ;;
+    launch)
+      step launch-tests launch_tests
+      step host-overhead host_overhead ;;
     fsdp2) step fsdp2-pair fsdp2_pair ;;
     fp8)
       step fp8-tests fp8_tests

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import fast_launch
+
 from .._dispatch import as_rows as _as_rows
 from .._dispatch import sm_count as _sm_count
 
@@ -49,6 +51,7 @@ def _act_and_grad(g, ACT: tl.constexpr, NEED_GRAD: tl.constexpr):
     return a, da
 
 
+@fast_launch
 @triton.jit
 def _glu_fwd_kernel(
     G, U, Y,
@@ -67,6 +70,7 @@ def _glu_fwd_kernel(
     tl.store(Y + rows64 * stride_y + cols[None, :], (a * u).to(Y.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _glu_bwd_kernel(
     DY, G, U, DG, DU,
@@ -87,6 +91,7 @@ def _glu_bwd_kernel(
     tl.store(DU + rows64 * stride_du + cols[None, :], (dy * a).to(DU.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _gelu_bias_fwd_kernel(
     X, B, Y,
@@ -107,6 +112,7 @@ def _gelu_bias_fwd_kernel(
     tl.store(Y + rows64 * stride_y + cols[None, :], a.to(Y.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _gelu_bias_bwd_kernel(
     DY, X, B, DX, DB_PART,

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import fast_launch
+
 BLOCK = 1024
 NUM_WARPS = 4
 # BLOCK 1024 / 4 warps: 12.15 ms for the Llama-1B parameters on an H100 (3.0 TB/s) against 13.47 at 2048 / 4
@@ -121,6 +123,7 @@ def _adamw_block(P, G, M, V, S, SCALE, start, offs, n, has_s, decay, one_minus_b
                       one_minus_beta2, step_size, bc2_sqrt, eps, HAS_SCALE, S_FP16, True)
 
 
+@fast_launch
 @triton.jit
 def _adamw_kernel(TABLE, FROZEN, BLOCK_TENSOR, BLOCK_START, SCALE, decay, one_minus_beta1, beta2, one_minus_beta2,
                   step_size, bc2_sqrt, eps, HAS_SCALE: tl.constexpr, S_FP16: tl.constexpr, ALIGNED: tl.constexpr,

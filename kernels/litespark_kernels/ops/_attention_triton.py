@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import fast_launch
+
 from .._dispatch import interpreting
 
 _LOG2E = math.log2(math.e)
@@ -95,6 +97,7 @@ def _config(kind: str, block_d: int, seqlen: int, device: torch.device | None = 
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@fast_launch
 @triton.jit
 def _segment_range_kernel(
     row_seg, col_seg, lo_ptr, hi_ptr, n_rows, n_cols, stride_rb, stride_cb, n_blocks,
@@ -300,6 +303,7 @@ def _fwd_inner(
     return acc, l_i, m_i
 
 
+@fast_launch
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, QSEG, KVSEG, SEG_LO, SEG_HI,
@@ -373,6 +377,7 @@ def _attn_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@fast_launch
 @triton.jit
 def _bwd_delta_kernel(
     O, DO, DELTA, stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh, Hq, Sq,
@@ -442,6 +447,7 @@ def _bwd_dkv_inner(
     return dk, dv
 
 
+@fast_launch
 @triton.jit
 def _attn_bwd_dkv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, QSEG, KVSEG, SEG_LO, SEG_HI,
@@ -554,6 +560,7 @@ def _bwd_dq_inner(
     return dq
 
 
+@fast_launch
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, QSEG, KVSEG, SEG_LO, SEG_HI,

@@ -17,9 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import fast_launch
+
 from .fp8 import AMAX_EPS, padded
 
 
+@fast_launch
 @triton.jit
 def _amax(X, AMAX, R, C, sxr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
@@ -31,6 +34,7 @@ def _amax(X, AMAX, R, C, sxr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     tl.atomic_max(AMAX, tl.max(tl.max(acc, axis=1), axis=0))
 
 
+@fast_launch
 @triton.jit
 def _scaled_cast(X, AMAX, Q, QT, INV, R, C, R_PAD, sxr, FMAX: tl.constexpr, EPS: tl.constexpr,
                  WRITE_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):

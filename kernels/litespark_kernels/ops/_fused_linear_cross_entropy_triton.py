@@ -47,6 +47,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .._launch import fast_launch
+
 from .._dispatch import autocast_dtype, device_supports, sm_count
 from .fused_linear_cross_entropy import LabelCount, shifted_labels
 
@@ -68,6 +70,7 @@ def _softcap(x, softcap):
     return softcap * _tanh(x / softcap)
 
 
+@fast_launch
 @triton.jit
 def _ce_rows_kernel(
     logits_ptr,  # [rows, V] logits of one chunk; overwritten with d loss / d logits when WRITE_GRAD
@@ -145,6 +148,7 @@ def _launch_ce_rows(logits: torch.Tensor, target: torch.Tensor, loss: torch.Tens
     )
 
 
+@fast_launch
 @triton.jit
 def _scale_unless_one_kernel(X, G, n, BLOCK: tl.constexpr):
     """X *= G[0] in place, over a persistent grid; every program returns at once when G[0] == 1."""

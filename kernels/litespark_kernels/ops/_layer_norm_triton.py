@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import fast_launch
+
 from .._dispatch import as_rows as _as_rows
 from .._dispatch import sm_count as _sm_count
 
@@ -28,6 +30,7 @@ MAX_FUSED_BLOCK = 16384
 LOOP_BLOCK = 4096
 
 
+@fast_launch
 @triton.jit
 def _ln_fwd_kernel(
     X, Y, W, B, MEAN, RSTD,
@@ -54,6 +57,7 @@ def _ln_fwd_kernel(
     tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _ln_bwd_kernel(
     DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART,
@@ -108,6 +112,7 @@ def _ln_bwd_kernel(
         tl.store(DB_PART + pid * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_mask)
 
 
+@fast_launch
 @triton.jit
 def _ln_fwd_looped_kernel(
     X, Y, W, B, MEAN, RSTD,
@@ -141,6 +146,7 @@ def _ln_fwd_looped_kernel(
         tl.store(Y + row * stride_y + c0 + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _ln_bwd_dx_looped_kernel(
     DY, X, W, MEAN, RSTD, DX,
@@ -173,6 +179,7 @@ def _ln_bwd_dx_looped_kernel(
         tl.store(DX + row * stride_dx + c0 + cols, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _ln_bwd_dwdb_looped_kernel(
     DY, X, MEAN, RSTD, DW_PART, DB_PART,

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import fast_launch
+
 from .._dispatch import as_rows as _as_rows
 from .._dispatch import sm_count as _sm_count
 
@@ -47,6 +49,7 @@ LOOP_BLOCK = 4096
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@fast_launch
 @triton.jit
 def _rms_fwd_kernel(
     X, R, S, Y, W, RSTD,
@@ -82,6 +85,7 @@ def _rms_fwd_kernel(
     tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _rms_bwd_kernel(
     DY, DS, X, W, RSTD, DX, DX2, DW_PART,
@@ -155,6 +159,7 @@ def _rms_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@fast_launch
 @triton.jit
 def _rms_fwd_looped_kernel(
     X, R, S, Y, W, RSTD,
@@ -194,6 +199,7 @@ def _rms_fwd_looped_kernel(
         tl.store(Y + row * stride_y + c0 + cols, (w * hn).to(Y.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _rms_bwd_dx_looped_kernel(
     DY, DS, X, W, RSTD, DX, DX2,
@@ -229,6 +235,7 @@ def _rms_bwd_dx_looped_kernel(
             tl.store(DX2 + row * stride_dx2 + c0 + cols, dx.to(DX2.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _rms_bwd_dw_looped_kernel(
     DY, X, RSTD, DW_PART,

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import fast_launch
+
 
 @triton.jit
 def _rotate_heads(
@@ -49,6 +51,7 @@ def _rotate_heads(
     tl.store(base_out + (d + half) * sod, o2.to(OUT.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _rope_kernel(
     Q, K, QO, KO, COS, SIN,
