@@ -48,15 +48,15 @@ def breakdown(reps: int) -> dict:
     rstd = torch.empty(16, device=d)
     bm, bn, nw = rt._fwd_config(2048, None, None)
     grid = (triton.cdiv(16, bm),)
-    args = (x, x, y, y, w, rstd, x.stride(0), 0, 0, y.stride(0), 16, 2048, 1e-5)
+    args = (x, x, y, y, w, rstd, x.stride(0), 0, 0, y.stride(0), 16, 2048, 1e-5, 0.0)
 
     kernel = getattr(rt._rms_fwd_kernel, "fn", rt._rms_fwd_kernel)  # the JITFunction under the shortcut
 
     def raw():
-        return kernel[grid](*args, HAS_RESIDUAL=False, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
+        return kernel[grid](*args, HAS_RESIDUAL=False, HAS_OFFSET=False, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
 
     def fast():
-        return rt._rms_fwd_kernel[grid](*args, HAS_RESIDUAL=False, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
+        return rt._rms_fwd_kernel[grid](*args, HAS_RESIDUAL=False, HAS_OFFSET=False, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
 
     class Nop(torch.autograd.Function):
         @staticmethod
@@ -84,7 +84,7 @@ def breakdown(reps: int) -> dict:
     try:
         ck = raw()
         run = ck[(grid[0], 1, 1)]
-        full = args + (False, bm, bn)
+        full = args + (False, False, bm, bn)
         run(*full)
         layers["compiled kernel run (cached, no binder)"] = lambda: run(*full)
     except Exception as e:  # the compiled-kernel API differs between Triton versions
@@ -157,6 +157,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=16)
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the model timings (the fastest is reported)")
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/host_overhead_<device>.json)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time each layer of one RMSNorm call (dispatcher, autograd.Function, launcher, raw "
@@ -170,12 +171,14 @@ def main(argv=None):
     hf = _hf_config(cfg)
     res = {"model": {}, "ops": {}}
     ids = torch.randint(0, hf.vocab_size, (a.batch, a.seq), device="cuda")
-    for name in ("sdpa", "litespark", "litespark_triton_launch"):
-        os.environ["LITESPARK_FAST_LAUNCH"] = "0" if name == "litespark_triton_launch" else "1"
+    # One model per kind; the two launch paths share the Litespark model and alternate for --rounds rounds (the
+    # host is noisy: each figure is the fastest round's mean over --reps calls).
+    timings: dict[str, dict[str, list[float]]] = {}
+    for kind in ("sdpa", "litespark"):
         torch.manual_seed(0)
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa", dtype=torch.float32)
-        if name.startswith("litespark"):
+        if kind == "litespark":
             litespark_hf.apply(model)
         model.train()
 
@@ -186,12 +189,21 @@ def main(argv=None):
         def fwd_bwd():
             fwd().backward()
 
-        r = {"forward_ms": _time(fwd, a.reps), "forward_backward_ms": _time(fwd_bwd, a.reps)}
-        res["model"][name] = r
-        print(f"{name:>10}: forward {r['forward_ms']:.2f} ms, forward+backward {r['forward_backward_ms']:.2f} ms "
-              f"(CPU-bound: {a.batch}x{a.seq} tokens)", flush=True)
+        names = {"sdpa": (("sdpa", "1"),), "litespark": (("litespark", "1"), ("litespark_triton_launch", "0"))}[kind]
+        for _ in range(a.rounds):
+            for name, flag in names:
+                t = timings.setdefault(name, {"forward_ms": [], "forward_backward_ms": []})
+                t["forward_ms"].append(_time(_env(flag, fwd), a.reps))
+                t["forward_backward_ms"].append(_time(_env(flag, fwd_bwd), a.reps))
         del model
         torch.cuda.empty_cache()
+    for name, t in timings.items():
+        r = res["model"][name] = {k: min(v) for k, v in t.items()} | {f"{k}_rounds": v for k, v in t.items()}
+        print(f"{name:>24}: forward {r['forward_ms']:.2f} ms, forward+backward {r['forward_backward_ms']:.2f} ms "
+              f"(fastest of {a.rounds} rounds; CPU-bound: {a.batch}x{a.seq} tokens)", flush=True)
+    from litespark_kernels import _launch
+
+    res["launch_stats"] = {n: dict(lc.stats) for n, lc in _launch.launchers().items() if lc.stats["triton"]}
     os.environ.pop("LITESPARK_FAST_LAUNCH", None)
 
     d = torch.device("cuda")
