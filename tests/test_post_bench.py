@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -228,3 +229,29 @@ def test_syncs_env_var_counts_host_waits_by_code_line(tmp_path, monkeypatch):
     assert direct[0].startswith("timed steps 1: 3.0 host-waiting"), direct
     assert "_local_scalar_dense" in direct[1] and "3.00/step" in direct[1], direct
     assert calls == [3.0, 3.0, 3.0]
+
+
+def test_paired_replay_trains_each_timed_batch_twice():
+    from litespark_hf.efficiency.post_bench import replay_order
+
+    assert replay_order(1, 6, 3) == [0, 1, 0, 1, 2, 3]  # unpaired, for comparison
+    # 2 warm-up steps over the 2 distinct timed batches, then each timed batch twice in a row
+    assert replay_order(1, 6, 3, paired=True) == [0, 1, 0, 0, 1, 1]
+    assert replay_order(2, 5, 3, paired=True) == [0, 1, 2, 3, 0, 1, 0, 1, 2, 3]  # odd timed window: last batch once
+
+
+def test_ab_env_var_alternates_a_switch_in_pairs_of_the_same_batch(monkeypatch):
+    """LITESPARK_POST_AB=VAR: VAR is "1" then "0" on the two steps of each pair; the pairs see equal batches."""
+    monkeypatch.setenv("LITESPARK_POST_AB", "LITESPARK_TEST_SWITCH")
+    monkeypatch.setenv("LITESPARK_TEST_SWITCH", "kept")
+    row = PB.run_one("tiny", "sft_padded", "litespark", 6, 3, progress=False, energy=False)
+    ab = row["ab"]
+    assert row["status"] == "ok" and ab["variable"] == "LITESPARK_TEST_SWITCH" and ab["pairs"] == 2
+    assert ab["values"][2:] == ["1", "0", "1", "0"]
+    assert os.environ["LITESPARK_TEST_SWITCH"] == "kept"  # restored after the run
+    timed = row["real_tokens_per_step"][2:]
+    assert timed[0] == timed[1] and timed[2] == timed[3]  # a pair trains one batch
+    assert ab["on_tokens_per_second"] > 0 and ab["off_tokens_per_second"] > 0 and len(ab["off_over_on_per_pair"]) == 2
+    assert "A/B LITESPARK_TEST_SWITCH" in PB.format_table({"rows": [row]})
+    with pytest.raises(ValueError, match="LITESPARK_POST_AB"):
+        PB.run_one("tiny", "sft_packing", "litespark", 6, 3, progress=False, energy=False)

@@ -94,6 +94,11 @@ DEFAULT_VARIANTS = ("stock", "liger", "litespark")
 BASELINE = "stock"
 LORA = dict(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
 SUITES = ("train", "post")
+# LITESPARK_POST_AB=VAR: a paired A/B inside one run: each timed batch is trained twice in a row, the first step with
+# the environment variable VAR set to "1" and the second with "0" (for switches read per call, e.g.
+# LITESPARK_FAST_LAUNCH); the row's "ab" compares the two halves pair by pair (same batch, same process, adjacent
+# steps), which host-time changes need on noisy hosts where separate runs differ by more than the change.
+AB_ENV = "LITESPARK_POST_AB"
 
 
 def split_suite(argv: list[str] | None) -> tuple[str, list[str]]:
@@ -179,7 +184,7 @@ def length_distribution(cfg: dict, steps: int, seed: int) -> dict:
     }
 
 
-def replay_order(batch: int, steps: int, time_from: int) -> list[int]:
+def replay_order(batch: int, steps: int, time_from: int, paired: bool = False) -> list[int]:
     """Row order (indices into a pool of batches of ``batch`` rows) that makes the warm-up steps replay
     the timed steps' batches: step ``i`` (0-based) trains batch ``i mod K`` of the warm-up cycle for the first
     ``time_from - 1`` steps, then the ``K = steps - time_from + 1`` timed batches once each, in order.
@@ -187,16 +192,23 @@ def replay_order(batch: int, steps: int, time_from: int) -> list[int]:
     Why: with variable-length data every new batch shape can pay one-time costs (Triton specialisations, cuBLAS
     heuristics, allocator growth: 1-5 s each, seen on the H200) that a long run pays once and then never again. A
     short timed window that meets a shape for the first time would charge them to throughput; replaying the timed
-    batches in the warm-up measures the steady state while keeping the timed batches' length mix."""
+    batches in the warm-up measures the steady state while keeping the timed batches' length mix.
+
+    With ``paired`` (the A/B of `LITESPARK_POST_AB`), each timed batch is trained twice in a row, so that the two
+    steps of a pair see the same batch: ``(steps - time_from + 1 + 1) // 2`` distinct batches.
+    """
     timed = steps - time_from + 1
-    order = [(i % timed) for i in range(time_from - 1)] + list(range(timed))
+    distinct = (timed + 1) // 2 if paired else timed
+    timed_order = [i // 2 for i in range(timed)] if paired else list(range(timed))
+    order = [(i % distinct) for i in range(time_from - 1)] + timed_order
     return [b * batch + r for b in order for r in range(batch)]
 
 
-def dataset_for(cfg: dict, kind: str, steps: int, seed: int, time_from: int | None = None, packing: bool = False):
+def dataset_for(cfg: dict, kind: str, steps: int, seed: int, time_from: int | None = None, packing: bool = False,
+                paired: bool = False):
     """The `datasets.Dataset` a run trains on: SFT ``input_ids`` + ``completion_mask``; DPO prompt/chosen/rejected
     text for `post_data.id_tokenizer`. With ``time_from`` (and no packing, whose blocks all have one shape), the rows
-    are laid out for a sequential sampler by `replay_order`."""
+    are laid out for a sequential sampler by `replay_order` (``paired``: each timed batch twice in a row)."""
     import datasets
     from datasets import Dataset
 
@@ -204,10 +216,12 @@ def dataset_for(cfg: dict, kind: str, steps: int, seed: int, time_from: int | No
 
     replay = time_from is not None and time_from > 1 and not packing
     pool_steps = steps - time_from + 1 if replay else steps
+    if replay and paired:
+        pool_steps = (pool_steps + 1) // 2
     batch = cfg["sft_batch"] if kind == "sft" else cfg["dpo_batch"]
     rows = _sft_pool(cfg, pool_steps, seed) if kind == "sft" else _dpo_pool(cfg, pool_steps, seed)
     if replay:
-        rows = [rows[i] for i in replay_order(batch, steps, time_from)]
+        rows = [rows[i] for i in replay_order(batch, steps, time_from, paired=paired)]
     keys = ("input_ids", "completion_mask") if kind == "sft" else ("prompt", "chosen", "rejected")
     return Dataset.from_dict({k: [r[k] for r in rows] for k in keys})
 
@@ -270,7 +284,10 @@ def run_one(config_name: str, mode: str, variant: str, steps: int, time_from: in
     bf16 = cfg.get("bf16", True) and cuda
     hf_cfg = _bench._hf_config(cfg)
     work = tempfile.mkdtemp(prefix=f"post_bench_{mode}_{variant}_")
-    dataset = dataset_for(cfg, kind, steps, seed, time_from, packing=bool(m.get("packing")))
+    ab_var = os.environ.get(AB_ENV) or None
+    if ab_var is not None and (m.get("packing") or time_from < 2 or steps - time_from + 1 < 2):
+        raise ValueError(f"{AB_ENV}={ab_var} needs replayed batches (no packing) and >= 2 timed steps after a warm-up")
+    dataset = dataset_for(cfg, kind, steps, seed, time_from, packing=bool(m.get("packing")), paired=ab_var is not None)
     tokenizer = post_data.id_tokenizer(hf_cfg.vocab_size)
     meter = _bench._EnergyMeter(cuda, out_dir or work) if energy else None
     if cuda:
@@ -334,7 +351,13 @@ def run_one(config_name: str, mode: str, variant: str, steps: int, time_from: in
     metric_keys = ("logps/chosen", "logps/rejected") if kind == "dpo" else ("entropy", "mean_token_accuracy")
     trl_metrics = {k: [] for k in metric_keys}
 
+    ab_values = []  # LITESPARK_POST_AB: the value its variable had in each step
+    ab_before = os.environ.get(ab_var) if ab_var is not None else None
+
     def _training_step(model_, inputs, *a, **kw):  # the loss stays on the device until the end
+        if ab_var is not None:  # the first step of each timed pair with the variable "1", the second with "0"
+            os.environ[ab_var] = "1" if (len(shapes) - (time_from - 1)) % 2 == 0 else "0"
+            ab_values.append(os.environ[ab_var])
         shapes.append(list(inputs["input_ids"].shape))
         loss = training_step(model_, inputs, *a, **kw)
         timer.record_loss(loss)
@@ -352,6 +375,11 @@ def run_one(config_name: str, mode: str, variant: str, steps: int, time_from: in
     finally:
         if meter is not None:
             meter.close()
+        if ab_var is not None:
+            if ab_before is None:
+                os.environ.pop(ab_var, None)
+            else:
+                os.environ[ab_var] = ab_before
     wall = time.perf_counter() - t_train
 
     batches = recorder.batches[:len(timer.times)]
@@ -425,11 +453,33 @@ def run_one(config_name: str, mode: str, variant: str, steps: int, time_from: in
         "build_s": build_s, "train_wall_s": wall, "litespark_swapped": swapped,
         "checkpoint_recomputed_layers": recomputed_layers(trainer.model),  # None: no planner (stock, "all")
     })
+    if ab_var is not None:
+        row["ab"] = _ab_summary(ab_var, ab_values, timer.times, [b["real_tokens"] for b in batches], time_from - 1)
     del trainer, model, ref_model, recorder
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     return row
+
+
+def _ab_summary(var: str, values: list[str], times: list[float], tokens: list[int], lo: int) -> dict:
+    """The paired A/B of `AB_ENV`: timed steps lo, lo+1 are one pair (same batch), VAR "1" then "0"."""
+    on = [(t, n) for t, n, v in zip(times[lo::2], tokens[lo::2], values[lo::2]) if v == "1"]
+    off = [(t, n) for t, n, v in zip(times[lo + 1::2], tokens[lo + 1::2], values[lo + 1::2]) if v == "0"]
+    pairs = min(len(on), len(off))
+    on, off = on[:pairs], off[:pairs]
+    if not pairs:
+        return {"variable": var, "pairs": 0, "values": values}
+    ratios = [b[0] / a[0] for a, b in zip(on, off)]
+    return {
+        "variable": var, "pairs": pairs, "values": values,
+        "on_step_ms": 1e3 * statistics.median(t for t, _ in on),
+        "off_step_ms": 1e3 * statistics.median(t for t, _ in off),
+        "on_tokens_per_second": sum(n for _, n in on) / sum(t for t, _ in on),
+        "off_tokens_per_second": sum(n for _, n in off) / sum(t for t, _ in off),
+        "off_over_on_median": statistics.median(ratios), "off_over_on_per_pair": ratios,
+        "on_faster_pairs": sum(r > 1 for r in ratios),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -663,6 +713,14 @@ def format_table(result: dict) -> str:
         ]) + " |")
     if any(r.get("energy_is_estimate") and r.get("energy_per_token_j") is not None for r in result["rows"]):
         lines.append("\n(*) energy estimated by CodeCarbon (no NVML counter)")
+    for r in result["rows"]:
+        ab = r.get("ab") or {}
+        if ab.get("pairs"):
+            lines.append(
+                f"A/B {ab['variable']} ({r['mode']}/{r['variant']}, {ab['pairs']} pairs): =1 "
+                f"{ab['on_tokens_per_second']:,.0f} tokens/s (median step {ab['on_step_ms']:.1f} ms), =0 "
+                f"{ab['off_tokens_per_second']:,.0f} ({ab['off_step_ms']:.1f} ms); step time =0 / =1 per pair: median "
+                f"{ab['off_over_on_median']:.3f}, =1 faster in {ab['on_faster_pairs']} of {ab['pairs']}")
     return "\n".join(lines)
 
 
