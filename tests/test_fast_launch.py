@@ -91,12 +91,11 @@ class _FakeJIT:
         self.params = _params()
         self.plain = []
         self.kernels = []
-        self.factory = _FakeKernel
 
     def __getitem__(self, grid):
         def go(*args, **kwargs):
             self.plain.append((grid, args, kwargs))
-            self.kernels.append(self.factory())
+            self.kernels.append(_FakeKernel())
             return self.kernels[-1]
 
         return go
@@ -105,7 +104,7 @@ class _FakeJIT:
 @pytest.fixture
 def fake(monkeypatch):
     monkeypatch.setattr(_launch, "_CHECKED", True)
-    monkeypatch.setattr(_launch, "_current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(_launch, "_raw_stream", lambda device: 1234)
     monkeypatch.delenv("LITESPARK_FAST_LAUNCH", raising=False)
     jit = _FakeJIT()
@@ -126,44 +125,6 @@ def test_second_launch_with_the_same_key_goes_straight_to_the_compiled_kernel(fa
     assert call[:3] == (5, 2, 1) and call[3] == 1234 and call[4] is jit.kernels[0].function
     assert call[5] == (4, 1, 0) and call[6:9] == (None, None, None)
     assert call[9:] == (x2.data_ptr(), y.data_ptr(), 48, 1, 1e-5, True, 64, False)
-
-
-class CudaLauncher:
-    """Stands in for Triton 3.6's CUDA launcher object: ``launch`` is its compiled launch function."""
-
-    def __init__(self, scratch: int):
-        self.global_scratch_size = scratch
-        self.profile_scratch_size = 0
-        self.launch_cooperative_grid = False
-        self.launch_pdl = True
-        self.direct, self.wrapped = [], []
-
-    def launch(self, *args):
-        self.direct.append(args)
-
-    def __call__(self, *args):
-        self.wrapped.append(args)
-
-
-@pytest.mark.parametrize("scratch", [0, 256])
-def test_kernels_without_scratch_memory_skip_the_launcher_objects_python(fake, scratch):
-    jit, launcher = fake
-    kernel = _FakeKernel()
-    kernel.run = CudaLauncher(scratch)
-    jit.factory = lambda: kernel
-    x = torch.randn(32)
-    launcher[(2,)](x, x, 32, 1, 1e-6, True, BLOCK=64)
-    launcher[(2, 3)](x, x, 48, 1, 1e-6, True, BLOCK=64)
-    assert len(jit.plain) == 1
-    tail = (x.data_ptr(), x.data_ptr(), 48, 1, 1e-6, True, 64, False)
-    if scratch:  # through the launcher object, as Triton does
-        assert kernel.run.direct == [] and kernel.run.wrapped[0][:4] == (2, 3, 1, 1234)
-        assert kernel.run.wrapped[0][5:9] == ((4, 1, 0), None, None, None) and kernel.run.wrapped[0][9:] == tail
-    else:  # the compiled launch with the launcher object's flags and no scratch buffers
-        assert kernel.run.wrapped == [] and kernel.run.direct[0][:4] == (2, 3, 1, 1234)
-        assert kernel.run.direct[0][4] is kernel.function
-        assert kernel.run.direct[0][5:13] == (False, True, None, None, (4, 1, 0), None, None, None)
-        assert kernel.run.direct[0][13:] == tail
 
 
 def test_a_new_specialisation_goes_through_triton_again(fake):

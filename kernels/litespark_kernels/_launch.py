@@ -52,11 +52,6 @@ def _version_checked() -> bool:
 
 _CHECKED = _version_checked()
 
-try:
-    _current_device = torch._C._cuda_getDevice
-except AttributeError:  # pragma: no cover - CPU-only builds of torch
-    _current_device = torch.cuda.current_device
-
 try:  # what Triton's CUDA driver itself uses for the current stream (no Stream object per call)
     _raw_stream = torch._C._cuda_getCurrentRawStream
 except AttributeError:  # pragma: no cover - CPU-only builds of torch
@@ -167,7 +162,7 @@ class FastLauncher:
             return self._plain(grid, args, kwargs, "launch hooks set")
         try:
             key, values = self.key(args, kwargs)
-            device = _current_device()
+            device = torch.cuda.current_device()
             entry = self._cache.get((device, key))
         except (_Uncached, TypeError) as e:  # TypeError: an unhashable constexpr or keyword value
             return self._plain(grid, args, kwargs, str(e) if isinstance(e, _Uncached) else "unhashable argument")
@@ -181,35 +176,16 @@ class FastLauncher:
             if hasattr(kernel, "result"):  # an asynchronous compile's future
                 kernel = kernel.result()
             if kernel is not None:
-                self._cache[(device, key)] = _entry(kernel, tail)
+                self._cache[(device, key)] = (kernel.run, kernel.function, kernel.packed_metadata, tail, kernel)
             return kernel
-        launch, function, head, tail, kernel = entry
+        run, function, metadata, tail, kernel = entry
         n = len(grid)
         self.stats["fast"] += 1
-        launch(
+        run(
             grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
-            _raw_stream(device), function, *head, *values, *tail,
+            _raw_stream(device), function, metadata, None, None, None, *values, *tail,
         )
         return kernel
-
-
-def _entry(kernel, tail: tuple) -> tuple:
-    """(launch, function, head, tail, kernel): ``launch(gx, gy, gz, stream, function, *head, *args, *tail)``.
-
-    Triton 3.6's CUDA launcher object (``kernel.run``) allocates no scratch memory for kernels that need none and
-    then calls its compiled ``launch`` with (cooperative-grid flag, PDL flag, global scratch, profile scratch,
-    packed metadata, launch metadata, enter hook, exit hook, *args); such kernels are launched through that
-    compiled function directly (or the wrapper Triton puts around it for tensor descriptors, which takes the same
-    arguments). Kernels that need scratch memory go through ``kernel.run``.
-    """
-    run = kernel.run
-    metadata = kernel.packed_metadata
-    if (type(run).__name__ == "CudaLauncher" and getattr(run, "global_scratch_size", 1) == 0
-            and getattr(run, "profile_scratch_size", 1) == 0 and callable(getattr(run, "launch", None))
-            and hasattr(run, "launch_cooperative_grid") and hasattr(run, "launch_pdl")):
-        head = (run.launch_cooperative_grid, run.launch_pdl, None, None, metadata, None, None, None)
-        return run.launch, kernel.function, head, tail, kernel
-    return run, kernel.function, (metadata, None, None, None), tail, kernel
 
 
 _MISSING = object()
