@@ -14,7 +14,6 @@ own 4D boolean mask and go through SDPA.
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +30,7 @@ from litespark_kernels.ops.attention import (
     visibility_mask,
 )
 
+from ._tensor_memo import TensorMemo
 from .unpadding import mark_segments, marked_segments
 
 ATTENTION_NAME = "litespark"
@@ -132,23 +132,18 @@ class _OwnPositions:
     without a sync. Anything else (packed ``position_ids`` from a padding-free collator) is checked as before."""
 
     def __init__(self) -> None:
-        self._ref = None
-        self._version = -1
+        self._memo = TensorMemo()
 
     @staticmethod
     def _root(t: torch.Tensor) -> torch.Tensor:
         return t._base if t._base is not None else t
 
     def mark(self, positions: torch.Tensor) -> None:
-        root = self._root(positions)
-        self._ref, self._version = weakref.ref(root), root._version
+        self._memo.put(self._root(positions))
 
     def holds(self, t) -> bool:
         """``t`` is the marked tensor or a view of it (``expand``), unchanged since it was made."""
-        own = self._ref() if self._ref is not None else None
-        if own is None or not isinstance(t, torch.Tensor):
-            return False
-        return self._root(t) is own and own._version == self._version
+        return isinstance(t, torch.Tensor) and self._memo.holds(self._root(t))
 
 
 _own_positions = _OwnPositions()
@@ -224,9 +219,7 @@ class _SegmentMemo:
     """Packed-document segment ids computed once per forward (all layers share the same position_ids tensor)."""
 
     def __init__(self) -> None:
-        self._ref = None
-        self._version = -1
-        self._value = None
+        self._memo = TensorMemo()
 
     def get(self, position_ids: torch.Tensor) -> torch.Tensor | None:
         marked = marked_segments(position_ids)
@@ -234,14 +227,14 @@ class _SegmentMemo:
             return marked
         if torch.compiler.is_compiling():  # no host sync under torch.compile: always pass the segment ids
             return segment_ids_from_position_ids(position_ids)
-        if self._ref is not None and self._ref() is position_ids and self._version == position_ids._version:
-            return self._value
+        if self._memo.holds(position_ids):
+            return self._memo.value
         if _own_positions.holds(position_ids):  # made by position_pre_hook: one document per row, no sync
             return None
         segments = segment_ids_from_position_ids(position_ids)
         # One host sync per forward, as transformers' own packed-sequence detection does.
         value = None if bool((segments[:, -1] == 0).all()) else segments
-        self._ref, self._version, self._value = weakref.ref(position_ids), position_ids._version, value
+        self._memo.put(position_ids, value)
         return value
 
 

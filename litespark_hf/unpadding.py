@@ -29,11 +29,12 @@ tests do, to check the path the GPU takes). The label rule of `label_pre_hook` a
 from __future__ import annotations
 
 import os
-import weakref
 from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
+
+from ._tensor_memo import TensorMemo
 
 _STATE = "_litespark_unpad"
 # The batch key under which `TokenCountingCollator` passes the host's count of real tokens (taken out of the batch by
@@ -63,31 +64,14 @@ class TokenCountingCollator:
         return getattr(self.collator, name)
 
 
-class _KnownCount:
-    """The host's count of real tokens for one attention-mask tensor (the current batch's), held while that very
-    tensor is unchanged (same object, same version counter)."""
-
-    def __init__(self) -> None:
-        self._ref = None
-        self._version = -1
-        self._count = None
-
-    def note(self, mask: torch.Tensor, count: int) -> None:
-        self._ref, self._version, self._count = weakref.ref(mask), mask._version, int(count)
-
-    def get(self, mask: torch.Tensor) -> int | None:
-        own = self._ref() if self._ref is not None else None
-        if own is not mask or own._version != self._version:
-            return None
-        return self._count
-
-
-_known = _KnownCount()
+# The host's count of real tokens for one attention-mask tensor (the current batch's), held while that very tensor is
+# unchanged (same object, same version counter).
+_known = TensorMemo()
 
 
 def note_token_count(mask: torch.Tensor, count: int) -> None:
     """Tell the unpadding that ``mask`` (as it is now) has ``count`` nonzero entries, so it need not read the device."""
-    _known.note(mask, count)
+    _known.put(mask, int(count))
 
 
 def pop_token_count(inputs) -> None:
