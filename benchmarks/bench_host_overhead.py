@@ -163,6 +163,8 @@ def main(argv=None):
                    help="also time each layer of one RMSNorm call (dispatcher, autograd.Function, launcher, raw "
                         "Triton launch, compiled-kernel launch) to see where an op's host time goes")
     a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (it times the host's work of launching GPU kernels)")
     if a.out is None:
         from litespark_hf.efficiency.device import device_tag
 
