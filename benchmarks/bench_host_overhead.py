@@ -50,13 +50,18 @@ def breakdown(reps: int) -> dict:
     grid = (triton.cdiv(16, bm),)
     args = (x, x, y, y, w, rstd, x.stride(0), 0, 0, y.stride(0), 16, 2048, 1e-5, 0.0)
 
-    kernel = getattr(rt._rms_fwd_kernel, "fn", rt._rms_fwd_kernel)  # the JITFunction under the shortcut
+    from litespark_hf.efficiency.bench import temporary_env
+    from litespark_kernels._launch import FastLauncher
+
+    kernel = rt._rms_fwd_kernel  # the JITFunction under the shortcut
+    kernel = kernel.fn if isinstance(kernel, FastLauncher) else kernel
 
     def raw():
         return kernel[grid](*args, HAS_RESIDUAL=False, HAS_OFFSET=False, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
 
     def fast():
-        return rt._rms_fwd_kernel[grid](*args, HAS_RESIDUAL=False, HAS_OFFSET=False, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
+        return rt._rms_fwd_kernel[grid](*args, HAS_RESIDUAL=False, HAS_OFFSET=False, BLOCK_M=bm, BLOCK_N=bn,
+                                        num_warps=nw)
 
     class Nop(torch.autograd.Function):
         @staticmethod
@@ -76,11 +81,13 @@ def breakdown(reps: int) -> dict:
         "raw Triton launch kernel[grid](...)": raw,
         "launch shortcut (FastLauncher)": fast,
     }
+    paths = {}  # layer -> LITESPARK_FAST_LAUNCH while it is timed
     for path, flag in (("Triton launch", "0"), ("shortcut", "1")):
-        layers[f"rms_norm_forward (launcher + allocs), {path}"] = _env(
-            flag, lambda: rt.rms_norm_forward(x, None, w, 1e-5))
-        layers[f"rms_norm_triton (autograd.Function), {path}"] = _env(flag, lambda: rt.rms_norm_triton(xg, wg, 1e-5))
-        layers[f"lk.rms_norm (dispatcher, grad), {path}"] = _env(flag, lambda: lk.rms_norm(xg, wg, 1e-5))
+        for name, fn in ((f"rms_norm_forward (launcher + allocs), {path}",
+                          lambda: rt.rms_norm_forward(x, None, w, 1e-5)),
+                         (f"rms_norm_triton (autograd.Function), {path}", lambda: rt.rms_norm_triton(xg, wg, 1e-5)),
+                         (f"lk.rms_norm (dispatcher, grad), {path}", lambda: lk.rms_norm(xg, wg, 1e-5))):
+            layers[name], paths[name] = fn, flag
     try:
         ck = raw()
         run = ck[(grid[0], 1, 1)]
@@ -92,26 +99,10 @@ def breakdown(reps: int) -> dict:
     out = {}
     print(f"{'layer':>58} | host us per call")
     for name, fn in layers.items():
-        out[name] = _time(fn, reps) * 1e3
+        with temporary_env("LITESPARK_FAST_LAUNCH", paths.get(name)):
+            out[name] = _time(fn, reps) * 1e3
         print(f"{name:>58} | {out[name]:8.2f}", flush=True)
     return out
-
-
-def _env(flag: str, fn):
-    """``fn`` run with LITESPARK_FAST_LAUNCH=flag (the launch path), the variable restored after each call."""
-
-    def run():
-        old = os.environ.get("LITESPARK_FAST_LAUNCH")
-        os.environ["LITESPARK_FAST_LAUNCH"] = flag
-        try:
-            return fn()
-        finally:
-            if old is None:
-                del os.environ["LITESPARK_FAST_LAUNCH"]
-            else:
-                os.environ["LITESPARK_FAST_LAUNCH"] = old
-
-    return run
 
 
 def plot(res: dict, path: str) -> None:
@@ -150,7 +141,7 @@ def main(argv=None):
 
     import litespark_hf
     import litespark_kernels as lk
-    from litespark_hf.efficiency.bench import CONFIGS, _hf_config
+    from litespark_hf.efficiency.bench import CONFIGS, _hf_config, temporary_env
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="llama-1b")
@@ -195,8 +186,9 @@ def main(argv=None):
         for _ in range(a.rounds):
             for name, flag in names:
                 t = timings.setdefault(name, {"forward_ms": [], "forward_backward_ms": []})
-                t["forward_ms"].append(_time(_env(flag, fwd), a.reps))
-                t["forward_backward_ms"].append(_time(_env(flag, fwd_bwd), a.reps))
+                with temporary_env("LITESPARK_FAST_LAUNCH", flag):
+                    t["forward_ms"].append(_time(fwd, a.reps))
+                    t["forward_backward_ms"].append(_time(fwd_bwd, a.reps))
         del model
         torch.cuda.empty_cache()
     for name, t in timings.items():
@@ -206,7 +198,6 @@ def main(argv=None):
     from litespark_kernels import _launch
 
     res["launch_stats"] = {n: dict(lc.stats) for n, lc in _launch.launchers().items() if lc.stats["triton"]}
-    os.environ.pop("LITESPARK_FAST_LAUNCH", None)
 
     d = torch.device("cuda")
     x = torch.randn(16, 2048, device=d, requires_grad=True)

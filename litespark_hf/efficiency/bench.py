@@ -32,6 +32,7 @@ a CPU-sized config for tests. Writes ``train_bench_<config>_<device>.json`` and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -126,6 +127,23 @@ class _Data:
 
     def __getitem__(self, i):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+@contextlib.contextmanager
+def temporary_env(name: str, value: str | None = None):
+    """For the duration: environment variable ``name`` set to ``value`` (``None``: left as it is, for the body to
+    change); afterwards it is restored, or removed if it was not set. For switches the code reads per call
+    (``LITESPARK_FAST_LAUNCH``)."""
+    before = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def _timer_callback(time_from: int, steps: int, cuda: bool, progress: bool, meter):

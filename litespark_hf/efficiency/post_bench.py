@@ -44,6 +44,7 @@ in this process): an out-of-memory or a crash is recorded and the run goes on. P
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -352,7 +353,6 @@ def run_one(config_name: str, mode: str, variant: str, steps: int, time_from: in
     trl_metrics = {k: [] for k in metric_keys}
 
     ab_values = []  # LITESPARK_POST_AB: the value its variable had in each step
-    ab_before = os.environ.get(ab_var) if ab_var is not None else None
 
     def _training_step(model_, inputs, *a, **kw):  # the loss stays on the device until the end
         if ab_var is not None:  # the first step of each timed pair with the variable "1", the second with "0"
@@ -370,16 +370,12 @@ def run_one(config_name: str, mode: str, variant: str, steps: int, time_from: in
     trainer.training_step = _training_step
     t_train = time.perf_counter()
     try:
-        trainer.train()
+        with _bench.temporary_env(ab_var) if ab_var is not None else contextlib.nullcontext():
+            trainer.train()
         timer.finish()
     finally:
         if meter is not None:
             meter.close()
-        if ab_var is not None:
-            if ab_before is None:
-                os.environ.pop(ab_var, None)
-            else:
-                os.environ[ab_var] = ab_before
     wall = time.perf_counter() - t_train
 
     batches = recorder.batches[:len(timer.times)]
@@ -464,8 +460,8 @@ def run_one(config_name: str, mode: str, variant: str, steps: int, time_from: in
 
 def _ab_summary(var: str, values: list[str], times: list[float], tokens: list[int], lo: int) -> dict:
     """The paired A/B of `AB_ENV`: timed steps lo, lo+1 are one pair (same batch), VAR "1" then "0"."""
-    on = [(t, n) for t, n, v in zip(times[lo::2], tokens[lo::2], values[lo::2]) if v == "1"]
-    off = [(t, n) for t, n, v in zip(times[lo + 1::2], tokens[lo + 1::2], values[lo + 1::2]) if v == "0"]
+    on = list(zip(times[lo::2], tokens[lo::2]))  # the steps run with VAR "1" (see run_one's _training_step)
+    off = list(zip(times[lo + 1::2], tokens[lo + 1::2]))
     pairs = min(len(on), len(off))
     on, off = on[:pairs], off[:pairs]
     if not pairs:
