@@ -1,6 +1,7 @@
 """cProfile of Litespark's forward (+ backward) on a tiny batch of the 1B shape: where the host time goes.
 
-Usage (GPU): python benchmarks/host_profile.py [--backward] [--top 40]
+Usage (GPU): python benchmarks/host_profile.py [--backward] [--top 40] [--config llama-1b] [--seq 16]
+Prints the profile twice: by own time (tottime) and by cumulative time (what each caller costs with its callees).
 """
 import argparse
 import cProfile
@@ -17,13 +18,18 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--backward", action="store_true")
     p.add_argument("--top", type=int, default=45)
+    p.add_argument("--config", default="llama-1b", choices=sorted(CONFIGS))
+    p.add_argument("--seq", type=int, default=16, help="tokens in the one-row batch (small: the host dominates)")
+    p.add_argument("--steps", type=int, default=10, help="profiled calls")
     a = p.parse_args()
-    hf = _hf_config(CONFIGS["llama-1b"])
+    if not torch.cuda.is_available():
+        raise SystemExit("host_profile.py: needs a CUDA GPU (it profiles the host side of GPU launches)")
+    hf = _hf_config(CONFIGS[a.config])
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa", dtype=torch.float32)
     litespark_hf.apply(model)
     model.train()
-    ids = torch.randint(0, hf.vocab_size, (1, 16), device="cuda")
+    ids = torch.randint(0, hf.vocab_size, (1, a.seq), device="cuda")
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -36,11 +42,13 @@ def main():
     torch.cuda.synchronize()
     pr = cProfile.Profile()
     pr.enable()
-    for _ in range(10):
+    for _ in range(a.steps):
         step()
     torch.cuda.synchronize()
     pr.disable()
-    pstats.Stats(pr).sort_stats("tottime").print_stats(a.top)
+    print(f"# {a.config}, 1 x {a.seq} tokens, {'forward + backward' if a.backward else 'forward'}, {a.steps} calls")
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(pr).sort_stats(key).print_stats(a.top)
 
 
 if __name__ == "__main__":
