@@ -8,6 +8,8 @@ kept masks equals SAT with the save-and-restore `OmittedFreezer` around the same
 
 import copy
 
+import math
+
 import pytest
 import torch
 
@@ -24,9 +26,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 HP = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 # (shape, frozen dim or None): rows of an odd-sized weight, columns (masked tail block), a 1-D tensor over three
 # blocks, a 3-D tensor frozen along its middle dimension, an unmasked tensor among masked ones, a negative dim, and
-# rows of one kernel block each (blocks wholly kept: the unmasked path; wholly frozen: skipped)
+# rows of one kernel block each (blocks wholly kept: the unmasked path; wholly frozen: skipped; the kernel's layout 1,
+# one flag per block), and columns of rows two blocks long (layout 2: a contiguous slice of the mask per block)
 CASES = [((123, 45), 0), ((37, 129), 1), ((2 * 1024 + 77,), 0), ((6, 11, 17), 1), ((40, 30), None), ((5, 9), -1),
-         ((6, 1024), 0)]
+         ((6, 1024), 0), ((3, 2048), 1)]
 
 
 def _state(seed, shapes):
@@ -137,6 +140,20 @@ def test_all_frozen_and_all_kept_masks(impl, monkeypatch):
         assert torch.equal(now, was)  # nothing of the fully frozen tensor moved
     for now, unmasked in zip((ps[1], ms[1], vs[1]), (ref[0][1], ref[1][1], ref[2][1])):
         assert torch.equal(now, unmasked)  # an all-True mask is the unmasked step
+
+
+def test_frozen_layouts_cover_the_cases():
+    from litespark_kernels.ops._adamw_triton import BLOCK, frozen_layout
+
+    def layout(shape, dim):
+        dim %= len(shape)
+        return frozen_layout(math.prod(shape[dim + 1:]), shape[dim])
+
+    assert BLOCK == 1024
+    assert [layout(s, d) for s, d in CASES if d is not None] == [0, 0, 0, 0, 0, 1, 2]
+    # the Llama-1B weights SAT freezes: q/k/v/gate/up rows, o/down columns
+    assert layout((8192, 2048), 0) == 1 and layout((2048, 8192), 1) == 2 and layout((2048, 2048), 1) == 2
+    assert layout((2048, 1000), 1) == 0 and layout((1000, 1536), 0) == 0
 
 
 def test_frozen_is_validated():

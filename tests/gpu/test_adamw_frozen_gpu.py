@@ -4,7 +4,8 @@ Bitwise criteria, as in tests/test_adamw_frozen.py: frozen elements of the weigh
 equal their values before the step; kept elements equal the kernel's unmasked step from the same values; the shadow
 of a kept element is exactly ``p.to(shadow dtype)``. Sizes: a [4096, 2048] weight frozen by rows (two full blocks
 per row: wholly kept and wholly frozen blocks), a [1000, 4099] weight frozen by columns (every block mixed), a
-1-D tensor with a masked tail, a 3-D tensor frozen along its middle dimension, an unmasked tensor among them; also
+1-D tensor with a masked tail, a 3-D tensor frozen along its middle dimension, an unmasked tensor among them, a
+[512, 8192] weight frozen by columns (rows a multiple of the block: the kernel's contiguous-slice layout); also
 at addresses that are not 16-byte aligned. The masked step does not make the host wait for the GPU. Then SAT on a
 Litespark model with `LitesparkAdamW` and its bf16 cast shadow: the omitted weights, moments and shadow rows stay
 bit-for-bit, the shadow stays consistent and equal to bf16(weights).
@@ -20,7 +21,7 @@ from litespark_kernels.ops.optim import adamw_step
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 CASES = [((4096, 2048), 0), ((1000, 4099), 1), ((3 * 8192 + 5,), 0), ((64, 48, 33), 1), ((2048,), None),
-         ((123, 45), -1)]
+         ((123, 45), -1), ((512, 8192), 1)]
 HP = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 
 

@@ -9,9 +9,13 @@ table is rebuilt (on the host, copied asynchronously) only when an address chang
 after ``zero_grad(set_to_none=True)`` at a new address.
 
 Frozen rows/columns (``frozen``, see `optim.adamw_step`): a second, small table with one row per tensor,
-``[keep mask (or 0), inner, size]``, where element ``i`` of the flat tensor belongs to index
+``[keep mask (or 0), inner, size, layout]``, where element ``i`` of the flat tensor belongs to index
 ``(i // inner) % size`` of the frozen dimension (``inner`` = product of the later dimensions, ``size`` = that
-dimension's length). Only when some tensor has a mask is the variant with ``HAS_FROZEN`` compiled; in it, a tensor
+dimension's length). ``layout`` spares the per-element integer divisions where the shape allows (the Llama-shaped
+weights SAT freezes all do): 1 when ``inner`` is a multiple of the block (a whole block lies at one index: frozen
+rows of a weight whose rows are a multiple of 1024 long; one flag per block), 2 when ``inner`` is 1 and ``size`` a
+multiple of the block (a block covers consecutive indices of one row: frozen columns; a contiguous slice of the
+mask), 0 otherwise (the general ``(i // inner) % size``). Only when some tensor has a mask is the variant with ``HAS_FROZEN`` compiled; in it, a tensor
 without a mask takes the usual paths, and a program of a masked tensor loads its block's keep flags (one byte per
 element, from the row/column mask): a block whose elements are all kept takes the unmasked path, a block whose
 elements are all frozen does nothing (frozen rows: neither read nor written, no memory traffic), and a full block
@@ -152,18 +156,32 @@ def _adamw_kernel(TABLE, FROZEN, BLOCK_TENSOR, BLOCK_START, SCALE, decay, one_mi
     start = tl.multiple_of(start, BLOCK)
     offs = start + tl.arange(0, BLOCK)
     if HAS_FROZEN:
-        frow = FROZEN + t * 3
+        frow = FROZEN + t * 4
         k_addr = tl.load(frow)
-        if k_addr != 0:
-            # index of each element along the frozen dimension, in int32 (`optim._check_frozen` checks that inner and
-            # size + BLOCK fit): (offs // inner) % size, with the block's first quotient taken out in int64
+        layout = tl.load(frow + 3)
+        if k_addr != 0 and layout == 1:
+            # the whole block at one index of the frozen dimension (every block full): one flag, kept or skipped
             inner = tl.load(frow + 1)
             size = tl.load(frow + 2)
-            q0 = start // inner
-            r = (start - q0 * inner).to(tl.int32) + tl.arange(0, BLOCK)
-            idx = ((q0 % size).to(tl.int32) + r // inner.to(tl.int32)) % size.to(tl.int32)
-            inside = offs < n
-            keep = inside & (tl.load(k_addr.to(tl.pointer_type(tl.int8)) + idx, mask=inside, other=0) != 0)
+            if tl.load(k_addr.to(tl.pointer_type(tl.int8)) + (start // inner) % size) != 0:
+                _adamw_update(P, G, M, V, S, SCALE, offs, offs, has_s, decay, one_minus_beta1, beta2,
+                              one_minus_beta2, step_size, bc2_sqrt, eps, HAS_SCALE, S_FP16, False)
+        elif k_addr != 0:
+            if layout == 2:
+                # consecutive indices of one row (inner 1, rows a multiple of BLOCK long; every block full)
+                size = tl.load(frow + 2)
+                idx = (start % size).to(tl.int32) + tl.arange(0, BLOCK)
+                keep = tl.load(k_addr.to(tl.pointer_type(tl.int8)) + idx) != 0
+            else:
+                # index of each element along the frozen dimension, in int32 (`optim._check_frozen` checks that inner
+                # and size + BLOCK fit): (offs // inner) % size, with the block's first quotient taken out in int64
+                inner = tl.load(frow + 1)
+                size = tl.load(frow + 2)
+                q0 = start // inner
+                r = (start - q0 * inner).to(tl.int32) + tl.arange(0, BLOCK)
+                idx = ((q0 % size).to(tl.int32) + r // inner.to(tl.int32)) % size.to(tl.int32)
+                inside = offs < n
+                keep = inside & (tl.load(k_addr.to(tl.pointer_type(tl.int8)) + idx, mask=inside, other=0) != 0)
             kept = tl.sum(keep.to(tl.int32), axis=0)
             if kept == BLOCK:  # a full block of kept rows: the unmasked, vectorised path
                 _adamw_update(P, G, M, V, S, SCALE, offs, keep, has_s, decay, one_minus_beta1, beta2,
@@ -200,13 +218,23 @@ def _memo(cache: dict, slot: str, key, build):
     return value
 
 
-def _frozen_table(frozen, params, device: torch.device, cache: dict):
-    """The ``[keep mask address, inner, size]`` rows (one per tensor; zeros where nothing is frozen), and the
-    masks themselves (kept alive with the table until the launch is queued)."""
+def frozen_layout(inner: int, size: int, block: int = BLOCK) -> int:
+    """The kernel's index arithmetic for a mask with these ``inner`` / ``size`` (see the module docstring): 1 (one
+    index per block), 2 (consecutive indices of one row) or 0 (general)."""
+    if inner % block == 0:
+        return 1
+    if inner == 1 and size % block == 0:
+        return 2
+    return 0
+
+
+def _frozen_table(frozen, params, device: torch.device, cache: dict, block: int = BLOCK):
+    """The ``[keep mask address, inner, size, layout]`` rows (one per tensor; zeros where nothing is frozen), and
+    the masks themselves (kept alive with the table until the launch is queued)."""
     rows, masks = [], []
     for p, f in zip(params, frozen):
         if f is None:
-            rows += [0, 0, 0]
+            rows += [0, 0, 0, 0]
             continue
         dim, keep = f
         if keep.device != device or not keep.is_contiguous():
@@ -216,7 +244,7 @@ def _frozen_table(frozen, params, device: torch.device, cache: dict):
         inner = 1
         for d in shape[dim + 1:]:
             inner *= d
-        rows += [keep.data_ptr(), inner, shape[dim]]
+        rows += [keep.data_ptr(), inner, shape[dim], frozen_layout(inner, shape[dim], block)]
     key = tuple(rows)
 
     def build():
@@ -249,7 +277,7 @@ def adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2,
 
     table, aligned = _memo(cache, "table", key, build_table)
     has_frozen = frozen is not None and any(f is not None for f in frozen)
-    frozen_rows, _masks = _frozen_table(frozen, params, device, cache) if has_frozen else (table, None)
+    frozen_rows, _masks = _frozen_table(frozen, params, device, cache, block) if has_frozen else (table, None)
     scale = grad_scale.to(device=device, dtype=torch.float32) if grad_scale is not None else table
     bc1 = 1.0 - beta1 ** step
     bc2_sqrt = (1.0 - beta2 ** step) ** 0.5
