@@ -7,7 +7,6 @@ kept masks equals SAT with the save-and-restore `OmittedFreezer` around the same
 """
 
 import copy
-
 import math
 
 import pytest

@@ -15,12 +15,12 @@ dimension's length). ``layout`` spares the per-element integer divisions where t
 weights SAT freezes all do): 1 when ``inner`` is a multiple of the block (a whole block lies at one index: frozen
 rows of a weight whose rows are a multiple of 1024 long; one flag per block), 2 when ``inner`` is 1 and ``size`` a
 multiple of the block (a block covers consecutive indices of one row: frozen columns; a contiguous slice of the
-mask), 0 otherwise (the general ``(i // inner) % size``). Only when some tensor has a mask is the variant with ``HAS_FROZEN`` compiled; in it, a tensor
-without a mask takes the usual paths, and a program of a masked tensor loads its block's keep flags (one byte per
-element, from the row/column mask): a block whose elements are all kept takes the unmasked path, a block whose
-elements are all frozen does nothing (frozen rows: neither read nor written, no memory traffic), and a full block
-with both (frozen columns: every block of a row) loads and stores every element unmasked, writing the frozen ones
-back with the bits they were read with (`_adamw_update_select`), so they stay bit-for-bit as they were. Element-
+mask), 0 otherwise (the general ``(i // inner) % size``). Only when some tensor has a mask is the variant with
+``HAS_FROZEN`` compiled; in it, a tensor without a mask takes the usual paths, and a program of a masked tensor reads
+its block's keep flags (layout 1: the one flag of its row; else one byte per element, from the row/column mask): a
+block whose elements are all kept takes the unmasked path, a block whose elements are all frozen does nothing (frozen
+rows: neither read nor written, no memory traffic), and a full block with both (frozen columns: every block of a
+row) loads and stores every element unmasked, writing the frozen ones back with the bits they were read with (`_adamw_update_select`), so they stay bit-for-bit as they were. Element-
 masked loads and stores there (session 9's version) cannot be vectorised: on the H200 they made the SAT 0.5 step's
 AdamW launch 14.7 ms against 8.7 ms for the dense one (session 12 profile). Only a tensor's last, partial block is
 element-masked.
