@@ -20,8 +20,8 @@ mask), 0 otherwise (the general ``(i // inner) % size``). Only when some tensor 
 its block's keep flags (layout 1: the one flag of its row; else one byte per element, from the row/column mask): a
 block whose elements are all kept takes the unmasked path, a block whose elements are all frozen does nothing (frozen
 rows: neither read nor written, no memory traffic), and a full block with both (frozen columns: every block of a
-row) loads and stores every element unmasked, writing the frozen ones back with the bits they were read with (`_adamw_update_select`), so they stay bit-for-bit as they were. Element-
-masked loads and stores there (session 9's version) cannot be vectorised: on the H200 they made the SAT 0.5 step's
+row) loads and stores every element unmasked, writing the frozen ones back with the bits they were read with
+(`_adamw_update_select`), so they stay bit-for-bit as they were. Element-masked loads and stores there (session 9's version) cannot be vectorised: on the H200 they made the SAT 0.5 step's
 AdamW launch 14.7 ms against 8.7 ms for the dense one (session 12 profile). Only a tensor's last, partial block is
 element-masked.
 
