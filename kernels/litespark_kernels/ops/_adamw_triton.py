@@ -21,9 +21,9 @@ its block's keep flags (layout 1: the one flag of its row; else one byte per ele
 block whose elements are all kept takes the unmasked path, a block whose elements are all frozen does nothing (frozen
 rows: neither read nor written, no memory traffic), and a full block with both (frozen columns: every block of a
 row) loads and stores every element unmasked, writing the frozen ones back with the bits they were read with
-(`_adamw_update_select`), so they stay bit-for-bit as they were. Element-masked loads and stores there (session 9's version) cannot be vectorised: on the H200 they made the SAT 0.5 step's
-AdamW launch 14.7 ms against 8.7 ms for the dense one (session 12 profile). Only a tensor's last, partial block is
-element-masked.
+(`_adamw_update_select`), so they stay bit-for-bit as they were. Element-masked loads and stores there (session
+9's version) cannot be vectorised: on the H200 they made the SAT 0.5 step's AdamW launch 14.7 ms against 8.7 ms for
+the dense one (session 12 profile). Only a tensor's last, partial block is element-masked.
 
 Memory traffic per element: 16 bytes read, 12 written, plus 2 for a shadow; torch's fused AdamW reads the same
 16 bytes and writes 16 (it stores the scaled gradient back), and a separate cast to bf16 reads 4 and writes 2.
