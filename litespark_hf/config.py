@@ -121,6 +121,19 @@ class LitesparkConfig:
             "slower than eager Litespark on an H200 (TRL SFT/DPO, 1B: 0.82-0.85x), so not recommended yet."
         },
     )
+    cuda_graphs: bool = field(
+        default=False,
+        metadata={
+            "help": "Training forwards of one packed row (padded batches after unpad, padding-free and packed "
+            "batches) replay the whole decoder stack, forward and backward, from CUDA graphs captured once per "
+            "length bucket (the row padded to 1/8 of its power of two with filler tokens that change nothing): two "
+            "launches a step instead of thousands, for post-training steps bound by the host. Only where the graphs "
+            "stand for the eager layers exactly (CUDA, Litespark decoder layers without hooks, no recomputed layers, "
+            "no dropout, SAT or float8, weights whole on one device); every other forward runs eagerly. Each new "
+            "bucket costs a capture (~3 steps' time) and its activations live in one pool shared by all buckets. "
+            "Buckets per octave: LITESPARK_GRAPH_BUCKETS (default 8). See litespark_hf.graphs."
+        },
+    )
     checkpoint_layers: str = field(
         default="auto",
         metadata={

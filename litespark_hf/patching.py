@@ -12,7 +12,7 @@ import warnings
 
 import torch.nn as nn
 
-from . import checkpointing, generic, unpadding
+from . import checkpointing, generic, graphs, unpadding
 from .architectures import SUPPORTED_MODEL_TYPES, SWAP_KINDS, get_architecture
 from .attention import ATTENTION_NAME, partial_attention_problem, position_pre_hook, register, set_attention_cudnn
 from .casting import link_cast_owners, set_fp8, unlink_cast_owners
@@ -124,6 +124,10 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
         checkpointing.install(_decoder_stack(base), base, cfg.checkpoint_layers)
     # set to this config's values, so that applying again with another config takes the new one
     set_attention_cudnn(base, cfg.attention_cudnn and cfg.attention)
+    if cfg.cuda_graphs and arch is not None:
+        graphs.install(base)
+    else:
+        graphs.uninstall(base)
     if cfg.compile_layers:
         compile_layers(base)
     else:
@@ -184,6 +188,7 @@ def restore(model: nn.Module) -> nn.Module:
     uncompile_layers(base)
     checkpointing.uninstall(base)
     unlink_decoder_layers(base)
+    graphs.uninstall(base)
     unregister_zero3_fused_weights(base)
     hook = base.__dict__.pop(_HOOK_ATTR, None)
     if hook is not None:

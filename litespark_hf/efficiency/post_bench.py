@@ -14,7 +14,9 @@ Variants (``--variants``), side by side on the same data, model init and seed: `
 import), ``litespark`` (`litespark_hf.SFTTrainer` / `DPOTrainer` with ``use_litespark=True``); on request (not in the
 default list) ``litespark_compile_layers`` (``compile_layers``: each decoder layer compiled, the unpadding eager) and
 ``litespark_checkpoint_all`` (``checkpoint_layers="all"``: every layer recomputed under gradient checkpointing, as
-before ``checkpoint_layers="auto"`` became the default; the ``litespark`` row recomputes only what memory needs).
+before ``checkpoint_layers="auto"`` became the default; the ``litespark`` row recomputes only what memory needs) and
+``litespark_graphs`` (``cuda_graphs``: the decoder stack replayed from CUDA graphs per length bucket,
+`litespark_hf.graphs`; the row's ``cuda_graphs`` counts graphed and eager forwards and the buckets captured).
 
 Settings: TRL's own defaults except where a benchmark needs a value: ``bf16=True`` where CUDA is there (fp32 master
 weights, bf16 autocast; fp32 on CPU), ``gradient_checkpointing=True`` (TRL's default), TRL's optimizer and schedule
@@ -58,6 +60,7 @@ import time
 from . import bench as _bench
 from . import post_data
 from ..checkpointing import recomputed_layers
+from ..graphs import manager_of as graph_manager
 
 __all__ = ["CONFIGS", "MODES", "VARIANTS", "BASELINE", "LORA", "main", "run_one", "run_post_bench", "format_table",
            "dataset_for", "length_distribution", "default_json_path", "split_suite"]
@@ -90,6 +93,7 @@ VARIANTS = {
     "litespark": ({"use_litespark": True}, None),
     "litespark_compile_layers": ({"use_litespark": True, "litespark_config": '{"compile_layers": true}'}, None),
     "litespark_checkpoint_all": ({"use_litespark": True, "litespark_config": '{"checkpoint_layers": "all"}'}, None),
+    "litespark_graphs": ({"use_litespark": True, "litespark_config": '{"cuda_graphs": true}'}, None),
 }
 DEFAULT_VARIANTS = ("stock", "liger", "litespark")
 BASELINE = "stock"
@@ -449,6 +453,9 @@ def run_one(config_name: str, mode: str, variant: str, steps: int, time_from: in
         "build_s": build_s, "train_wall_s": wall, "litespark_swapped": swapped,
         "checkpoint_recomputed_layers": recomputed_layers(trainer.model),  # None: no planner (stock, "all")
     })
+    graphs = graph_manager(trainer.model)
+    if graphs is not None:  # cuda_graphs: graphed / eager forwards (by reason), captures, buckets
+        row["cuda_graphs"] = graphs.summary()
     if ab_var is not None:
         row["ab"] = _ab_summary(ab_var, ab_values, timer.times, [b["real_tokens"] for b in batches], time_from - 1)
     del trainer, model, ref_model, recorder

@@ -28,6 +28,9 @@ class LitesparkDecoderLayer:
       gradient checkpointing (the recomputed layer must save what the first pass saved), torch.compile, or when
       the next norm's weight is sharded (FSDP, ZeRO-3: gathered only in its own layer's forward) or elsewhere.
 
+    With `LitesparkConfig.cuda_graphs`, the first layer's call may replay the whole stack from CUDA graphs
+    (`litespark_hf.graphs`) and the later layers then pass its output through.
+
     The class keeps the stock class's name (FSDP's and accelerate's wrap policies find decoder layers by class
     name). The stock forward runs instead when the post-attention norm is not a Litespark RMSNorm or has hooks.
     """
@@ -36,6 +39,12 @@ class LitesparkDecoderLayer:
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
+        graphs = self.__dict__.get("_litespark_graphs")  # LitesparkConfig.cuda_graphs (litespark_hf.graphs)
+        if graphs is not None:
+            out = graphs[0].call(graphs[1], hidden_states, attention_mask, position_ids, past_key_values, use_cache,
+                                 position_embeddings, kwargs)
+            if out is not None:
+                return out
         post = self.post_attention_layernorm
         if not (isinstance(post, LitesparkRMSNorm) and _hookless(post)):
             return super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
