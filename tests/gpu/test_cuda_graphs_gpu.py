@@ -77,8 +77,10 @@ def test_graphed_training_equals_eager(autocast):
     """fp32 weights, torch AdamW (fp32 math, or bf16 autocast): 8 steps over several buckets."""
     eager, graphed = _pair()
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (eager, graphed)]
-    tol = 2e-2 if autocast else 1e-4
-    for batch in _batches(8):
+    for i, batch in enumerate(_batches(8)):
+        # fp32: the first step to GEMM reordering (the bucket's longer rows), later steps through AdamW's
+        # normalised updates of near-zero gradients
+        tol = 2e-2 if autocast else (1e-5 if i == 0 else 1e-3)
         le, lg = _step(eager, batch, autocast), _step(graphed, batch, autocast)
         assert abs(le.item() - lg.item()) <= tol * abs(le.item()), (le.item(), lg.item())
         _compare(eager, graphed, tol)
