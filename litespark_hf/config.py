@@ -122,7 +122,7 @@ class LitesparkConfig:
         },
     )
     cuda_graphs: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "Training forwards of one packed row (padded batches after unpad, padding-free and packed "
             "batches) replay the whole decoder stack, forward and backward, from CUDA graphs captured once per "
@@ -131,7 +131,8 @@ class LitesparkConfig:
             "stand for the eager layers exactly (CUDA, Litespark decoder layers without hooks, no recomputed layers, "
             "no dropout, SAT or float8, weights whole on one device); every other forward runs eagerly. Each new "
             "bucket costs a capture (~3 steps' time) and its activations live in one pool shared by all buckets. "
-            "Buckets per octave: LITESPARK_GRAPH_BUCKETS (default 8). See litespark_hf.graphs."
+            "Buckets per octave: LITESPARK_GRAPH_BUCKETS (default 8). Off: the layers always run eagerly. See "
+            "litespark_hf.graphs."
         },
     )
     checkpoint_layers: str = field(

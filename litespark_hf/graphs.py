@@ -23,7 +23,8 @@ no active dropout, no SAT, no float8, weights whole on one device (no FSDP / ZeR
 everything the recorded kernels depend on: the bucket, dtypes, autocast, which weights train and where every weight
 and weight cast lives (`LitesparkAdamW`'s cast shadow is updated in place, so it stays one key), the adapters'
 state (PEFT: active, disabled, merged), the modules' training flags. A capture that fails (an operation that waits
-for the host, a kernel that cannot be captured) leaves that key eager, with a one-time warning.
+for the host, a kernel that cannot be captured) runs that step eagerly, with a one-time warning, and is tried again
+at a later step, up to `CAPTURE_TRIES` times per key.
 
 Memory: one private pool for all buckets (the activations of one step at a time: a bucket's forward and backward
 are never interleaved with another graph's, `StackGraphs` refuses a second graphed forward while one waits for
@@ -54,6 +55,20 @@ _MANAGER_ATTR = "_litespark_graph_manager"
 FILLER_SEGMENT = 1 << 30  # the filler tokens' document id: after every real one
 QUANTUM = 128
 KEYS_PER_BUCKET = 3  # captures of one bucket under different keys before that bucket stays eager
+CAPTURE_TRIES = 3  # failed captures of one key before it stays eager (a capture can fail on a passing state: e.g.
+# autograd nodes of an earlier step's graph kept alive by a tensor, on another stream)
+
+
+def _layer_kwargs() -> frozenset:
+    """Keyword arguments a decoder layer may get that the graphs can drop: the attention's inert ones, and the
+    packed-document descriptors, which the replay takes from ``position_ids`` (its segments, as the attention
+    backend does first) instead."""
+    from .attention import _INERT_KWARGS
+
+    return _INERT_KWARGS | {"cu_seq_lens_q", "seq_idx"}
+
+
+_LAYER_KWARGS = _layer_kwargs()
 
 
 def bucket(tokens: int, per_octave: int | None = None, quantum: int = QUANTUM) -> int:
@@ -120,6 +135,7 @@ class StackGraphs:
         self.pool = None
         self.entries: dict = {}
         self.per_bucket: Counter = Counter()
+        self.failures: Counter = Counter()
         self.grads: dict[int, torch.Tensor] = {}  # id(param) -> shared gradient buffer
         self._grad_owner: dict[int, weakref.ref] = {}
         self._pending = None  # weakref to the _Token of the graphed forward awaiting its backward
@@ -178,9 +194,7 @@ class StackGraphs:
             return "rotary embeddings not [1, tokens, dim]"
         if not isinstance(position_ids, torch.Tensor) or tuple(position_ids.shape) != (1, tokens):
             return "position_ids not [1, tokens]"
-        from .attention import _INERT_KWARGS
-
-        if any(v is not None and k not in _INERT_KWARGS for k, v in kwargs.items()):
+        if any(v is not None and k not in _LAYER_KWARGS for k, v in kwargs.items()):
             return "extra layer arguments"
         if self._pending is not None and self._pending() is not None:
             return "a graphed forward awaits its backward"
@@ -237,7 +251,7 @@ class StackGraphs:
             self.stats["eager: " + why] += 1
             return None
         entry = self.entries.get(key)
-        if entry is False:
+        if entry is False or self.failures[key] >= CAPTURE_TRIES:
             self.stats["eager: capture failed"] += 1
             return None
         segments = segment_memo.get(position_ids)  # the documents, as the attention backend would find them
@@ -248,12 +262,13 @@ class StackGraphs:
                                     "LitesparkAdamW keeps the casts in place.")
                 self.stats["eager: bucket keys exhausted"] += 1
                 return None
-            self.per_bucket[tb] += 1
             entry = self._capture(tb, x, position_ids, cos, sin, segments, params)
-            self.entries[key] = entry if entry is not None else False
             if entry is None:
+                self.failures[key] += 1
                 self.stats["eager: capture failed"] += 1
                 return None
+            self.per_bucket[tb] += 1
+            self.entries[key] = entry
         step = _Step(self, entry, tokens, (casts, cos, sin, segments))
         self._pending = weakref.ref(step.token)
         out = _GraphedStack.apply(step, x, *entry.params)
@@ -368,8 +383,8 @@ class StackGraphs:
             del out, got, pg, pairs
         except Exception as err:  # noqa: BLE001 - any failure leaves this key eager
             note_once("graphs", f"cuda_graphs: capturing the decoder stack for {tb} tokens failed "
-                                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); those "
-                                "steps run eagerly")
+                                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); that step "
+                                f"runs eagerly (a key is tried {CAPTURE_TRIES} times)")
             logger.info("cuda_graphs capture failed", exc_info=True)
             return None
         finally:
@@ -382,7 +397,7 @@ class StackGraphs:
 
     def summary(self) -> dict:
         """Counts of graphed forwards, captures and eager forwards by reason, and the buckets captured."""
-        return {"stats": dict(self.stats), "buckets": sorted({k[0] for k, v in self.entries.items() if v})}
+        return {"stats": dict(self.stats), "buckets": sorted({k[0] for k in self.entries})}
 
 
 def _eligible_layers(base: nn.Module):

@@ -15,8 +15,9 @@ import), ``litespark`` (`litespark_hf.SFTTrainer` / `DPOTrainer` with ``use_lite
 default list) ``litespark_compile_layers`` (``compile_layers``: each decoder layer compiled, the unpadding eager) and
 ``litespark_checkpoint_all`` (``checkpoint_layers="all"``: every layer recomputed under gradient checkpointing, as
 before ``checkpoint_layers="auto"`` became the default; the ``litespark`` row recomputes only what memory needs) and
-``litespark_graphs`` (``cuda_graphs``: the decoder stack replayed from CUDA graphs per length bucket,
-`litespark_hf.graphs`; the row's ``cuda_graphs`` counts graphed and eager forwards and the buckets captured).
+``litespark_eager`` (``cuda_graphs=False``: every decoder layer eager, as before the CUDA graphs of
+`litespark_hf.graphs` became the default; a Litespark row's ``cuda_graphs`` counts its graphed and eager forwards and
+the buckets captured).
 
 Settings: TRL's own defaults except where a benchmark needs a value: ``bf16=True`` where CUDA is there (fp32 master
 weights, bf16 autocast; fp32 on CPU), ``gradient_checkpointing=True`` (TRL's default), TRL's optimizer and schedule
@@ -93,7 +94,7 @@ VARIANTS = {
     "litespark": ({"use_litespark": True}, None),
     "litespark_compile_layers": ({"use_litespark": True, "litespark_config": '{"compile_layers": true}'}, None),
     "litespark_checkpoint_all": ({"use_litespark": True, "litespark_config": '{"checkpoint_layers": "all"}'}, None),
-    "litespark_graphs": ({"use_litespark": True, "litespark_config": '{"cuda_graphs": true}'}, None),
+    "litespark_eager": ({"use_litespark": True, "litespark_config": '{"cuda_graphs": false}'}, None),
 }
 DEFAULT_VARIANTS = ("stock", "liger", "litespark")
 BASELINE = "stock"

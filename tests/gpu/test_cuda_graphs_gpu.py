@@ -17,6 +17,9 @@ from tiny_models import rel_err
 pytestmark = pytest.mark.gpu
 
 VOCAB = 512
+# bf16 autocast: the bucket's longer GEMMs round differently; gradients of the small-norm weights (norm scales) differ
+# by up to ~2% between two eager runs of different batch shapes already
+BF16_TOL = 5e-2
 
 
 def _llama(layers=3, hidden=256, inter=512, seed=0):
@@ -80,7 +83,7 @@ def test_graphed_training_equals_eager(autocast):
     for i, batch in enumerate(_batches(8)):
         # fp32: the first step to GEMM reordering (the bucket's longer rows), later steps through AdamW's
         # normalised updates of near-zero gradients
-        tol = 2e-2 if autocast else (1e-5 if i == 0 else 1e-3)
+        tol = BF16_TOL if autocast else (1e-5 if i == 0 else 1e-3)
         le, lg = _step(eager, batch, autocast), _step(graphed, batch, autocast)
         assert abs(le.item() - lg.item()) <= tol * abs(le.item()), (le.item(), lg.item())
         _compare(eager, graphed, tol)
@@ -103,8 +106,8 @@ def test_litespark_adamw_shadow_and_gradient_accumulation():
     for k in range(0, 12, 2):
         for batch in batches[k:k + 2]:
             le, lg = _step(eager, batch, True), _step(graphed, batch, True)
-            assert abs(le.item() - lg.item()) <= 2e-2 * abs(le.item())
-        _compare(eager, graphed, 2e-2)
+            assert abs(le.item() - lg.item()) <= 1e-2 * abs(le.item())
+        _compare(eager, graphed, BF16_TOL)
         for o in opts:
             o.step()
             o.zero_grad(set_to_none=True)
@@ -118,13 +121,11 @@ def test_litespark_adamw_shadow_and_gradient_accumulation():
 def test_lora_adapters_equal_eager():
     from peft import LoraConfig, get_peft_model
 
-    base_e, base_g = _llama(), None
+    base_e = _llama()
     base_g = copy.deepcopy(base_e)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0)
     pe, pg = get_peft_model(base_e, lora), get_peft_model(base_g, copy.deepcopy(lora))
-    for m in pg.base_model.model.modules():  # same adapter initialisation (B = 0 makes a first step trivial)
-        pass
-    with torch.no_grad():
+    with torch.no_grad():  # the same random adapters in both (PEFT's B = 0 would make the first step trivial)
         for (_, a), (_, b) in zip(pe.named_parameters(), pg.named_parameters()):
             if a.requires_grad:
                 a.normal_(0, 0.02)
@@ -134,8 +135,8 @@ def test_lora_adapters_equal_eager():
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for m in (pe, pg)]
     for batch in _batches(6, seed=2):
         le, lg = _step(pe, batch, True), _step(pg, batch, True)
-        assert abs(le.item() - lg.item()) <= 2e-2 * abs(le.item())
-        _compare(pe, pg, 2e-2)
+        assert abs(le.item() - lg.item()) <= 1e-2 * abs(le.item())
+        _compare(pe, pg, BF16_TOL)
         for o in opts:
             o.step()
             o.zero_grad(set_to_none=True)
@@ -173,6 +174,7 @@ def test_fallbacks_keep_values():
     assert manager.stats["graphed"] == 1 and manager.stats["eager: a graphed forward awaits its backward"] == 1
     assert abs(losses[0][0] - losses[1][0]) < 1e-4 * abs(losses[0][0])
     _compare(eager, graphed, 1e-4)
+    del la, lb  # their autograd graphs (made on the default stream) would make the next capture fail and retry
 
     with torch.no_grad():
         a = eager(input_ids=b2[0], attention_mask=b2[1]).logits
@@ -189,10 +191,11 @@ def test_fallbacks_keep_values():
 def test_backward_twice_is_refused():
     _, graphed = _pair()
     b = _batches(1, seed=4)[0]
-    loss = graphed(input_ids=b[0], attention_mask=b[1], labels=b[3]).loss
-    loss.backward(retain_graph=True)
+    hidden = graphed.model(input_ids=b[0], attention_mask=b[1]).last_hidden_state
+    assert G.manager_of(graphed).stats["graphed"] == 1
+    hidden.square().sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="only once"):
-        loss.backward()
+        hidden.square().sum().backward()
 
 
 @pytest.mark.parametrize("mode", ["padded", "padding_free"])

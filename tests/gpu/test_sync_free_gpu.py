@@ -80,7 +80,9 @@ def test_trl_sft_decoder_forward_does_not_wait_for_the_gpu(tmp_path, mode):
     layers) runs no synchronizing operation on padded batches (the real-token count comes from the collator,
     `unpadding.TokenCountingCollator`; the gather is ``nonzero_static``) and on padding-free ones (documents from
     ``cu_seq_lens_q``). So the host launches the next forward while the GPU still runs the previous optimizer step.
-    (TRL's own metrics and its fused LM head still read device values after the stack: stock does the same.)"""
+    (TRL's own metrics and its fused LM head still read device values after the stack: stock does the same.)
+    The layers run eagerly here (``cuda_graphs`` off): a CUDA-graph capture synchronizes once per new length bucket,
+    and these random lengths keep meeting new ones."""
     from datasets import Dataset
 
     import litespark_hf
@@ -96,7 +98,8 @@ def test_trl_sft_decoder_forward_does_not_wait_for_the_gpu(tmp_path, mode):
     extra = {"padding_free": True, "max_length": None} if mode == "padding_free" else {"max_length": 128}
     args = litespark_hf.SFTConfig(
         output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, report_to=[], use_litespark=True,
-        bf16=True, learning_rate=1e-3, save_strategy="no", logging_steps=6, **extra)
+        litespark_config={"cuda_graphs": False}, bf16=True, learning_rate=1e-3, save_strategy="no", logging_steps=6,
+        **extra)
     trainer = litespark_hf.SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=PD.id_tokenizer(256))
     records, forwards = [], []
 
