@@ -736,7 +736,8 @@ def plot_post(result: dict, path: str) -> str:
     modes = list(dict.fromkeys(r["mode"] for r in result["rows"]))
     variants = list(dict.fromkeys(r["variant"] for r in rows))  # the ones with a result
     fig, axes = _figure(1, 3, (16, 4.8))
-    colors = {"stock": "#888888", "liger": "#d9822b", "litespark": "#3b75af"}
+    colors = {"stock": "#888888", "liger": "#d9822b", "litespark": "#3b75af", "litespark_eager": "#9ec3e6",
+              "litespark_checkpoint_all": "#5a9f68", "litespark_compile_layers": "#8e6bb8"}
     width = 0.8 / max(1, len(variants))
     panels = [("tokens_per_second", "real tokens/s", 1.0), ("mfu", "MFU (%)", 100.0),
               ("energy_per_token_j", "energy per token (J)", 1.0)]
