@@ -78,6 +78,38 @@ def test_weight_gradients_are_blocks_of_one_buffer_and_frozen_weights_get_none()
     assert rel(ws[0].grad, ref[0].grad) < 1e-5 and rel(ws[2].grad, ref[2].grad) < 1e-5
 
 
+def test_weight_gradients_go_into_a_registered_destination():
+    """`GRAD_DESTINATIONS` (set by the CUDA-graph capture): the group's weight-gradient GEMM writes into the given
+    buffer, whose row blocks become the gradients, with the values of the usual path; a group with a frozen weight,
+    or no registration, is unchanged."""
+    from litespark_kernels.ops import linear
+
+    ws, bs = make([8, 4, 4], 16, [0, 0, 0])
+    x = torch.randn(5, 16)
+    gy = torch.randn(5, 16)
+    expect = [g.clone() for g in torch.autograd.grad(lk.fused_linear(x, ws, bs), ws, gy)]
+    dest = torch.full((16, 16), float("nan"))
+    linear.GRAD_DESTINATIONS[tuple(id(w) for w in ws)] = dest
+    try:
+        y = lk.fused_linear(x, ws, bs)
+    finally:
+        linear.GRAD_DESTINATIONS.clear()
+    got = torch.autograd.grad(y, ws, gy)
+    assert all(torch.equal(a, b) for a, b in zip(got, expect))
+    assert [g.data_ptr() for g in got] == [dest[0:8].data_ptr(), dest[8:12].data_ptr(), dest[12:16].data_ptr()]
+    assert torch.equal(dest, torch.cat(expect))
+    # a frozen weight in the group: the destination (which holds every row) is not used
+    ws[1].requires_grad_(False)
+    dest = torch.full((16, 16), float("nan"))
+    linear.GRAD_DESTINATIONS[tuple(id(w) for w in ws)] = dest
+    try:
+        y = lk.fused_linear(x, ws, bs)
+    finally:
+        linear.GRAD_DESTINATIONS.clear()
+    got = torch.autograd.grad(y, [ws[0], ws[2]], gy)
+    assert torch.equal(got[0], expect[0]) and torch.equal(got[1], expect[2]) and torch.isnan(dest).all()
+
+
 def test_bad_inputs_raise():
     ws, _ = make([4, 4], 8, [0, 0])
     with pytest.raises(ValueError, match="does not take inputs"):

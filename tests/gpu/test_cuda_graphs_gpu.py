@@ -87,6 +87,11 @@ def test_graphed_training_equals_eager(autocast):
         le, lg = _step(eager, batch, autocast), _step(graphed, batch, autocast)
         assert abs(le.item() - lg.item()) <= tol * abs(le.item()), (le.item(), lg.item())
         _compare(eager, graphed, tol)
+        # the fused projections' weight gradients were written by the graph in place, into the shared buffers
+        manager = G.manager_of(graphed)
+        attn = graphed.model.layers[1].self_attn
+        flat = manager._flat[tuple(id(m.weight) for m in (attn.q_proj, attn.k_proj, attn.v_proj))][0]
+        assert attn.k_proj.weight.grad.data_ptr() == flat[attn.q_proj.weight.shape[0]:].data_ptr()
         for o in opts:
             o.step()
             o.zero_grad(set_to_none=True)

@@ -43,14 +43,27 @@ def _mm_out_dtype_check(device: torch.device) -> bool:
     return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """a @ b written in ``out_dtype`` (fp32 straight from the GEMM's accumulator where supported)."""
+def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b written in ``out_dtype`` (fp32 straight from the GEMM's accumulator where supported); into ``out`` when
+    given (of that dtype and shape)."""
     if out_dtype == a.dtype:
-        return torch.mm(a, b)
+        return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
     if out_dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda \
             and device_supports("mm_out_dtype", a.device, _mm_out_dtype_check):
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a, b).to(out_dtype)
+        return torch.mm(a, b, out_dtype=torch.float32) if out is None \
+            else torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a, b).to(out_dtype) if out is None else out.copy_(torch.mm(a, b))
+
+
+# Where a fused group's weight gradients go, by the group's weights (their ids, in order): one buffer
+# [sum of rows, in features] whose row blocks are the weights' gradient buffers. Set only while `litespark_hf.graphs`
+# captures a backward, so that the captured weight-gradient GEMM writes each step's gradients in place instead of into
+# a graph-private tensor copied out afterwards. Empty otherwise (nothing changes).
+GRAD_DESTINATIONS: dict = {}
+
+
+def _grad_destination(ctx, weights) -> None:
+    ctx.grad_out = GRAD_DESTINATIONS.get(tuple(id(w) for w in weights)) if GRAD_DESTINATIONS else None
 
 
 def _compute_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
@@ -91,13 +104,17 @@ def group_weight(weights, w_cast, cdt: torch.dtype, device) -> torch.Tensor:
 
 
 def _weight_grads(ctx, n: int, sizes, w_dtypes, gemm) -> list:
-    """Each needed weight's gradient: row blocks of one ``gemm(dtype)`` output (fp32 when the weights' dtypes
-    differ)."""
+    """Each needed weight's gradient: row blocks of one ``gemm(dtype, out)`` output (fp32 when the weights' dtypes
+    differ; ``out``: the group's `GRAD_DESTINATIONS` buffer when it has one and every weight needs its gradient)."""
     need_w = ctx.needs_input_grad[3:3 + n]
     dws = [None] * n
     if any(need_w):
         dtypes = {d for d, need in zip(w_dtypes, need_w) if need}
-        dw = gemm(dtypes.pop() if len(dtypes) == 1 else torch.float32)
+        gdt = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        dest = getattr(ctx, "grad_out", None)
+        if dest is not None and not (all(need_w) and dest.dtype == gdt):
+            dest = None
+        dw = gemm(gdt, dest)
         r = 0
         for i, rows in enumerate(sizes):
             if need_w[i]:
@@ -132,6 +149,7 @@ class _FusedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, n_weights, w_cast, *params):
         biases, cdt, w = _setup(ctx, x, n_weights, w_cast, params)
+        _grad_destination(ctx, params[:n_weights])
         x2, y = project_2d(x, w, biases, ctx.meta[2], cdt)
         ctx.save_for_backward(x2, w)
         return y.view(*x.shape[:-1], w.shape[0])
@@ -143,7 +161,7 @@ class _FusedLinear(torch.autograd.Function):
         n = len(sizes)
         dy2 = dy.reshape(-1, dy.shape[-1]).to(w.dtype)
         dx = _mm(dy2, w, x_dtype).view(x_shape) if ctx.needs_input_grad[0] else None
-        dws = _weight_grads(ctx, n, sizes, w_dtypes, lambda gdt: _mm(dy2.t(), x2, gdt))
+        dws = _weight_grads(ctx, n, sizes, w_dtypes, lambda gdt, out: _mm(dy2.t(), x2, gdt, out))
         return (dx, None, None, *dws, *_bias_grads(ctx, n, sizes, b_dtypes, dy2))
 
 
@@ -184,7 +202,7 @@ class _FusedLinearFP8(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # dy [M', N] @ w [N, K]: w read column-major from its transposed copy
             dx = fp8.scaled_mm(dyq, wqt, dy_inv, w_inv, x_dtype)[:m].view(x_shape)
         # dy^T [N, M'] @ x [M', K]; the padded rows of both are zero
-        dws = _weight_grads(ctx, n, sizes, w_dtypes, lambda gdt: fp8.scaled_mm(dyqt, xqt, dy_inv, x_inv, gdt))
+        dws = _weight_grads(ctx, n, sizes, w_dtypes, lambda gdt, out: fp8.scaled_mm(dyqt, xqt, dy_inv, x_inv, gdt))
         return (dx, None, None, *dws, *_bias_grads(ctx, n, sizes, b_dtypes, dy2))
 
 
