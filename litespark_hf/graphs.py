@@ -209,8 +209,11 @@ class StackGraphs:
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks \
                 or nn.modules.module._global_backward_hooks or nn.modules.module._global_backward_pre_hooks:
             return "global module hooks"
-        if any(getattr(layer, "gradient_checkpointing", False) for layer in self.layers):
-            return "gradient checkpointing recomputes layers"
+        for layer in self.layers:
+            if getattr(layer, "gradient_checkpointing", False):
+                return "gradient checkpointing recomputes layers"
+            if layer._forward_hooks or layer._forward_pre_hooks:  # FSDP2 units, DeepSpeed: before the module walk
+                return "module hooks"
         base = self._base()
         if base is None or "_litespark_sat" in base.__dict__:
             return "SAT"
