@@ -84,28 +84,26 @@ def test_weight_gradients_go_into_a_registered_destination():
     or no registration, is unchanged."""
     from litespark_kernels.ops import linear
 
+    def forward_with_destination(ws, bs, x):
+        dest = torch.full((16, 16), float("nan"))
+        linear.GRAD_DESTINATIONS[tuple(id(w) for w in ws)] = dest
+        try:
+            return lk.fused_linear(x, ws, bs), dest
+        finally:
+            linear.GRAD_DESTINATIONS.clear()
+
     ws, bs = make([8, 4, 4], 16, [0, 0, 0])
     x = torch.randn(5, 16)
     gy = torch.randn(5, 16)
     expect = [g.clone() for g in torch.autograd.grad(lk.fused_linear(x, ws, bs), ws, gy)]
-    dest = torch.full((16, 16), float("nan"))
-    linear.GRAD_DESTINATIONS[tuple(id(w) for w in ws)] = dest
-    try:
-        y = lk.fused_linear(x, ws, bs)
-    finally:
-        linear.GRAD_DESTINATIONS.clear()
+    y, dest = forward_with_destination(ws, bs, x)
     got = torch.autograd.grad(y, ws, gy)
     assert all(torch.equal(a, b) for a, b in zip(got, expect))
     assert [g.data_ptr() for g in got] == [dest[0:8].data_ptr(), dest[8:12].data_ptr(), dest[12:16].data_ptr()]
     assert torch.equal(dest, torch.cat(expect))
     # a frozen weight in the group: the destination (which holds every row) is not used
     ws[1].requires_grad_(False)
-    dest = torch.full((16, 16), float("nan"))
-    linear.GRAD_DESTINATIONS[tuple(id(w) for w in ws)] = dest
-    try:
-        y = lk.fused_linear(x, ws, bs)
-    finally:
-        linear.GRAD_DESTINATIONS.clear()
+    y, dest = forward_with_destination(ws, bs, x)
     got = torch.autograd.grad(y, [ws[0], ws[2]], gy)
     assert torch.equal(got[0], expect[0]) and torch.equal(got[1], expect[2]) and torch.isnan(dest).all()
 
