@@ -472,12 +472,12 @@ def _eligible_layers(base: nn.Module):
 
 
 def install(base: nn.Module) -> StackGraphs | None:
-    """Give ``base``'s decoder layers a `StackGraphs` (idempotent); None, with a warning, where the model's layers are
-    not all plain Litespark decoder layers."""
+    """Give ``base``'s decoder layers a `StackGraphs` (idempotent); None, with a log line, where the model's layers
+    are not all plain Litespark decoder layers."""
     uninstall(base)
     layers, why = _eligible_layers(base)
-    if layers is None:
-        note_once("graphs", f"cuda_graphs: {why}; the decoder runs eagerly")
+    if layers is None:  # the layers run eagerly, exactly as with cuda_graphs off: logged, not warned (on by default)
+        logger.info("litespark cuda_graphs: %s; the decoder runs eagerly", why)
         return None
     manager = StackGraphs(layers, base)
     for i, layer in enumerate(layers):
