@@ -118,6 +118,16 @@ def test_frozen_weight_and_grad_output_scale():
     assert _rel(ht.grad, hr.grad) < 2e-5
 
 
+def test_second_backward_is_a_clear_error():
+    """The gradients are made in the forward and handed out once: a second backward (retain_graph) is refused with a
+    message saying so, not a TypeError from inside."""
+    h, w, _, labels = _inputs((2, 16), 33, 200, seed=3)
+    loss = _triton(h.clone().requires_grad_(True), w.clone().requires_grad_(True), labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated only once"):
+        loss.backward()
+
+
 def test_all_labels_ignored_matches_reference():
     h, w, b, labels = _inputs((2, 16), 24, 50, bias=True, seed=8)
     labels[:] = -100

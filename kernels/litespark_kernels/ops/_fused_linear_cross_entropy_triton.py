@@ -369,6 +369,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        if ctx.grads is None:
+            raise RuntimeError("litespark fused linear cross-entropy: its gradients are computed in the forward and "
+                               "handed out once, so its loss can be backpropagated only once (retain_graph / a "
+                               "second backward are not supported); use fused_cross_entropy=False for that")
         gh, gw, gb = ctx.grads
         ctx.grads = None
         g = grad_output.reshape(1).to(torch.float32)
