@@ -94,3 +94,46 @@ def test_later_layers_pass_the_replayed_output_through(monkeypatch):
     monkeypatch.setattr(manager, "_ineligible", lambda *a: "")
     eager = layers[1](other, attention_mask=None, position_ids=pos, position_embeddings=rope)
     assert not torch.equal(eager, other) and eager.shape == other.shape
+
+
+def test_key_tracks_what_the_recorded_kernels_read():
+    """The capture key changes with everything a replay would otherwise get wrong (the adapters' state, which weights
+    train, a weight moved, training flags), and calls the graphs cannot stand for name their reason."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model("llama", num_hidden_layers=2),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    litespark_hf.apply(model, cuda_graphs=True)
+    manager = G.manager_of(model)
+    x, cos = torch.randn(1, 9, 64), torch.randn(1, 9, 16)
+
+    def key():
+        k, params, _, why = manager._key(manager._modules(), x, cos, 128)
+        assert why is None
+        return k, params
+
+    base, params = key()
+    assert params and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    assert {id(p) for p in params} == {id(p) for p in model.parameters() if p.requires_grad}
+    assert key()[0] == base  # stable while nothing changes
+    with model.disable_adapter():
+        assert key()[0] != base
+    assert key()[0] == base
+    lora_a = next(p for n, p in model.named_parameters() if "lora_A" in n)
+    lora_a.requires_grad_(False)
+    assert key()[0] != base
+    lora_a.requires_grad_(True)
+    model.eval()
+    assert key()[0] != base
+    model.train()
+    assert key()[0] == base
+    norm = manager.layers[0].input_layernorm
+    with torch.no_grad():
+        norm.weight.data = norm.weight.data.clone()  # same values, another address
+    assert key()[0] != base
+
+    handle = manager.layers[1].mlp.register_forward_hook(lambda *a: None)
+    assert manager._key(manager._modules(), x, cos, 128)[3] == "module hooks"
+    handle.remove()
+    manager.layers[0].self_attn.attention_dropout = 0.1
+    assert manager._key(manager._modules(), x, cos, 128)[3] == "dropout"
