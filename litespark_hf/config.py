@@ -131,8 +131,8 @@ class LitesparkConfig:
             "stand for the eager layers exactly (CUDA, Litespark decoder layers without hooks, no recomputed layers, "
             "no dropout, SAT or float8, weights whole on one device); every other forward runs eagerly. Each new "
             "bucket costs a capture (~3 steps' time) and its activations live in one pool shared by all buckets. "
-            "Buckets per octave: LITESPARK_GRAPH_BUCKETS (default 8). Off: the layers always run eagerly. See "
-            "litespark_hf.graphs."
+            "Buckets per octave: LITESPARK_GRAPH_BUCKETS (default 8). Off: the layers always run eagerly. Not with "
+            "compile_layers (compiled layers keep their own path). See litespark_hf.graphs."
         },
     )
     checkpoint_layers: str = field(

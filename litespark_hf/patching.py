@@ -124,7 +124,7 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
         checkpointing.install(_decoder_stack(base), base, cfg.checkpoint_layers)
     # set to this config's values, so that applying again with another config takes the new one
     set_attention_cudnn(base, cfg.attention_cudnn and cfg.attention)
-    if cfg.cuda_graphs and arch is not None:
+    if cfg.cuda_graphs and arch is not None and not cfg.compile_layers:  # compiled layers: no Python to replace
         graphs.install(base)
     else:
         graphs.uninstall(base)

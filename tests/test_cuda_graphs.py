@@ -137,3 +137,11 @@ def test_key_tracks_what_the_recorded_kernels_read():
     handle.remove()
     manager.layers[0].self_attn.attention_dropout = 0.1
     assert manager._key(manager._modules(), x, cos, 128)[3] == "dropout"
+
+
+def test_not_installed_with_compiled_layers():
+    model = tiny_model("llama", num_hidden_layers=2)
+    litespark_hf.apply(model, cuda_graphs=True, compile_layers=True)
+    assert G.manager_of(model) is None
+    litespark_hf.apply(model, cuda_graphs=True, compile_layers=False)
+    assert G.manager_of(model) is not None

@@ -40,7 +40,7 @@ class LitesparkDecoderLayer:
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
         graphs = self.__dict__.get("_litespark_graphs")  # LitesparkConfig.cuda_graphs (litespark_hf.graphs)
-        if graphs is not None:
+        if graphs is not None and not torch.compiler.is_compiling():
             out = graphs[0].call(graphs[1], hidden_states, attention_mask, position_ids, past_key_values, use_cache,
                                  position_embeddings, kwargs)
             if out is not None:
