@@ -50,6 +50,8 @@ import torch.nn as nn
 from litespark_kernels._dispatch import note_once
 from litespark_kernels.ops.linear import _plain_tensor
 
+from .modules.decoder import _hookless
+
 logger = logging.getLogger(__name__)
 
 GRAPHS_ATTR = "_litespark_graphs"
@@ -91,8 +93,7 @@ class _Token:
 class _Entry:
     """One bucket's graphs and static tensors."""
 
-    __slots__ = ("tb", "x", "cos", "sin", "seg", "pos", "out", "gout", "gx", "fwd", "bwd", "params", "grads", "used",
-                 "x_grad")
+    __slots__ = ("tb", "x", "cos", "sin", "seg", "pos", "out", "gout", "gx", "fwd", "bwd", "params", "grads", "x_grad")
 
 
 class _Step:
@@ -116,15 +117,12 @@ class _GraphedStack(torch.autograd.Function):
         return (None, *ctx.step.manager._replay_backward(ctx.step, grad))
 
 
-def _dropout_active(modules) -> bool:
-    for m in modules:
-        if isinstance(m, nn.Dropout) and m.p > 0 and m.training:
-            return True
-        for name in ("attention_dropout", "residual_dropout"):
-            p = m.__dict__.get(name)
-            if isinstance(p, (int, float)) and p > 0 and m.training:
-                return True
-    return False
+def _dropout_active(m: nn.Module) -> bool:
+    """``m`` (in training mode) drops out: an ``nn.Dropout`` or an attention / residual dropout probability."""
+    if isinstance(m, nn.Dropout):
+        return m.p > 0
+    return any(isinstance(p, (int, float)) and p > 0
+               for p in (m.__dict__.get("attention_dropout"), m.__dict__.get("residual_dropout")))
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -143,8 +141,7 @@ class StackGraphs:
         self.entries: dict = {}
         self.per_bucket: Counter = Counter()
         self.failures: Counter = Counter()
-        self.grads: dict[int, torch.Tensor] = {}  # id(param) -> shared gradient buffer
-        self._grad_owner: dict[int, weakref.ref] = {}
+        self.grads: dict[int, tuple] = {}  # id(param) -> (weak ref to the param, its shared gradient buffer)
         self._flat: dict = {}  # a fused group's weight ids -> (its gradient buffer, weak refs to the weights)
         self._pending = None  # weakref to the _Token of the graphed forward awaiting its backward
         self._running = None  # (output tensor, index of the next layer that passes it through)
@@ -206,13 +203,12 @@ class StackGraphs:
             return "extra layer arguments"
         if self._pending is not None and self._pending() is not None:
             return "a graphed forward awaits its backward"
-        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks \
-                or nn.modules.module._global_backward_hooks or nn.modules.module._global_backward_pre_hooks:
+        if nn.modules.module._global_backward_hooks or nn.modules.module._global_backward_pre_hooks:
             return "global module hooks"
         for layer in self.layers:
             if getattr(layer, "gradient_checkpointing", False):
                 return "gradient checkpointing recomputes layers"
-            if layer._forward_hooks or layer._forward_pre_hooks:  # FSDP2 units, DeepSpeed: before the module walk
+            if not _hookless(layer):  # its own or global forward hooks (FSDP2 units, DeepSpeed): before the walk
                 return "module hooks"
         base = self._base()
         if base is None or "_litespark_sat" in base.__dict__:
@@ -223,12 +219,15 @@ class StackGraphs:
 
     def _key(self, modules, x, cos, tb):
         """(key, trainable params, casts to keep alive, reason or None)."""
-        params, casts, state = [], [], []
+        params, casts, state, training = [], [], [], []
         for m in modules:
             if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
                 return None, None, None, "module hooks"
             if m.__dict__.get("_litespark_fp8"):
                 return None, None, None, "float8"
+            training.append(m.training)
+            if m.training and _dropout_active(m):
+                return None, None, None, "dropout"
             for p in m._parameters.values():
                 if p is not None:
                     params.append(p)
@@ -237,15 +236,13 @@ class StackGraphs:
                 casts.extend(c.values())
             if hasattr(m, "active_adapters") and hasattr(m, "merged"):  # PEFT's tuner layers
                 state.append((tuple(m.active_adapters), bool(getattr(m, "disable_adapters", False)), m.merged))
-        if _dropout_active(modules):
-            return None, None, None, "dropout"
         device = x.device
         for p in params:
             if p.device != device or not _plain_tensor(p) or p.is_meta:
                 return None, None, None, "weights not whole on this device"
         key = (tb, x.dtype, x.requires_grad, cos.dtype, cos.shape[-1], torch.is_autocast_enabled("cuda"),
                torch.get_autocast_dtype("cuda"), tuple((p.data_ptr(), p.requires_grad) for p in params),
-               tuple(c.data_ptr() for c in casts), tuple(state), tuple(m.training for m in modules))
+               tuple(c.data_ptr() for c in casts), tuple(state), tuple(training))
         return key, [p for p in params if p.requires_grad], casts, None
 
     # -- replay -------------------------------------------------------------------------------------------------------
@@ -329,12 +326,10 @@ class StackGraphs:
     # -- capture ------------------------------------------------------------------------------------------------------
 
     def _grad_buffer(self, p: torch.Tensor) -> torch.Tensor:
-        buf = self.grads.get(id(p))
-        owner = self._grad_owner.get(id(p))
-        if buf is None or owner is None or owner() is not p or buf.shape != p.shape or buf.dtype != p.dtype:
+        owner, buf = self.grads.get(id(p), (None, None))
+        if buf is None or owner() is not p or buf.shape != p.shape or buf.dtype != p.dtype:
             buf = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            self.grads[id(p)] = buf
-            self._grad_owner[id(p)] = weakref.ref(p)
+            self.grads[id(p)] = (weakref.ref(p), buf)
         return buf
 
     def _group_buffers(self, modules, params) -> dict:
@@ -361,8 +356,7 @@ class StackGraphs:
                                        device=ws[0].device)
                     r = 0
                     for w in ws:
-                        self.grads[id(w)] = flat[r:r + w.shape[0]]
-                        self._grad_owner[id(w)] = weakref.ref(w)
+                        self.grads[id(w)] = (weakref.ref(w), flat[r:r + w.shape[0]])
                         r += w.shape[0]
                     have = self._flat[key] = (flat, [weakref.ref(w) for w in ws])
                 dests[key] = have[0]
@@ -427,8 +421,7 @@ class StackGraphs:
                 pairs = [(b, g) for b, g in zip(grads, pg) if g is not None and not _same_memory(b, g)]
                 if pairs:
                     torch._foreach_copy_([b for b, _ in pairs], [g for _, g in pairs])
-            e.used = [g is not None for g in pg]
-            e.grads = [b if used else None for b, used in zip(grads, e.used)]
+            e.grads = [b if g is not None else None for b, g in zip(grads, pg)]
             e.out = out.detach()
             del out, got, pg, pairs
         except Exception as err:  # noqa: BLE001 - any failure leaves this key eager
@@ -488,9 +481,9 @@ def install(base: nn.Module) -> StackGraphs | None:
 
 def uninstall(base: nn.Module) -> None:
     manager = base.__dict__.pop(_MANAGER_ATTR, None)
-    for m in base.modules():
-        m.__dict__.pop(GRAPHS_ATTR, None)
-    if manager is not None:
+    if manager is not None:  # `install` marks exactly the manager's layers
+        for layer in manager.layers:
+            layer.__dict__.pop(GRAPHS_ATTR, None)
         manager.entries.clear()
 
 

@@ -145,3 +145,28 @@ def test_not_installed_with_compiled_layers():
     assert G.manager_of(model) is None
     litespark_hf.apply(model, cuda_graphs=True, compile_layers=False)
     assert G.manager_of(model) is not None
+
+
+def test_gradient_buffers_are_shared_and_fused_groups_are_row_blocks_of_one():
+    """The buffers the backward graphs write: one per trainable weight, the same for every bucket; a fused
+    projection group's weights get row blocks of one buffer (the destination of its weight-gradient GEMM)."""
+    model = tiny_model("llama", num_hidden_layers=2)
+    litespark_hf.apply(model, cuda_graphs=True)
+    manager = G.manager_of(model)
+    modules = manager._modules()
+    params = [p for m in modules for p in m._parameters.values() if p is not None and p.requires_grad]
+    dests = manager._group_buffers(modules, params)
+    attn, mlp = manager.layers[0].self_attn, manager.layers[0].mlp
+    qkv = dests[tuple(id(m.weight) for m in (attn.q_proj, attn.k_proj, attn.v_proj))]
+    assert qkv.shape == (sum(m.weight.shape[0] for m in (attn.q_proj, attn.k_proj, attn.v_proj)), 64)
+    assert tuple(id(m.weight) for m in (mlp.gate_proj, mlp.up_proj)) in dests
+    buffers = [manager._grad_buffer(p) for p in params]
+    assert all(b.shape == p.shape and b.dtype == p.dtype for b, p in zip(buffers, params))
+    k = next(i for i, p in enumerate(params) if p is attn.k_proj.weight)
+    assert buffers[k].data_ptr() == qkv[attn.q_proj.weight.shape[0]:].data_ptr()  # a row block of the group's
+    norm = next(i for i, p in enumerate(params) if p is manager.layers[0].input_layernorm.weight)
+    assert buffers[norm].data_ptr() not in {d.data_ptr() for d in dests.values()}
+    # a second capture (another bucket) gets the very same buffers
+    again = manager._group_buffers(modules, params)
+    assert all(again[key] is dests[key] for key in dests)
+    assert all(manager._grad_buffer(p) is b for p, b in zip(params, buffers))
