@@ -135,6 +135,18 @@ class LitesparkConfig:
             "compile_layers (compiled layers keep their own path). See litespark_hf.graphs."
         },
     )
+    zero3_layer_units: bool = field(
+        default=True,
+        metadata={
+            "help": "Under DeepSpeed ZeRO-3: each Litespark decoder layer is one DeepSpeed leaf module, so its "
+            "weights are gathered (and prefetched, released, their gradients reduced) once per layer call instead "
+            "of once per projection, norm and sub-module (~12 hooked modules per Llama layer; FSDP2's per-layer units "
+            "do the same). Cuts DeepSpeed's per-module hook work, which bounds ZeRO-3 steps at small world sizes; "
+            "a layer's whole weights are then live at once (~60M parameters for Llama-3.2-1B). Must be set before "
+            "deepspeed.initialize (the trainers and recipes apply Litespark before it); layers already hooked by "
+            "DeepSpeed are left as they are. Same values either way. No effect without ZeRO-3."
+        },
+    )
     checkpoint_layers: str = field(
         default="auto",
         metadata={

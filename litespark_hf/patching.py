@@ -22,7 +22,8 @@ from .modules import (
     LitesparkCausalLM, LitesparkEmbedding, LitesparkLMHead, link_decoder_layers, link_norm_consumers, original_class,
     swapped_class, unlink_decoder_layers, unlink_norm_consumers,
 )
-from .sharding import maybe_register_zero3, unregister_zero3_fused_weights
+from .sharding import _LEAF as ZERO3_LEAF
+from .sharding import maybe_register_zero3, unmark_zero3_layer_units, unregister_zero3_fused_weights
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,11 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
         link_norm_consumers(base)
         link_cast_owners(base)
         link_decoder_layers(base)
-        maybe_register_zero3(base)  # DeepSpeed ZeRO-3: the fused modules gather their children's weights
+        # DeepSpeed ZeRO-3: the fused modules gather their children's weights; each layer one leaf module
+        maybe_register_zero3(base, layer_units=cfg.zero3_layer_units)
+        leaves = sum(1 for m in base.modules() if m.__dict__.get(ZERO3_LEAF))
+        if leaves:  # reported with the swaps (the bench rows' litespark_swapped)
+            counts["zero3_layer_units"] = leaves
         if cfg.attention and _HOOK_ATTR not in base.__dict__:
             # positions made by us need no packed-document check (a host sync per forward; see _OwnPositions)
             stack = _decoder_stack(base)
@@ -190,6 +195,7 @@ def restore(model: nn.Module) -> nn.Module:
     unlink_decoder_layers(base)
     graphs.uninstall(base)
     unregister_zero3_fused_weights(base)
+    unmark_zero3_layer_units(base)
     hook = base.__dict__.pop(_HOOK_ATTR, None)
     if hook is not None:
         hook.remove()

@@ -20,6 +20,9 @@ and c_proj. What each engine does about that:
 ZeRO-3 parameters, from ``deepspeed.zero.Init``, or transformers' DeepSpeed config says stage 3, as under
 ``accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml``); a training loop that converts the model
 later (``deepspeed.initialize`` without ``zero.Init`` or transformers' config) calls it itself before that.
+
+With ``LitesparkConfig.zero3_layer_units`` (default) `apply` also makes each Litespark decoder layer a ZeRO-3 leaf
+module (`mark_zero3_layer_units`): DeepSpeed then hooks, fetches and releases per layer instead of per sub-module.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 _REGISTERED = "_litespark_zero3_external"  # module.__dict__: the parameters registered on that module
+_LEAF = "_litespark_zero3_leaf"  # module.__dict__: True where mark_zero3_layer_units made the layer a leaf
 
 
 def zero3_enabled(model: nn.Module | None = None) -> bool:
@@ -95,6 +99,47 @@ def unregister_zero3_fused_weights(model: nn.Module) -> None:
                 pass
 
 
-def maybe_register_zero3(model: nn.Module) -> int:
-    """`register_zero3_fused_weights` when ZeRO-3 is in use (`zero3_enabled`), else nothing; returns the count."""
-    return register_zero3_fused_weights(model) if zero3_enabled(model) else 0
+def mark_zero3_layer_units(model: nn.Module) -> int:
+    """Make every Litespark decoder layer of ``model`` a DeepSpeed ZeRO-3 leaf module (``LitesparkConfig.
+    zero3_layer_units``); returns how many were marked.
+
+    DeepSpeed registers its fetch / release hooks on every module of the model, recursively, when the engine is built;
+    a leaf module gets them and its children do not: its pre-forward (pre-backward) hook gathers the parameters of its
+    whole subtree in one coalesced fetch, and its gradients are reduced from one full backward hook on it instead of
+    one hook per parameter (``deepspeed.utils.set_z3_leaf_modules``; DeepSpeed's documented use: MoE layers and
+    "models with excessively fine-grained nested modules"). A Litespark layer's fused forward reads its projections'
+    weights without calling them, so nothing is lost by gathering them together; stock layers keep DeepSpeed's
+    per-module hooks. A layer that already carries DeepSpeed's hooks (``ds_id``: the engine was built) or a leaf flag
+    of its own (set by the user or by DeepSpeed's ``stage3_module_granularity_threshold``) is left as it is."""
+    from deepspeed.utils import set_z3_leaf_module
+
+    from .modules.decoder import LitesparkDecoderLayer
+
+    n = 0
+    for module in model.modules():
+        if not isinstance(module, LitesparkDecoderLayer) or hasattr(module, "ds_id") or "_z3_leaf" in vars(module):
+            continue
+        set_z3_leaf_module(module, True)
+        module.__dict__[_LEAF] = True
+        n += 1
+    return n
+
+
+def unmark_zero3_layer_units(model: nn.Module) -> None:
+    """Undo `mark_zero3_layer_units` (`litespark_hf.restore`): the flags it set, and only those."""
+    for module in model.modules():
+        if module.__dict__.pop(_LEAF, None):
+            module.__dict__.pop("_z3_leaf", None)
+
+
+def maybe_register_zero3(model: nn.Module, layer_units: bool = True) -> int:
+    """When ZeRO-3 is in use (`zero3_enabled`): `register_zero3_fused_weights`, and `mark_zero3_layer_units` if
+    ``layer_units``; else nothing. Returns the count of registered weights."""
+    if not zero3_enabled(model):
+        return 0
+    n = register_zero3_fused_weights(model)
+    if layer_units:
+        mark_zero3_layer_units(model)
+    else:  # applied again with the option off
+        unmark_zero3_layer_units(model)
+    return n

@@ -101,20 +101,27 @@ def _worker(out_dir: Path) -> None:
             out.append(loss.item())
         return out
 
-    def zero3_losses(litespark: bool, budget: int | None = None) -> dict:
-        """``budget``: transformers' checkpointing on and the planner's device faked with that many usable bytes."""
+    def zero3_losses(litespark: bool, budget: int | None = None, units: bool = True) -> dict:
+        """``budget``: transformers' checkpointing on and the planner's device faked with that many usable bytes;
+        ``units``: LitesparkConfig.zero3_layer_units."""
         model = copy.deepcopy(base)
         keep = HfDeepSpeedConfig(ds_config)  # what the Trainer holds: transformers now knows ZeRO-3 is on
         res = {}
         if litespark:
-            litespark_hf.apply(model)
+            litespark_hf.apply(model, {"zero3_layer_units": units})
             res["registered"] = sum(len(m.__dict__.get("_litespark_zero3_external", ())) for m in model.modules())
+            res["reported_units"] = litespark_hf.patching.swapped_counts(model).get("zero3_layer_units", 0)
         if budget is not None:
             total = int((budget + 1) / C.BUDGET_FRACTION) + 1
             C.PLANNED_DEVICE_TYPES, C.device_memory = ("cuda", "cpu"), lambda device: (total, 0, 0)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=LR),
                                           config=ds_config)
+        # the modules DeepSpeed hooked (it numbers each one it registers hooks on) and the leaf layers
+        res["hooked_modules"] = sum(hasattr(m, "ds_id") for m in model.modules())
+        res["leaf_layers"] = sum(bool(getattr(m, "_z3_leaf", False)) for m in model.model.layers)
+        res["hooked_in_layers"] = sum(hasattr(m, "ds_id") for layer in model.model.layers for m in layer.modules())
+        res["modules_in_layers"] = sum(1 for layer in model.model.layers for _ in layer.modules())
         for k in seen:
             seen[k] = set() if isinstance(seen[k], set) else 0
         losses, between = [], set()
@@ -156,7 +163,8 @@ def _worker(out_dir: Path) -> None:
 
     results = {"world_size": world}
     for name, fn in (("reference", reference_losses), ("stock", lambda: zero3_losses(False)),
-                     ("litespark", lambda: zero3_losses(True)), ("plan", plan_checks)):
+                     ("litespark", lambda: zero3_losses(True)),
+                     ("litespark_fine", lambda: zero3_losses(True, units=False)), ("plan", plan_checks)):
         t0 = time.perf_counter()
         try:
             results[name] = fn()
@@ -235,9 +243,24 @@ def test_zero3_losses_equal_stock_and_the_unsharded_reference(zero3):
 
 
 @pytest.mark.slow
+def test_zero3_layer_units_hook_each_layer_once_with_equal_losses(zero3):
+    # zero3_layer_units (default): each Litespark layer is a DeepSpeed leaf module, hooked itself, its children not
+    stock, ours, fine = _ok(zero3, "stock"), _ok(zero3, "litespark"), _ok(zero3, "litespark_fine")
+    n = ours["n_layers"]
+    assert (ours["leaf_layers"], ours["hooked_in_layers"], ours["reported_units"]) == (n, n, n), ours
+    assert fine["reported_units"] == 0
+    assert fine["leaf_layers"] == stock["leaf_layers"] == 0
+    # per-module hooks otherwise: a Llama layer, its attention, MLP, q/k/v/o, gate/up/down, activation, two norms
+    assert fine["hooked_in_layers"] == stock["hooked_in_layers"] == stock["modules_in_layers"] == 13 * n
+    assert ours["hooked_modules"] == stock["hooked_modules"] - 12 * n
+    assert _rel(fine["losses"], stock["losses"]) <= TOL and _rel(ours["losses"], fine["losses"]) <= TOL
+    assert fine["seen"]["fused_status"] == ["AVAILABLE"] and fine["seen"]["reference"] == 0
+
+
+@pytest.mark.slow
 def test_zero3_parameters_are_partitioned_between_steps(zero3):
     # world size 2: each rank keeps half; the module's own view is released (numel 0) outside its forward
-    for name in ("stock", "litespark"):
+    for name in ("stock", "litespark", "litespark_fine"):
         assert _ok(zero3, name)["q_proj_between_steps"] == ["NOT_AVAILABLE:0"]
 
 

@@ -99,6 +99,8 @@ VARIANTS = {
                                 None),
     "litespark_torch_adamw": ("sdpa", {"use_litespark": True, "litespark_config": '{"fused_optimizer": false}'},
                               None),
+    "litespark_zero3_fine": ("sdpa", {"use_litespark": True, "litespark_config": '{"zero3_layer_units": false}'},
+                             None),  # --engine zero3: DeepSpeed's hooks per sub-module, as before the layer units
     # configs with gradient checkpointing (llama-3b, starcoder2-3b): every layer recomputed, as transformers does
     # (and the sharding engines with several processes; checkpoint_layers="auto" plans in one process only)
     "litespark_checkpoint_all": ("sdpa", {"use_litespark": True,
