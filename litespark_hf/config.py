@@ -135,6 +135,17 @@ class LitesparkConfig:
             "compile_layers (compiled layers keep their own path). See litespark_hf.graphs."
         },
     )
+    fsdp2_forward_prefetch: bool = field(
+        default=True,
+        metadata={
+            "help": "Trainers under FSDP2 (fully_shard, accelerate's per-decoder-layer units): each Litespark decoder "
+            "layer's unit issues the next layer's all-gather right after its own (FSDPModule."
+            "set_modules_to_forward_prefetch), instead of when the host reaches the next layer. The gathers then "
+            "overlap the layer's compute even where the host runs only just ahead of the GPU. One more unit's "
+            "gathered weights live at a time. Same values either way. Layers with a prefetch list of their own are "
+            "left as they are. No effect without FSDP2."
+        },
+    )
     zero3_layer_units: bool = field(
         default=True,
         metadata={

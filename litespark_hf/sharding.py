@@ -143,3 +143,30 @@ def maybe_register_zero3(model: nn.Module, layer_units: bool = True) -> int:
     else:  # applied again with the option off
         unmark_zero3_layer_units(model)
     return n
+
+
+def set_fsdp2_forward_prefetch(model: nn.Module) -> int:
+    """``LitesparkConfig.fsdp2_forward_prefetch``: in every stack of Litespark decoder layers that are each an FSDP2
+    unit (``fully_shard``; accelerate's TRANSFORMER_BASED_WRAP), let each layer prefetch the next one's all-gather
+    (``FSDPModule.set_modules_to_forward_prefetch([next])``, issued after the layer's own all-gather copy-out).
+    FSDP2's default issues a unit's all-gather in that unit's pre-forward hook, so the gather overlaps the previous
+    layer's compute only as far as the host is ahead of the GPU. A layer with a prefetch list already is left as it
+    is. Returns how many layers were given one."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return 0
+    from .modules.decoder import LitesparkDecoderLayer
+
+    n = 0
+    for owner in model.modules():
+        layers = getattr(owner, "layers", None)
+        if not isinstance(layers, nn.ModuleList) or len(layers) < 2 \
+                or not all(isinstance(m, FSDPModule) and isinstance(m, LitesparkDecoderLayer) for m in layers):
+            continue
+        for layer, nxt in zip(layers, list(layers)[1:]):
+            if getattr(layer._get_fsdp_state(), "_states_to_forward_prefetch", None):
+                continue
+            layer.set_modules_to_forward_prefetch([nxt])
+            n += 1
+    return n

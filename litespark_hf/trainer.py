@@ -447,6 +447,13 @@ class LitesparkTrainerMixin:
 
     def training_step(self, model, inputs, *args, **kwargs):
         unpadding.pop_token_count(inputs)  # from TokenCountingCollator: noted for this batch's attention mask
+        if self.__dict__.get("_litespark_prefetch_model") is not model:  # once per prepared model
+            self.__dict__["_litespark_prefetch_model"] = model
+            if getattr(self.args, "use_litespark", False) and self._litespark_config().fsdp2_forward_prefetch \
+                    and self._litespark_fsdp2():
+                from .sharding import set_fsdp2_forward_prefetch
+
+                set_fsdp2_forward_prefetch(model)
         loss = super().training_step(model, inputs, *args, **kwargs)
         if not self.__dict__.get("_litespark_nan_filter"):
             return loss

@@ -536,6 +536,9 @@ def trainer_check(out_dir: Path, trainer_kind: str, old_hooks: bool, cpu_adamw: 
             res["eval_loss"] = trainer.evaluate()["eval_loss"]
             res["embed_weight_after"] = type(trainer.model.model.embed_tokens.weight).__name__
             res["wrapped"] = type(trainer.model).__name__
+            # fsdp2_forward_prefetch: how many units each decoder layer's unit prefetches in forward
+            res["forward_prefetch"] = [len(getattr(layer._get_fsdp_state(), "_states_to_forward_prefetch", None) or ())
+                                       for layer in trainer.model.model.layers]
             opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
             res["optimizer"] = type(opt).__name__
             res["optimizer_params"] = sorted({type(p).__name__ for g in opt.param_groups for p in g["params"]})

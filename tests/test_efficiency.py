@@ -275,7 +275,8 @@ def test_every_bench_variant_config_parses_and_the_diagnostics_switch_one_part_o
     default = LitesparkConfig()
     off = {"litespark_clip_unfolded": ("fused_grad_clip", False), "litespark_torch_adamw": ("fused_optimizer", False),
            "litespark_checkpoint_all": ("checkpoint_layers", "all"),
-           "litespark_zero3_fine": ("zero3_layer_units", False)}
+           "litespark_zero3_fine": ("zero3_layer_units", False),
+           "litespark_no_prefetch": ("fsdp2_forward_prefetch", False)}
     for name, (attn, overrides, _) in bench.VARIANTS.items():
         raw = overrides.get("litespark_config")
         if raw is None:

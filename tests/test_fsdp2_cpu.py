@@ -129,6 +129,10 @@ def test_trainer_losses_stock_vs_litespark_under_fsdp2(two):
         assert res["eval_loss"] == pytest.approx(first["eval_loss"], rel=TOL)
     stock_failed = two["trainer_stock_old_hooks"]  # trained fine before failing in evaluate()
     assert _rel(stock_failed["train_losses"], first["train_losses"]) <= TOL
+    # fsdp2_forward_prefetch with use_litespark only: litespark_hf.SFTTrainer without it keeps FSDP2's default
+    n = len(first["forward_prefetch"])
+    assert first["forward_prefetch"] == [0] * n, first
+    assert _ok(two, "trainer_litespark")["forward_prefetch"] == [1] * (n - 1) + [0]
 
 
 # -------------------------------------------------------------------------------------- fused paths under FSDP2
@@ -218,6 +222,9 @@ def test_trainer_swaps_in_litespark_adamw_under_accelerate_fsdp2(world):
     assert ".metadata" in ours["checkpoint_optimizer"]
     assert _rel(ours["train_losses"], stock_opt["train_losses"]) <= TOL
     assert ours["eval_loss"] == pytest.approx(stock_opt["eval_loss"], rel=TOL)
+    # fsdp2_forward_prefetch: every Litespark layer's unit but the last prefetches the next one
+    n = len(ours["forward_prefetch"])
+    assert n > 1 and ours["forward_prefetch"] == stock_opt["forward_prefetch"] == [1] * (n - 1) + [0], ours
     # the clip folded into LitesparkAdamW's step: its norm (local shards + one all-reduce) is the one the stock clip
     # (torch.optim.AdamW, accelerate's DTensor clip_grad_norm_) logs, at every step; and it clips (norm > max 1.0)
     assert len(ours["folded_clip_norms"]) == 2 and None not in ours["folded_clip_norms"], ours

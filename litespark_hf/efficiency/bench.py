@@ -99,6 +99,9 @@ VARIANTS = {
                                 None),
     "litespark_torch_adamw": ("sdpa", {"use_litespark": True, "litespark_config": '{"fused_optimizer": false}'},
                               None),
+    "litespark_no_prefetch": ("sdpa", {"use_litespark": True,
+                                       "litespark_config": '{"fsdp2_forward_prefetch": false}'},
+                              None),  # --engine fsdp2: FSDP2's default (host-issued) all-gathers
     "litespark_zero3_fine": ("sdpa", {"use_litespark": True, "litespark_config": '{"zero3_layer_units": false}'},
                              None),  # --engine zero3: DeepSpeed's hooks per sub-module, as before the layer units
     # configs with gradient checkpointing (llama-3b, starcoder2-3b): every layer recomputed, as transformers does
