@@ -155,7 +155,9 @@ class LitesparkConfig:
             "do the same). Cuts DeepSpeed's per-module hook work, which bounds ZeRO-3 steps at small world sizes; "
             "a layer's whole weights are then live at once (~60M parameters for Llama-3.2-1B). Must be set before "
             "deepspeed.initialize (the trainers and recipes apply Litespark before it); layers already hooked by "
-            "DeepSpeed are left as they are. Same values either way. No effect without ZeRO-3."
+            "DeepSpeed are left as they are, and so is a layer whose input needs no gradient (the first one when the "
+            "embedding is frozen, as under LoRA: DeepSpeed's leaf hook would fire before its weight gradients). Same "
+            "values either way. No effect without ZeRO-3."
         },
     )
     checkpoint_layers: str = field(

@@ -116,12 +116,25 @@ def mark_zero3_layer_units(model: nn.Module) -> int:
     from .modules.decoder import LitesparkDecoderLayer
 
     n = 0
-    for module in model.modules():
-        if not isinstance(module, LitesparkDecoderLayer) or hasattr(module, "ds_id") or "_z3_leaf" in vars(module):
+    for owner in model.modules():
+        layers = getattr(owner, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
             continue
-        set_z3_leaf_module(module, True)
-        module.__dict__[_LEAF] = True
-        n += 1
+        # DeepSpeed reduces a leaf's gradients from a full backward hook on it, which fires once the gradient of the
+        # layer's input is computed - or, when that input needs no gradient, as soon as the output's gradient
+        # arrives, before the layer's own weight gradients exist (DeepSpeed then reduces zeros and re-partitions
+        # the weights the backward still accumulates into). So a layer is a leaf only where a trainable weight
+        # upstream (the input embedding, an earlier layer) makes its input need a gradient; with a frozen embedding
+        # (LoRA) the first layer keeps DeepSpeed's per-module hooks.
+        embed = getattr(owner, "embed_tokens", None)
+        upstream = isinstance(embed, nn.Module) and any(p.requires_grad for p in embed.parameters())
+        for layer in layers:
+            if upstream and isinstance(layer, LitesparkDecoderLayer) and not hasattr(layer, "ds_id") \
+                    and "_z3_leaf" not in vars(layer):
+                set_z3_leaf_module(layer, True)
+                layer.__dict__[_LEAF] = True
+                n += 1
+            upstream = upstream or any(p.requires_grad for p in layer.parameters())
     return n
 
 
