@@ -51,6 +51,7 @@ at the selected channels, CUDA only) and .png to ``--out``, the JSON after every
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -473,11 +474,14 @@ def sft_rows(a, peak, emit, rows: list[dict]) -> list[dict]:
         sat_cfg["sat_exempt_layers"] = a.sft_exempt_layers
     sat_cfg.update(json.loads(a.sft_sat_config) if a.sft_sat_config else {})
     specs = [("litespark", None), ("litespark+sat", sat_cfg)]
+    if a.sft_sat_graphs:  # the same SAT run with its sparse layers in the CUDA graphs (LITESPARK_SAT_GRAPHS=1)
+        specs.append(("litespark+sat_graphs", sat_cfg))
     prime = {}
     if a.sft_passes > 1:  # priming pass: every batch shape and every rung once, not reported as the result
         for name, cfg in specs:
             try:
-                p = _sft_once(a, pcfg, cfg, pool_batches, pool_batches, eval_ds, peak)
+                with _sat_graphs_env(name):
+                    p = _sft_once(a, pcfg, cfg, pool_batches, pool_batches, eval_ds, peak)
                 prime[name] = {k: p[k] for k in ("total_train_s", "step_time_sum_s", "train_wall_s", "steps")}
             except BaseException as exc:  # noqa: BLE001
                 if isinstance(exc, KeyboardInterrupt):
@@ -492,7 +496,8 @@ def sft_rows(a, peak, emit, rows: list[dict]) -> list[dict]:
                 "schedule": cfg["sat_schedule"] if cfg else None, "sat_config": cfg, "prime": prime.get(name)}
         t0 = time.perf_counter()
         try:
-            res = _sft_once(a, pcfg, cfg, a.sft_steps, pool_batches, eval_ds, peak)
+            with _sat_graphs_env(name):
+                res = _sft_once(a, pcfg, cfg, a.sft_steps, pool_batches, eval_ds, peak)
         except BaseException as exc:  # noqa: BLE001
             if isinstance(exc, KeyboardInterrupt):
                 raise
@@ -503,6 +508,20 @@ def sft_rows(a, peak, emit, rows: list[dict]) -> list[dict]:
         _sft_ratios(rows)
         emit(rows)
     return rows
+
+
+@contextlib.contextmanager
+def _sat_graphs_env(name: str):
+    """``LITESPARK_SAT_GRAPHS=1`` for the ``*_graphs`` SFT runs, its previous value back afterwards."""
+    old = os.environ.get("LITESPARK_SAT_GRAPHS")
+    os.environ["LITESPARK_SAT_GRAPHS"] = "1" if name.endswith("_graphs") else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LITESPARK_SAT_GRAPHS", None)
+        else:
+            os.environ["LITESPARK_SAT_GRAPHS"] = old
 
 
 def _sft_ratios(rows: list[dict]) -> None:
@@ -625,6 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "model has 2 layers)")
     p.add_argument("--sft-sat-config", default=None,
                    help='more SAT settings of the SFT SAT run, JSON (e.g. \'{"sat_dense_fraction": 0.1}\')')
+    p.add_argument("--sft-sat-graphs", action="store_true",
+                   help="also an SFT run of SAT inside the CUDA graphs (LITESPARK_SAT_GRAPHS=1; experimental)")
     p.add_argument("--sft-eval-rows", type=int, default=None, help="held-out rows (default 64; smoke 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-tflops", type=float, default=None,

@@ -21,10 +21,12 @@ What the graphs stand for, checked at every call (else the layers run eagerly, a
 training mode, gradients on, CUDA, not under torch.compile; one packed row (what `LitesparkConfig.unpad` makes of a
 padded batch, and what padding-free / packed batches are) without attention mask or KV cache; the decoder layers
 all Litespark's, with no hooks, no gradient checkpointing (`checkpoint_layers` keeps every layer on a large GPU),
-no active dropout, no SAT, no float8, weights whole on one device (no FSDP / ZeRO-3 shards). The graphs are keyed by
+no active dropout, no SAT (unless ``LITESPARK_SAT_GRAPHS=1``: `sat_graphs_enabled`), no float8, weights whole on
+one device (no FSDP / ZeRO-3 shards). The graphs are keyed by
 everything the recorded kernels depend on: the bucket, dtypes, autocast, which weights train and where every weight
 and weight cast lives (`LitesparkAdamW`'s cast shadow is updated in place, so it stays one key), the adapters'
-state (PEFT: active, disabled, merged), the modules' training flags. A capture that fails (an operation that waits
+state (PEFT: active, disabled, merged), the modules' training flags, and under SAT what each sparse module computes
+(dense or sparse, measuring or not, kept units) and where its selection and accumulators live. A capture that fails (an operation that waits
 for the host, a kernel that cannot be captured) runs that step eagerly, with a one-time warning, and is tried again
 at a later step, up to `CAPTURE_TRIES` times per key.
 
@@ -93,7 +95,8 @@ class _Token:
 class _Entry:
     """One bucket's graphs and static tensors."""
 
-    __slots__ = ("tb", "x", "cos", "sin", "seg", "pos", "out", "gout", "gx", "fwd", "bwd", "params", "grads", "x_grad")
+    __slots__ = ("tb", "x", "cos", "sin", "seg", "pos", "out", "gout", "gx", "fwd", "bwd", "params", "grads", "x_grad",
+                 "row_w", "n_real")
 
 
 class _Step:
@@ -123,6 +126,24 @@ def _dropout_active(m: nn.Module) -> bool:
         return m.p > 0
     return any(isinstance(p, (int, float)) and p > 0
                for p in (m.__dict__.get("attention_dropout"), m.__dict__.get("residual_dropout")))
+
+
+def sat_graphs_enabled() -> bool:
+    """SAT's sparse layers in the graphs (``LITESPARK_SAT_GRAPHS=1``; experimental, off by default): the selection
+    and the importance accumulators then live at fixed addresses (`SATController._slot`) and are keyed by kept count,
+    so a graph is recorded per bucket and per kept count (each ladder rung, each dense-refresh step)."""
+    return os.environ.get("LITESPARK_SAT_GRAPHS", "0") == "1"
+
+
+def _sat_signature(st) -> tuple[tuple, tuple]:
+    """(what a SAT module computes: dense or sparse, collecting or not, kept units; where the tensors its recorded
+    kernels read and write live)."""
+    def where(t):
+        return None if t is None else (t.data_ptr(), tuple(t.shape))
+
+    rows = st.rows or (None, None)
+    return ((st.index is None, bool(st.collect), st.kept()),
+            tuple(where(t) for t in (st.index, st.index2, st.qkv_rows, rows[0], rows[1], st.acc, st.count)))
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -211,23 +232,26 @@ class StackGraphs:
             if not _hookless(layer):  # its own or global forward hooks (FSDP2 units, DeepSpeed): before the walk
                 return "module hooks"
         base = self._base()
-        if base is None or "_litespark_sat" in base.__dict__:
+        if base is None:
+            return "model gone"
+        if "_litespark_sat" in base.__dict__ and not sat_graphs_enabled():
             return "SAT"
         return None
 
     # -- keys ---------------------------------------------------------------------------------------------------------
 
     def _key(self, modules, x, cos, tb):
-        """(key, trainable params, casts to keep alive, reason or None)."""
-        params, casts, state, training = [], [], [], []
+        """(key, trainable params, casts to keep alive, reason or None, the key's group: bucket and what SAT
+        computes)."""
+        params, casts, state, training, sat = [], [], [], [], []
         for m in modules:
             if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-                return None, None, None, "module hooks"
+                return None, None, None, "module hooks", None
             if m.__dict__.get("_litespark_fp8"):
-                return None, None, None, "float8"
+                return None, None, None, "float8", None
             training.append(m.training)
             if m.training and _dropout_active(m):
-                return None, None, None, "dropout"
+                return None, None, None, "dropout", None
             for p in m._parameters.values():
                 if p is not None:
                     params.append(p)
@@ -236,14 +260,17 @@ class StackGraphs:
                 casts.extend(c.values())
             if hasattr(m, "active_adapters") and hasattr(m, "merged"):  # PEFT's tuner layers
                 state.append((tuple(m.active_adapters), bool(getattr(m, "disable_adapters", False)), m.merged))
+            st = m.__dict__.get("_sat_state")
+            if st is not None:
+                sat.append(_sat_signature(st))
         device = x.device
         for p in params:
             if p.device != device or not _plain_tensor(p) or p.is_meta:
-                return None, None, None, "weights not whole on this device"
+                return None, None, None, "weights not whole on this device", None
         key = (tb, x.dtype, x.requires_grad, cos.dtype, cos.shape[-1], torch.is_autocast_enabled("cuda"),
                torch.get_autocast_dtype("cuda"), tuple((p.data_ptr(), p.requires_grad) for p in params),
-               tuple(c.data_ptr() for c in casts), tuple(state), tuple(training))
-        return key, [p for p in params if p.requires_grad], casts, None
+               tuple(c.data_ptr() for c in casts), tuple(state), tuple(training), tuple(sat))
+        return key, [p for p in params if p.requires_grad], casts, None, (tb, tuple(shape for shape, _ in sat))
 
     # -- replay -------------------------------------------------------------------------------------------------------
 
@@ -254,7 +281,7 @@ class StackGraphs:
         tokens = x.shape[1]
         tb = bucket(tokens)
         modules = self._modules()
-        key, params, casts, why = self._key(modules, x, cos, tb)
+        key, params, casts, why, group = self._key(modules, x, cos, tb)
         if why is not None:
             self.stats["eager: " + why] += 1
             return None
@@ -264,18 +291,18 @@ class StackGraphs:
             return None
         segments = segment_memo.get(position_ids)  # the documents, as the attention backend would find them
         if entry is None:
-            if self.per_bucket[tb] >= KEYS_PER_BUCKET:
+            if self.per_bucket[group] >= KEYS_PER_BUCKET:
                 note_once("graphs", f"cuda_graphs: the {tb}-token bucket was captured {KEYS_PER_BUCKET} times "
                                     "(weights or their casts moved between steps); it runs eagerly from now on. "
                                     "LitesparkAdamW keeps the casts in place.")
                 self.stats["eager: bucket keys exhausted"] += 1
                 return None
-            entry = self._capture(tb, x, position_ids, cos, sin, segments, params, modules)
+            entry = self._capture(tb, x, position_ids, cos, sin, segments, params, modules, bool(group[1]))
             if entry is None:
                 self.failures[key] += 1
                 self.stats["eager: capture failed"] += 1
                 return None
-            self.per_bucket[tb] += 1
+            self.per_bucket[group] += 1
             self.entries[key] = entry
         step = _Step(self, entry, tokens, (casts, cos, sin, segments))
         self._pending = weakref.ref(step.token)
@@ -295,6 +322,10 @@ class StackGraphs:
                 entry.seg[:, :t].copy_(segments.reshape(1, t))
             if t < entry.tb:
                 entry.seg[:, t:].fill_(FILLER_SEGMENT)
+            if entry.row_w is not None:  # SAT's statistics: the real tokens only
+                entry.row_w[:t].fill_(1.0)
+                entry.row_w[t:].zero_()
+                entry.n_real.fill_(float(t))
 
     def _replay_forward(self, step: _Step, x):
         entry = step.entry
@@ -362,9 +393,10 @@ class StackGraphs:
                 dests[key] = have[0]
         return dests
 
-    def _capture(self, tb, x, position_ids, cos, sin, segments, params, modules) -> _Entry | None:
+    def _capture(self, tb, x, position_ids, cos, sin, segments, params, modules, sat: bool = False) -> _Entry | None:
         from litespark_kernels.ops import linear
 
+        from .sat import modules as sat_modules
         from .unpadding import mark_segments
 
         device = x.device
@@ -375,6 +407,8 @@ class StackGraphs:
         e.sin = torch.zeros_like(e.cos)
         e.seg = torch.full((1, tb), FILLER_SEGMENT, dtype=torch.int32, device=device)
         e.pos = mark_segments(torch.zeros((1, tb), dtype=position_ids.dtype, device=device), e.seg)
+        e.row_w = torch.zeros(tb, dtype=torch.float32, device=device) if sat else None
+        e.n_real = torch.zeros((), dtype=torch.float32, device=device) if sat else None
         self._fill_inputs(e, x, cos, sin, segments)
         e.x.requires_grad_(x.requires_grad)
         dests = self._group_buffers(modules, params)  # before the per-weight buffers: theirs are row blocks
@@ -395,7 +429,13 @@ class StackGraphs:
         cast = dict(device_type="cuda", dtype=torch.get_autocast_dtype("cuda"),
                     enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
         self._capturing = True
+        # SAT's importance accumulators: the warm-up pass must not add a measurement of its own to this step's
+        accumulated = [t for m in modules for st in [m.__dict__.get("_sat_state")] if st is not None
+                       for t in (st.acc, st.count) if t is not None]
         try:
+            saved = [t.clone() for t in accumulated]
+            if sat:
+                sat_modules.GRAPH_ROWS = (e.row_w, e.n_real)
             side = torch.cuda.Stream(device=device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side), torch.autocast(**cast):  # warm-up: lazy set-up, compilation
@@ -404,6 +444,10 @@ class StackGraphs:
                 e.gout = torch.zeros_like(out)
                 del out
             torch.cuda.current_stream(device).wait_stream(side)
+            with torch.no_grad():
+                for t, v in zip(accumulated, saved):
+                    t.copy_(v)
+            del saved
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             e.fwd, e.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
@@ -432,6 +476,7 @@ class StackGraphs:
             return None
         finally:
             self._capturing = False
+            sat_modules.GRAPH_ROWS = None
             if link is not None:
                 last.__dict__["_litespark_next"] = link
         e.x.requires_grad_(False)

@@ -55,6 +55,8 @@ class SATController:
         self.last_refresh: int | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
         self.seq_len: int | None = None
+        # persistent selection and accumulator tensors, one set per group of modules and kept count (`_slot`)
+        self._slots: dict[tuple, dict[str, torch.Tensor]] = {}
 
     @property
     def modules(self) -> list[nn.Module]:
@@ -126,8 +128,19 @@ class SATController:
                 q_om, kv_om = head_rows(omitted, n_rep, head_dim)
                 n_q, n_kv = units * n_rep * head_dim, units * head_dim  # rows of q_proj, of k_proj (= v_proj)
                 qkv_rows = torch.cat([q_rows, kv_rows + n_q, kv_rows + n_q + n_kv], dim=1)
+                made = dict(kept=kept, omitted=omitted, q_rows=q_rows, kv_rows=kv_rows, q_om=q_om, kv_om=kv_om,
+                            qkv_rows=qkv_rows)
             else:  # rows of the packed [gate; up] weight (`sparse_gated_mlp_fused`)
                 kept2 = torch.cat([kept, kept + units], dim=1)
+                made = dict(kept=kept, omitted=omitted, kept2=kept2)
+            slot = self._slot(("select", kind, units, keep, n_rep, head_dim, device,
+                               tuple(id(st) for st, _ in members)), made)
+            kept, omitted = slot["kept"], slot["omitted"]
+            if kind == "attention":
+                q_rows, kv_rows, q_om, kv_om = slot["q_rows"], slot["kv_rows"], slot["q_om"], slot["kv_om"]
+                qkv_rows = slot["qkv_rows"]
+            else:
+                kept2 = slot["kept2"]
             for i, (st, _) in enumerate(members):
                 st.index, st.omitted = kept[i], omitted[i]
                 if kind != "attention":
@@ -142,9 +155,30 @@ class SATController:
             if st.collect:
                 acc_groups.setdefault((st.units, next(module.parameters()).device), []).append(st)
         for (units, device), sts in acc_groups.items():
-            buf = torch.zeros(2, len(sts), units, dtype=torch.float32, device=device)
+            key = ("acc", units, device, tuple(id(st) for st in sts))
+            buf = self._slots.get(key, {}).get("acc")
+            if buf is None:
+                buf = self._slots.setdefault(key, {})["acc"] = torch.zeros(2, len(sts), units, dtype=torch.float32,
+                                                                           device=device)
+            else:
+                buf.zero_()
             for i, st in enumerate(sts):
                 st.acc, st.count = buf[0, i], buf[1, i]
+
+    def _slot(self, key: tuple, made: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The persistent tensors of one selection group (``key``: kind, sizes, kept count, device, members), holding
+        this step's values ``made``: the first time ``made`` itself, later copied into the same memory. So each
+        module's selection (``index``, ``rows``, ...) and accumulators sit at the same addresses from step to step
+        while the kept count stays the same, which is what a replayed CUDA graph reads (`litespark_hf.graphs`); the
+        eager path reads the same values either way."""
+        slot = self._slots.get(key)
+        if slot is None or any(slot[k].shape != v.shape for k, v in made.items()):
+            self._slots[key] = made
+            return made
+        with torch.no_grad():
+            for k, v in made.items():
+                slot[k].copy_(v)
+        return slot
 
     # ------------------------------------------------------------------ FLOPs
     def flops_per_token(self, model: nn.Module, seq_len: int | None = None) -> tuple[float, float]:

@@ -28,6 +28,32 @@ from ..modules import GELUTanh, SiLUActivation, original_class
 
 _SAT_CLASSES: dict[tuple[type, type], type] = {}
 
+# Set by `litespark_hf.graphs` while it records a decoder stack: (row weights [tokens] float32, 1 for the real tokens
+# and 0 for the bucket's filler; the real-token count, a float32 scalar). The importance statistics then average over
+# the real tokens only, with both tensors refilled before every replay; None (eager): over every row.
+GRAPH_ROWS: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def _channel_stats(h: torch.Tensor) -> torch.Tensor:
+    """An MLP's importance measurement: ``mean(|h|)`` per channel over the (real) tokens."""
+    rows = GRAPH_ROWS
+    if rows is None:
+        return mean_abs_per_channel(h)
+    weights, count = rows
+    flat = h.detach().reshape(-1, h.shape[-1])
+    weighted = flat * weights[:flat.shape[0], None].to(flat.dtype)  # the weights are 0 or 1: exact in any dtype
+    return torch.linalg.vector_norm(weighted, ord=1, dim=0, dtype=torch.float32) / count
+
+
+def _head_stats(attn: torch.Tensor) -> torch.Tensor:
+    """An attention's importance measurement: each head's mean output L2 norm over the (real) tokens."""
+    rows = GRAPH_ROWS
+    if rows is None:
+        return head_output_norms(attn)
+    weights, count = rows
+    norms = torch.linalg.vector_norm(attn.detach(), dim=-1, dtype=torch.float32).reshape(-1, attn.shape[-2])
+    return (norms * weights[:norms.shape[0], None]).sum(0) / count
+
 
 def sat_class(mixin: type, current: type) -> type:
     """``SAT<current>`` = mixin + current class; ``__litespark_original__`` is the stock class."""
@@ -157,7 +183,7 @@ class SATGatedMLP:
                                             st.index, act, index2=st.index2, cast_gate_up=_cast_of(self, "gate_up"),
                                             cast_down=_cast_of(self, "down"))
         if st.collect:
-            st.add(mean_abs_per_channel(h), st.index)
+            st.add(_channel_stats(h), st.index)
         return out
 
 
@@ -174,7 +200,7 @@ class SATGeluMLP:
         out, h = sparse_mlp(hidden_states, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias,
                             st.index, return_hidden=True)
         if st.collect:
-            st.add(mean_abs_per_channel(h), st.index)
+            st.add(_channel_stats(h), st.index)
         return F.dropout(out, p=self.residual_dropout, training=self.training)
 
 
@@ -236,7 +262,7 @@ class SATAttention:
             scaling=self.scaling, **extra, **kwargs,
         )  # [batch, seq, kept heads, head_dim]
         if st.collect:
-            per_head = head_output_norms(attn)
+            per_head = _head_stats(attn)
             st.add(per_head.view(-1, st.n_rep).mean(1), st.index)
         attn = attn.reshape(*input_shape, -1).contiguous()
         if q_rows is None:
