@@ -66,7 +66,8 @@
 #                replaced) then --engine fsdp2, 12 steps with 6-12 timed (FSDP2_REPEATS, default 1, runs the pair
 #                again; each repeat's tables stay in bench_fsdp2_pair.log); ~2 min per repeat. FSDP2_VARIANTS
 #                (default sdpa,litespark) for the FSDP2 rows, e.g. with the litespark_clip_unfolded /
-#                litespark_torch_adamw diagnostics; FSDP2_NONE_VARIANTS (default sdpa,litespark; for llama-3b,
+#                litespark_torch_adamw diagnostics (FSDP2_VARIANTS_FSDP2 / FSDP2_VARIANTS_ZERO3 for one engine's rows:
+#                litespark_no_prefetch, litespark_zero3_fine); FSDP2_NONE_VARIANTS (default sdpa,litespark; for llama-3b,
 #                which checkpoints, also litespark_checkpoint_all) for the one-device rows; FSDP2_ENGINES (default "none fsdp2"); FSDP2_CONFIG (default llama-1b; a
 #                space-separated list runs each; llama-3b runs 10 steps with 5-10 timed); FSDP2_PROFILE=1 adds a torch.profiler window of the FSDP2
 #                litespark step (profile_<config>_fsdp2_<device>.json)
@@ -302,6 +303,9 @@ fsdp2_pair() {  # the one-device and FSDP2 rows of each config in one call (#20'
       for engine in ${FSDP2_ENGINES:-none fsdp2}; do
         dir=$OUT_DIR
         variants=${FSDP2_VARIANTS:-sdpa,litespark}
+        # per engine: FSDP2_VARIANTS_FSDP2 / FSDP2_VARIANTS_ZERO3 (e.g. with litespark_no_prefetch, litespark_zero3_fine)
+        [ "$engine" = fsdp2 ] && variants=${FSDP2_VARIANTS_FSDP2:-$variants}
+        [ "$engine" = zero3 ] && variants=${FSDP2_VARIANTS_ZERO3:-$variants}
         if [ "$engine" = none ]; then  # llama-3b checkpoints: also every layer recomputed, as under FSDP2
           dir=$OUT_DIR/none variants=sdpa,litespark
           [ "$config" = llama-3b ] && variants=sdpa,litespark,litespark_checkpoint_all
