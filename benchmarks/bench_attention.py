@@ -9,6 +9,9 @@ kernel: the [S, S] scores materialised). TFLOP/s by the FlashAttention conventio
 causality, times 3.5 for forward+backward (backward = 2.5 forwards); the packed and window shapes count only the
 visible (query, key) pairs. Median times from ``triton.testing.do_bench``.
 
+On the six causal shapes ``litespark_choice`` is the op's per-call choice under ``attention_cudnn`` (cuDNN SDPA for
+a plain causal call, on the model's layout); packed, windowed and soft-capped calls always take the kernel.
+
 litespark gets q/k/v as transformers hands them ([B, H, S, D] transposes of [B, S, H, D] tensors) and writes its
 output as [B, S, H, D]; SDPA gets contiguous [B, H, S, D] tensors (its natural layout, as in baselines.md).
 
@@ -82,6 +85,14 @@ def _litespark(**kw):
     return lambda q, k, v: attention_triton(q, k, v, **kw)
 
 
+def _choice():
+    """What `LitesparkConfig.attention_cudnn` runs: the op's per-call choice (cuDNN SDPA for a plain causal call, the
+    Triton kernel for the others), on the model's layout."""
+    from litespark_kernels.ops.attention import attention
+
+    return lambda q, k, v: attention(q, k, v, causal=True, cudnn=True)
+
+
 def _sdpa_backend(backend):
     from torch.nn.attention import sdpa_kernel
 
@@ -134,6 +145,7 @@ def run() -> list[dict]:
         base = dict(S=S, B=B, D=D, Hq=Hq, Hkv=Hkv, causal=True)
         hf = _inputs(B, S, Hq, Hkv, D, True)
         _try(rows, name, "litespark_triton", _litespark(causal=True), hf, fwd_flops, **base)
+        _try(rows, name, "litespark_choice", _choice(), hf, fwd_flops, **base)
         del hf
         plain = _inputs(B, S, Hq, Hkv, D, False)
         _try(rows, name, "sdpa_flash", _sdpa_backend(SDPBackend.FLASH_ATTENTION), plain, fwd_flops, **base)
