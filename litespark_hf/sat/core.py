@@ -350,22 +350,42 @@ def executed_flops_fraction(model: nn.Module, seq_len: int | None = None) -> flo
 
 
 # ---------------------------------------------------------------------- optimizer
+def _adapter_slices(cuts) -> list:
+    """(param, dim, what) of the PEFT LoRA adapters a selection cuts: ``cuts`` is (projection, dim, what) for each
+    projection (dim 0: output rows cut -> its lora_B's rows; dim 1: input columns cut -> its lora_A's columns).
+    Only projections SAT's LoRA path computes (`litespark_hf.sat.modules._lora_groups`) have them."""
+    from ..modules.lora import lora_group
+
+    out = []
+    for proj, dim, what in cuts:
+        if type(proj) is nn.Linear:
+            continue
+        group = lora_group([proj])
+        term = None if group is None else group.terms[0]
+        if term is not None:
+            out.append((term.lora_B.weight, 0, what) if dim == 0 else (term.lora_A.weight, 1, what))
+    return out
+
+
 def _module_slices(m: nn.Module, kind: str, units, q_rows=None, kv_rows=None) -> list:
     """(param, dim, what) for the weights of one SAT module that a selection cuts: ``what`` is the omitted indices
-    or the keep mask, over the MLP's channels (``units``) or the attention's query / KV rows."""
+    or the keep mask, over the MLP's channels (``units``) or the attention's query / KV rows. PEFT LoRA projections
+    add their adapters' cut rows (lora_B) and columns (lora_A); their frozen base weights are listed too (an
+    optimizer skips weights without gradients)."""
     if kind == "mlp":
         if hasattr(m, "gate_proj"):
-            return [(m.gate_proj.weight, 0, units), (m.up_proj.weight, 0, units), (m.down_proj.weight, 1, units)]
+            cuts = [(m.gate_proj, 0, units), (m.up_proj, 0, units), (m.down_proj, 1, units)]
+            return [(p.weight, d, w) for p, d, w in cuts] + _adapter_slices(cuts)
         out = [(m.c_fc.weight, 0, units), (m.c_proj.weight, 1, units)]
         if m.c_fc.bias is not None:
             out.append((m.c_fc.bias, 0, units))
         return out
-    out = [(m.q_proj.weight, 0, q_rows), (m.k_proj.weight, 0, kv_rows), (m.v_proj.weight, 0, kv_rows),
-           (m.o_proj.weight, 1, q_rows)]
+    cuts = [(m.q_proj, 0, q_rows), (m.k_proj, 0, kv_rows), (m.v_proj, 0, kv_rows), (m.o_proj, 1, q_rows)]
+    out = [(p.weight, d, w) for p, d, w in cuts]
     for proj, rows in ((m.q_proj, q_rows), (m.k_proj, kv_rows), (m.v_proj, kv_rows)):
         if proj.bias is not None:
             out.append((proj.bias, 0, rows))
-    return out
+    return out + _adapter_slices(cuts)
 
 
 def _cut_modules(ctrl: SATController) -> list[nn.Module]:

@@ -5,8 +5,9 @@ The mixin is put in front of the module's *current* class (stock or already Lite
 `litespark_hf.restore` undoes both swaps at once. Weights are shared, nothing is copied, state-dict keys are unchanged.
 
 A module runs its SAT path only in training mode and only when the controller gave it a selection (or asked for
-importance statistics); evaluation, generation (KV cache) and LoRA/DeepSpeed-wrapped projections run the dense
-forward.
+importance statistics); evaluation, generation (KV cache), DeepSpeed-partitioned projections and LoRA states
+other than one vanilla adapter (`_lora_groups`) run the dense forward. PEFT LoRA projections run sparse: the frozen
+base gathered as a plain projection, each adapter on the kept channels only (`_lora_rows`, `_lora_cols`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import litespark_kernels as lk
 from litespark_kernels._dispatch import warn_once
+from litespark_kernels.ops.activations import geglu, swiglu
 from litespark_kernels.ops.sparse_attention_heads import head_output_norms, sparse_o, sparse_qkv
-from litespark_kernels.ops.sparse_mlp import (gathered_linear, mean_abs_per_channel, sparse_gated_mlp,
-                                              sparse_gated_mlp_fused, sparse_mlp)
+from litespark_kernels.ops.sparse_mlp import (gathered_linear, mean_abs_per_channel, packed_activation,
+                                              sparse_gated_mlp, sparse_gated_mlp_fused, sparse_mlp)
 
 from ..casting import _cast_of
 
@@ -73,6 +75,55 @@ def is_sat_module(module: nn.Module) -> bool:
 
 def _plain(*linears) -> bool:
     return all(type(m) is nn.Linear and not hasattr(m.weight, "ds_id") for m in linears)
+
+
+def _lora_groups(*groups):
+    """The `LoraGroup` (litespark_hf.modules.lora) of each tuple of projections when every projection is a plain
+    ``nn.Linear`` without bias or a PEFT LoRA ``Linear`` in a state reproduced exactly (one active vanilla adapter,
+    or its adapters disabled) on such a base, at least one adapter adding something; else None (SAT then runs the
+    module dense)."""
+    from ..modules.lora import lora_group
+
+    out = []
+    for linears in groups:
+        g = lora_group(linears)
+        if g is None or any(lin.bias is not None for lin in g.base):
+            return None
+        out.append(g)
+    if all(t is None for g in out for t in g.terms):
+        return None  # no adapter adds anything: the plain path (the caller checked it is not plain)
+    return out
+
+
+def _lora_in(x: torch.Tensor, term) -> torch.Tensor:
+    """PEFT's adapter input: ``dropout(x.to(lora_A.weight.dtype))`` (the cast skipped where autocast gives the same)."""
+    from ..modules.lora import _lora_input
+
+    return term.dropout(_lora_input(x, term.lora_A.weight.dtype))
+
+
+def _lora_rows(x: torch.Tensor, term, rows: torch.Tensor) -> torch.Tensor:
+    """The adapter's output on the kept output rows: ``lora_B[rows](lora_A(dropout(x))) * scaling``; lora_B's
+    omitted rows get exactly zero gradient."""
+    a = F.linear(_lora_in(x, term), term.lora_A.weight)
+    return gathered_linear(a, [term.lora_B.weight], [None], [rows]) * term.scaling
+
+
+def _lora_cols(h: torch.Tensor, term, cols: torch.Tensor) -> torch.Tensor:
+    """The adapter's output from the kept input columns: ``lora_B(lora_A[:, cols](dropout(h))) * scaling``; lora_A's
+    omitted columns get exactly zero gradient."""
+    a = gathered_linear(_lora_in(h, term), [term.lora_A.weight], [None], [cols], dim=1)
+    return F.linear(a, term.lora_B.weight) * term.scaling
+
+
+def _plus(base: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    """PEFT's ``(base_layer(x) + lora).to(base_layer(x).dtype)``."""
+    return base if extra is None else (base + extra).to(base.dtype)
+
+
+def fused_gated_activation_by_name(name: str):
+    """``act(gate) * up`` for SAT's activation names."""
+    return swiglu if name == "silu" else geglu
 
 
 def _gated_activation_name(act: nn.Module) -> str | None:
@@ -171,11 +222,16 @@ class SATGatedMLP:
         act = _gated_activation_name(self.act_fn)
         biased = any(m.bias is not None for m in (self.gate_proj, self.up_proj, self.down_proj)
                      if isinstance(m, nn.Linear))
-        if act is None or biased or not _plain(self.gate_proj, self.up_proj, self.down_proj):
-            warn_once("sat_mlp", "SAT needs plain nn.Linear gate/up/down without bias and a SiLU or GELU-tanh "
-                      "activation; this MLP runs dense")
+        plain = _plain(self.gate_proj, self.up_proj, self.down_proj)
+        lora = None if plain or act is None or biased else _lora_groups((self.gate_proj, self.up_proj),
+                                                                         (self.down_proj,))
+        if act is None or biased or (not plain and lora is None):
+            warn_once("sat_mlp", "SAT needs gate/up/down that are plain nn.Linear without bias (or PEFT LoRA Linear "
+                      "on such, one vanilla adapter) and a SiLU or GELU-tanh activation; this MLP runs dense")
             return super().forward(x)
-        if st.index is None:  # a dense step that measures every channel
+        if lora is not None:
+            out, h = self._sat_lora(x, st, act, *lora)
+        elif st.index is None:  # a dense step that measures every channel
             out, h = sparse_gated_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, None,
                                       act, return_hidden=True)
         else:  # gathered GEMMs (3 autograd nodes), from this forward's bf16 weight copies when Litespark made them
@@ -185,6 +241,27 @@ class SATGatedMLP:
         if st.collect:
             st.add(_channel_stats(h), st.index)
         return out
+
+    def _sat_lora(self, x, st, act, gate_up, down):
+        """PEFT LoRA projections over the kept channels: the frozen base rows of ``[gate; up]`` (and columns of
+        down) gathered as in the plain path, plus each adapter on the kept channels only (lora_B rows of gate/up,
+        lora_A columns of down). A dense refresh step calls the modules (PEFT's own forward)."""
+        if st.index is None:
+            h = fused_gated_activation_by_name(act)(self.gate_proj(x), self.up_proj(x))
+            return self.down_proj(h), h.detach()
+        (base_g, base_u), (term_g, term_u) = gate_up.base, gate_up.terms
+        (base_d,), (term_d,) = down.base, down.terms
+        k = st.index.numel()
+        gu = gathered_linear(x, [base_g.weight, base_u.weight], [None, None], [st.index, st.index],
+                             cast=_cast_of(self, "gate_up"), rows_cat=st.index2)
+        if term_g is not None or term_u is not None:
+            g, u = gu.split([k, k], dim=-1)
+            g = _plus(g, None if term_g is None else _lora_rows(x, term_g, st.index))
+            u = _plus(u, None if term_u is None else _lora_rows(x, term_u, st.index))
+            gu = torch.cat([g, u], dim=-1)
+        h = packed_activation(act)(gu)
+        out = gathered_linear(h, [base_d.weight], [None], [st.index], dim=1, cast=_cast_of(self, "down"))
+        return _plus(out, None if term_d is None else _lora_cols(h, term_d, st.index)), h.detach()
 
 
 class SATGeluMLP:
@@ -231,14 +308,27 @@ class SATAttention:
                 or _has_past(past_key_values, self.layer_idx)):
             return super().forward(hidden_states, position_embeddings=position_embeddings,
                                    attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
-        if not _plain(self.q_proj, self.k_proj, self.v_proj, self.o_proj):
-            warn_once("sat_attention", "SAT needs plain nn.Linear q/k/v/o projections; this attention runs dense")
+        plain = _plain(self.q_proj, self.k_proj, self.v_proj, self.o_proj)
+        lora = None if plain else _lora_groups((self.q_proj, self.k_proj, self.v_proj), (self.o_proj,))
+        if not plain and lora is None:
+            warn_once("sat_attention", "SAT needs q/k/v/o projections that are plain nn.Linear (or PEFT LoRA Linear "
+                      "without bias on such, one vanilla adapter); this attention runs dense")
             return super().forward(hidden_states, position_embeddings=position_embeddings,
                                    attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
         q_rows, kv_rows = st.rows if st.rows is not None else (None, None)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        if q_rows is None:  # a dense step that measures every head
+        if lora is not None and q_rows is None:  # a dense measuring step: PEFT's own forwards
+            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        elif lora is not None:  # the kept heads: the frozen base rows in one GEMM, each adapter on its kept rows
+            bases, terms = lora[0].base, lora[0].terms
+            rows = [q_rows, kv_rows, kv_rows]
+            qkv = gathered_linear(hidden_states, [m.weight for m in bases], [None] * 3, rows,
+                                  cast=_cast_of(self, "qkv"), rows_cat=st.qkv_rows)
+            parts = qkv.split([r.numel() for r in rows], dim=-1)
+            q, k, v = (_plus(p, None if t is None else _lora_rows(hidden_states, t, r))
+                       for p, t, r in zip(parts, terms, rows))
+        elif q_rows is None:  # a dense step that measures every head
             q, k, v = sparse_qkv(hidden_states, self.q_proj, self.k_proj, self.v_proj, None, None)
         else:  # the kept heads' q/k/v as one GEMM (one autograd node), gathered from the bf16 copy when there is one
             projs = (self.q_proj, self.k_proj, self.v_proj)
@@ -265,7 +355,13 @@ class SATAttention:
             per_head = _head_stats(attn)
             st.add(per_head.view(-1, st.n_rep).mean(1), st.index)
         attn = attn.reshape(*input_shape, -1).contiguous()
-        if q_rows is None:
+        if lora is not None and q_rows is None:
+            out = self.o_proj(attn)
+        elif lora is not None:
+            (base_o,), (term_o,) = lora[1].base, lora[1].terms
+            out = gathered_linear(attn, [base_o.weight], [None], [q_rows], dim=1, cast=_cast_of(self, "o"))
+            out = _plus(out, None if term_o is None else _lora_cols(attn, term_o, q_rows))
+        elif q_rows is None:
             out = sparse_o(attn, self.o_proj, None)
         else:
             out = gathered_linear(attn, [self.o_proj.weight], [self.o_proj.bias], [q_rows], dim=1,

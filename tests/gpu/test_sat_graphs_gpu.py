@@ -83,3 +83,22 @@ def test_sat_importance_statistics_match_eager(monkeypatch):
 
     stats = _train(eager, graphed, 9, same_statistics)
     assert stats["graphed"] >= 7 and stats["captures"] >= 2, dict(stats)
+
+
+def test_sat_on_lora_graphed_equals_eager(monkeypatch):
+    """PEFT LoRA on every projection (SAT's LoRA path: the frozen base gathered, each adapter on the kept channels),
+    fp32, random selection, graphed vs eager."""
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("LITESPARK_SAT_GRAPHS", "1")
+    torch.manual_seed(0)
+    lora_cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
+                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"])
+    eager = peft.get_peft_model(_llama(), lora_cfg)
+    graphed = copy.deepcopy(eager)
+    cfg = dict(sat_omission_rate_mlp=0.5, sat_omission_rate_heads=0.5, sat_exempt_layers="", sat_metric="random",
+               sat_schedule="constant")
+    litespark_hf.apply(eager, cuda_graphs=False, **cfg)
+    litespark_hf.apply(graphed, cuda_graphs=True, **cfg)
+    stats = _train(eager, graphed, 6, lambda i: None)
+    assert stats["graphed"] >= 5, dict(stats)

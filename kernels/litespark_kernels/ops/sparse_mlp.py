@@ -224,6 +224,14 @@ def sparse_gated_mlp_fused(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Te
     return gathered_linear(h, [w_down], [None], [index], dim=1, cast=cast_down), h.detach()
 
 
+def packed_activation(activation: str):
+    """The packed gated activation (``[..., 2k]`` = ``[gate | up]`` -> ``[..., k]``) of ``activation``."""
+    packed = _PACKED.get(activation)
+    if packed is None:
+        _gated_act(activation)  # the error naming the known activations
+    return packed
+
+
 def sparse_gated_mlp_reference(x, w_gate, w_up, w_down, index, activation: str = "silu") -> torch.Tensor:
     """Dense gated MLP with the omitted channels zeroed (the oracle of `sparse_gated_mlp`)."""
     h = _act_reference(activation, F.linear(x, w_gate)) * F.linear(x, w_up)
