@@ -26,9 +26,9 @@ one device (no FSDP / ZeRO-3 shards). The graphs are keyed by
 everything the recorded kernels depend on: the bucket, dtypes, autocast, which weights train and where every weight
 and weight cast lives (`LitesparkAdamW`'s cast shadow is updated in place, so it stays one key), the adapters'
 state (PEFT: active, disabled, merged), the modules' training flags, and under SAT what each sparse module computes
-(dense or sparse, measuring or not, kept units) and where its selection and accumulators live. A capture that fails (an operation that waits
-for the host, a kernel that cannot be captured) runs that step eagerly, with a one-time warning, and is tried again
-at a later step, up to `CAPTURE_TRIES` times per key.
+(dense or sparse, measuring or not, kept units) and where its selection and accumulators live. A capture that fails
+(an operation that waits for the host, a kernel that cannot be captured) runs that step eagerly, with a one-time
+warning, and is tried again at a later step, up to `CAPTURE_TRIES` times per key.
 
 Memory: one private pool for all buckets (the activations of one step at a time: a bucket's forward and backward
 are never interleaved with another graph's, `StackGraphs` refuses a second graphed forward while one waits for
@@ -432,6 +432,7 @@ class StackGraphs:
         # SAT's importance accumulators: the warm-up pass must not add a measurement of its own to this step's
         accumulated = [t for m in modules for st in [m.__dict__.get("_sat_state")] if st is not None
                        for t in (st.acc, st.count) if t is not None]
+        saved = side = None
         try:
             saved = [t.clone() for t in accumulated]
             if sat:
@@ -444,10 +445,8 @@ class StackGraphs:
                 e.gout = torch.zeros_like(out)
                 del out
             torch.cuda.current_stream(device).wait_stream(side)
-            with torch.no_grad():
-                for t, v in zip(accumulated, saved):
-                    t.copy_(v)
-            del saved
+            self._restore(accumulated, saved)
+            saved = None
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             e.fwd, e.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
@@ -469,6 +468,10 @@ class StackGraphs:
             e.out = out.detach()
             del out, got, pg, pairs
         except Exception as err:  # noqa: BLE001 - any failure leaves this key eager
+            if saved is not None:  # the warm-up failed part way: its measurements are not this step's
+                if side is not None:
+                    torch.cuda.current_stream(device).wait_stream(side)
+                self._restore(accumulated, saved)
             note_once("graphs", f"cuda_graphs: capturing the decoder stack for {tb} tokens failed "
                                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); that step "
                                 f"runs eagerly (a key is tried {CAPTURE_TRIES} times)")
@@ -482,6 +485,13 @@ class StackGraphs:
         e.x.requires_grad_(False)
         self.stats["captures"] += 1
         return e
+
+    @staticmethod
+    def _restore(accumulated: list, saved: list) -> None:
+        """SAT's accumulators back to their values before the capture's warm-up pass."""
+        with torch.no_grad():
+            for t, v in zip(accumulated, saved):
+                t.copy_(v)
 
     def summary(self) -> dict:
         """Counts of graphed forwards, captures and eager forwards by reason, and the buckets captured."""

@@ -100,8 +100,8 @@ def unregister_zero3_fused_weights(model: nn.Module) -> None:
 
 
 def mark_zero3_layer_units(model: nn.Module) -> int:
-    """Make every Litespark decoder layer of ``model`` a DeepSpeed ZeRO-3 leaf module (``LitesparkConfig.
-    zero3_layer_units``); returns how many were marked.
+    """Make the Litespark decoder layers of ``model`` DeepSpeed ZeRO-3 leaf modules (``LitesparkConfig.
+    zero3_layer_units``), each one whose input needs a gradient (see below); returns how many were marked.
 
     DeepSpeed registers its fetch / release hooks on every module of the model, recursively, when the engine is built;
     a leaf module gets them and its children do not: its pre-forward (pre-backward) hook gathers the parameters of its
