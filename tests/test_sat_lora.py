@@ -118,3 +118,27 @@ def test_cut_adapter_rows_and_columns_get_zero_gradients_and_stay_frozen():
         for p, dim, om, frozen, whole in before:
             assert torch.equal(p.detach().index_select(dim, om), frozen)  # the cut slices: untouched
             assert not torch.equal(p.detach(), whole)  # the kept ones trained
+
+
+def test_disabled_adapters_run_dense_without_a_warning():
+    """DPO's reference pass of a LoRA model (adapters disabled, training mode): the base model, dense, as the
+    reference model of a full DPO run; no 'SAT needs' warning."""
+    lora, _ = _pair()
+    ids = torch.randint(0, lora.config.vocab_size, (2, 21), generator=torch.Generator().manual_seed(3))
+    core.sat_step(lora, 0, 4)
+    assert any(m._sat_state.index is not None for m in core.controller(lora).modules)
+    lora.train()
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad(), lora.disable_adapter():
+        warnings.simplefilter("always")
+        ref = lora(input_ids=ids).logits
+    assert not [w for w in caught if "SAT needs" in str(w.message)]
+    plain = copy.deepcopy(lora.base_model.model)  # the same weights without SAT and without adapters
+    litespark_hf.restore(plain)
+    with torch.no_grad():
+        for layer in plain.model.layers:
+            for owner in (layer.self_attn, layer.mlp):
+                for name in PROJ:
+                    if hasattr(owner, name):
+                        setattr(owner, name, getattr(owner, name).base_layer)
+        want = plain(input_ids=ids).logits
+    torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-5)

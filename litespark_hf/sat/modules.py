@@ -77,11 +77,15 @@ def _plain(*linears) -> bool:
     return all(type(m) is nn.Linear and not hasattr(m.weight, "ds_id") for m in linears)
 
 
+_NO_ADAPTER = "no adapter"
+
+
 def _lora_groups(*groups):
     """The `LoraGroup` (litespark_hf.modules.lora) of each tuple of projections when every projection is a plain
     ``nn.Linear`` without bias or a PEFT LoRA ``Linear`` in a state reproduced exactly (one active vanilla adapter,
-    or its adapters disabled) on such a base, at least one adapter adding something; else None (SAT then runs the
-    module dense)."""
+    or its adapters disabled) on such a base, at least one adapter adding something; `_NO_ADAPTER` when no adapter
+    adds anything (adapters disabled: DPO's reference pass of a LoRA model, which runs dense, as the reference model
+    of a full DPO run does); else None (SAT then runs the module dense, with a warning)."""
     from ..modules.lora import lora_group
 
     out = []
@@ -91,7 +95,7 @@ def _lora_groups(*groups):
             return None
         out.append(g)
     if all(t is None for g in out for t in g.terms):
-        return None  # no adapter adds anything: the plain path (the caller checked it is not plain)
+        return _NO_ADAPTER
     return out
 
 
@@ -225,6 +229,8 @@ class SATGatedMLP:
         plain = _plain(self.gate_proj, self.up_proj, self.down_proj)
         lora = None if plain or act is None or biased else _lora_groups((self.gate_proj, self.up_proj),
                                                                          (self.down_proj,))
+        if lora is _NO_ADAPTER:
+            return super().forward(x)
         if act is None or biased or (not plain and lora is None):
             warn_once("sat_mlp", "SAT needs gate/up/down that are plain nn.Linear without bias (or PEFT LoRA Linear "
                       "on such, one vanilla adapter) and a SiLU or GELU-tanh activation; this MLP runs dense")
@@ -310,6 +316,9 @@ class SATAttention:
                                    attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
         plain = _plain(self.q_proj, self.k_proj, self.v_proj, self.o_proj)
         lora = None if plain else _lora_groups((self.q_proj, self.k_proj, self.v_proj), (self.o_proj,))
+        if lora is _NO_ADAPTER:
+            return super().forward(hidden_states, position_embeddings=position_embeddings,
+                                   attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
         if not plain and lora is None:
             warn_once("sat_attention", "SAT needs q/k/v/o projections that are plain nn.Linear (or PEFT LoRA Linear "
                       "without bias on such, one vanilla adapter); this attention runs dense")
