@@ -409,8 +409,13 @@ def _sft_once(a, pcfg: dict, sat_cfg: dict | None, steps: int, pool_batches: int
                      use_litespark=True, **extra)
     timer = B._timer_callback(1, steps, cuda, False, None)  # window = every step: the total training time
     probe = _step_probe(lambda step: mean_len, cuda, phases=False)
+    peft_config = None
+    if getattr(a, "sft_lora", False):  # the post bench's adapters (rank 16 on every projection), base frozen
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(**PB.LORA)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_ds,
-                         processing_class=tokenizer, callbacks=[timer, probe])
+                         processing_class=tokenizer, callbacks=[timer, probe], peft_config=peft_config)
     trainer.remove_callback(PrinterCallback)
     trainer._get_train_sampler = lambda train_dataset=None: torch.utils.data.SequentialSampler(
         trainer.train_dataset if train_dataset is None else train_dataset)
@@ -490,6 +495,7 @@ def sft_rows(a, peak, emit, rows: list[dict]) -> list[dict]:
             print(f"[bench_sat] sft prime {name}: {prime[name]}", flush=True)
     for name, cfg in specs:
         base = {"mode": "sft", "variant": name, "name": name + (f" ladder {a.sft_rate:g}" if cfg else ""),
+                "lora": bool(a.sft_lora),
                 "reference": cfg is None, "rate_mlp": cfg["sat_omission_rate_mlp"] if cfg else 0.0,
                 "rate_heads": cfg["sat_omission_rate_heads"] if cfg else 0.0,
                 "freeze": cfg.get("sat_freeze_omitted", True) if cfg else None,
@@ -644,6 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "model has 2 layers)")
     p.add_argument("--sft-sat-config", default=None,
                    help='more SAT settings of the SFT SAT run, JSON (e.g. \'{"sat_dense_fraction": 0.1}\')')
+    p.add_argument("--sft-lora", action="store_true",
+                   help="the SFT runs with LoRA adapters (the post bench's: rank 16 on every projection), dense and SAT")
     p.add_argument("--sft-sat-graphs", action="store_true",
                    help="also an SFT run of SAT inside the CUDA graphs (LITESPARK_SAT_GRAPHS=1; experimental)")
     p.add_argument("--sft-eval-rows", type=int, default=None, help="held-out rows (default 64; smoke 8)")
