@@ -2,7 +2,8 @@
 
 Six causal shapes of benchmarks/baselines.md (fwd+bwd and forward only), one packed-documents shape and one
 sliding-window shape (against SDPA with the equivalent explicit boolean mask, k/v repeated as transformers does
-when it passes a mask), and Gemma-2's attention logit soft-cap (50) on the gemma2-1b bench shape (seq 2048, batch 4,
+when it passes a mask, and against torch's compiled flex attention with the block mask: transformers'
+``flex_attention``), and Gemma-2's attention logit soft-cap (50) on the gemma2-1b bench shape (seq 2048, batch 4,
 8 query / 4 key-value heads): the kernel with the cap at head dims 128 and 256 (Gemma-2's own), against the kernel
 without it, SDPA flash without it (no soft-cap there) and the explicit-math reference with it (what runs without the
 kernel: the [S, S] scores materialised). TFLOP/s by the FlashAttention convention: forward 4 * B * S^2 * Hq * D, halved under
@@ -103,6 +104,30 @@ def _sdpa_backend(backend):
     return fn
 
 
+def flex_mask_mod(seg: torch.Tensor | None = None, window: int | None = None):
+    """The flex-attention ``mask_mod`` of a causal call: within a document (``seg`` [B, S] segment ids) or within a
+    sliding ``window`` of keys (the key at distance ``window - 1`` still seen, as the kernel's ``sliding_window``)."""
+    def mask_mod(b, h, q, kv):
+        keep = q >= kv
+        if seg is not None:
+            keep = keep & (seg[b, q] == seg[b, kv])
+        if window is not None:
+            keep = keep & (q - kv < window)
+        return keep
+
+    return mask_mod
+
+
+def _flex(B, S, seg=None, window=None):
+    """torch's flex attention (what transformers runs with ``attn_implementation="flex_attention"``), compiled, with
+    the block mask of the documents or the window: the block-sparse alternative to the kernel on these shapes."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    block_mask = create_block_mask(flex_mask_mod(seg, window), B, None, S, S, device="cuda")
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
 def _sdpa_masked(mask, groups):
     def fn(q, k, v):
         kk, vv = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
@@ -170,6 +195,7 @@ def run() -> list[dict]:
     mask = visibility_mask(S, S, causal=True, q_segment_ids=seg, kv_segment_ids=seg, device="cuda")
     _try(rows, name, "sdpa_masked", _sdpa_masked(mask, Hq // Hkv), _inputs(B, S, Hq, Hkv, D, False), fwd_flops, **base)
     del mask
+    _try(rows, name, "flex_attention", _flex(B, S, seg=seg), _inputs(B, S, Hq, Hkv, D, False), fwd_flops, **base)
 
     # Sliding window.
     w = WINDOW
@@ -183,6 +209,7 @@ def run() -> list[dict]:
     mask = visibility_mask(S, S, causal=True, sliding_window=W, device="cuda")
     _try(rows, name, "sdpa_masked", _sdpa_masked(mask, Hq // Hkv), _inputs(B, S, Hq, Hkv, D, False), fwd_flops, **base)
     del mask
+    _try(rows, name, "flex_attention", _flex(B, S, window=W), _inputs(B, S, Hq, Hkv, D, False), fwd_flops, **base)
 
     # Attention logit soft-capping (Gemma-2), causal.
     from litespark_kernels.ops.attention import SUPPORTED_HEAD_DIMS, attention_reference
