@@ -22,8 +22,8 @@ from .modules import (
     LitesparkCausalLM, LitesparkEmbedding, LitesparkLMHead, link_decoder_layers, link_norm_consumers, original_class,
     swapped_class, unlink_decoder_layers, unlink_norm_consumers,
 )
-from .sharding import _LEAF as ZERO3_LEAF
-from .sharding import maybe_register_zero3, unmark_zero3_layer_units, unregister_zero3_fused_weights
+from .sharding import (maybe_register_zero3, unmark_zero3_layer_units, unregister_zero3_fused_weights,
+                       zero3_layer_unit_count)
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def apply(model: nn.Module, config: LitesparkConfig | dict | str | None = None, 
         link_decoder_layers(base)
         # DeepSpeed ZeRO-3: the fused modules gather their children's weights; each layer one leaf module
         maybe_register_zero3(base, layer_units=cfg.zero3_layer_units)
-        leaves = sum(1 for m in base.modules() if m.__dict__.get(ZERO3_LEAF))
+        leaves = zero3_layer_unit_count(base)
         if leaves:  # reported with the swaps (the bench rows' litespark_swapped)
             counts["zero3_layer_units"] = leaves
         if cfg.attention and _HOOK_ATTR not in base.__dict__:

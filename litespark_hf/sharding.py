@@ -138,6 +138,11 @@ def mark_zero3_layer_units(model: nn.Module) -> int:
     return n
 
 
+def zero3_layer_unit_count(model: nn.Module) -> int:
+    """How many layers `mark_zero3_layer_units` has made leaf modules in ``model``."""
+    return sum(1 for m in model.modules() if m.__dict__.get(_LEAF))
+
+
 def unmark_zero3_layer_units(model: nn.Module) -> None:
     """Undo `mark_zero3_layer_units` (`litespark_hf.restore`): the flags it set, and only those."""
     for module in model.modules():

@@ -19,14 +19,13 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import litespark_kernels as lk
 from litespark_kernels._dispatch import warn_once
-from litespark_kernels.ops.activations import geglu, swiglu
 from litespark_kernels.ops.sparse_attention_heads import head_output_norms, sparse_o, sparse_qkv
-from litespark_kernels.ops.sparse_mlp import (gathered_linear, mean_abs_per_channel, packed_activation,
-                                              sparse_gated_mlp, sparse_gated_mlp_fused, sparse_mlp)
+from litespark_kernels.ops.sparse_mlp import (gathered_linear, mean_abs_per_channel, sparse_gated_mlp,
+                                              sparse_gated_mlp_fused, sparse_mlp)
 
 from ..casting import _cast_of
 
-from ..modules import GELUTanh, SiLUActivation, original_class
+from ..modules import GELUTanh, SiLUActivation, fused_gated_activation, original_class
 
 _SAT_CLASSES: dict[tuple[type, type], type] = {}
 
@@ -38,23 +37,12 @@ GRAPH_ROWS: tuple[torch.Tensor, torch.Tensor] | None = None
 
 def _channel_stats(h: torch.Tensor) -> torch.Tensor:
     """An MLP's importance measurement: ``mean(|h|)`` per channel over the (real) tokens."""
-    rows = GRAPH_ROWS
-    if rows is None:
-        return mean_abs_per_channel(h)
-    weights, count = rows
-    flat = h.detach().reshape(-1, h.shape[-1])
-    weighted = flat * weights[:flat.shape[0], None].to(flat.dtype)  # the weights are 0 or 1: exact in any dtype
-    return torch.linalg.vector_norm(weighted, ord=1, dim=0, dtype=torch.float32) / count
+    return mean_abs_per_channel(h, *(GRAPH_ROWS or ()))
 
 
 def _head_stats(attn: torch.Tensor) -> torch.Tensor:
     """An attention's importance measurement: each head's mean output L2 norm over the (real) tokens."""
-    rows = GRAPH_ROWS
-    if rows is None:
-        return head_output_norms(attn)
-    weights, count = rows
-    norms = torch.linalg.vector_norm(attn.detach(), dim=-1, dtype=torch.float32).reshape(-1, attn.shape[-2])
-    return (norms * weights[:norms.shape[0], None]).sum(0) / count
+    return head_output_norms(attn, *(GRAPH_ROWS or ()))
 
 
 def sat_class(mixin: type, current: type) -> type:
@@ -123,11 +111,6 @@ def _lora_cols(h: torch.Tensor, term, cols: torch.Tensor) -> torch.Tensor:
 def _plus(base: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
     """PEFT's ``(base_layer(x) + lora).to(base_layer(x).dtype)``."""
     return base if extra is None else (base + extra).to(base.dtype)
-
-
-def fused_gated_activation_by_name(name: str):
-    """``act(gate) * up`` for SAT's activation names."""
-    return swiglu if name == "silu" else geglu
 
 
 def _gated_activation_name(act: nn.Module) -> str | None:
@@ -236,7 +219,7 @@ class SATGatedMLP:
                       "on such, one vanilla adapter) and a SiLU or GELU-tanh activation; this MLP runs dense")
             return super().forward(x)
         if lora is not None:
-            out, h = self._sat_lora(x, st, act, *lora)
+            out, h = self._sat_lora(x, st, *lora)
         elif st.index is None:  # a dense step that measures every channel
             out, h = sparse_gated_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, None,
                                       act, return_hidden=True)
@@ -248,12 +231,12 @@ class SATGatedMLP:
             st.add(_channel_stats(h), st.index)
         return out
 
-    def _sat_lora(self, x, st, act, gate_up, down):
+    def _sat_lora(self, x, st, gate_up, down):
         """PEFT LoRA projections over the kept channels: the frozen base rows of ``[gate; up]`` (and columns of
         down) gathered as in the plain path, plus each adapter on the kept channels only (lora_B rows of gate/up,
         lora_A columns of down). A dense refresh step calls the modules (PEFT's own forward)."""
         if st.index is None:
-            h = fused_gated_activation_by_name(act)(self.gate_proj(x), self.up_proj(x))
+            h = fused_gated_activation(self.act_fn)(self.gate_proj(x), self.up_proj(x))
             return self.down_proj(h), h.detach()
         (base_g, base_u), (term_g, term_u) = gate_up.base, gate_up.terms
         (base_d,), (term_d,) = down.base, down.terms
@@ -265,7 +248,7 @@ class SATGatedMLP:
             g = _plus(g, None if term_g is None else _lora_rows(x, term_g, st.index))
             u = _plus(u, None if term_u is None else _lora_rows(x, term_u, st.index))
             gu = torch.cat([g, u], dim=-1)
-        h = packed_activation(act)(gu)
+        h = fused_gated_activation(self.act_fn, packed=True)(gu)
         out = gathered_linear(h, [base_d.weight], [None], [st.index], dim=1, cast=_cast_of(self, "down"))
         return _plus(out, None if term_d is None else _lora_cols(h, term_d, st.index)), h.detach()
 

@@ -67,6 +67,17 @@ def _compare(eager, graphed, tol):
     assert worst < tol, worst
 
 
+def _optimizer_steps(opts):
+    for o in opts:
+        o.step()
+        o.zero_grad(set_to_none=True)
+
+
+def _bf16_losses_agree(eager, graphed, batch):
+    le, lg = _step(eager, batch, True), _step(graphed, batch, True)
+    assert abs(le.item() - lg.item()) <= 1e-2 * abs(le.item()), (le.item(), lg.item())
+
+
 def _step(model, batch, autocast):
     ids, mask, _, labels = batch
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
@@ -92,9 +103,7 @@ def test_graphed_training_equals_eager(autocast):
         attn = graphed.model.layers[1].self_attn
         flat = manager._flat[tuple(id(m.weight) for m in (attn.q_proj, attn.k_proj, attn.v_proj))][0]
         assert attn.k_proj.weight.grad.data_ptr() == flat[attn.q_proj.weight.shape[0]:].data_ptr()
-        for o in opts:
-            o.step()
-            o.zero_grad(set_to_none=True)
+        _optimizer_steps(opts)
     stats = G.manager_of(graphed).stats
     assert stats["graphed"] == 8 and 1 <= stats["captures"] < 8, dict(stats)
 
@@ -110,12 +119,9 @@ def test_litespark_adamw_shadow_and_gradient_accumulation():
     batches = _batches(12, seed=1)
     for k in range(0, 12, 2):
         for batch in batches[k:k + 2]:
-            le, lg = _step(eager, batch, True), _step(graphed, batch, True)
-            assert abs(le.item() - lg.item()) <= 1e-2 * abs(le.item())
+            _bf16_losses_agree(eager, graphed, batch)
         _compare(eager, graphed, BF16_TOL)
-        for o in opts:
-            o.step()
-            o.zero_grad(set_to_none=True)
+        _optimizer_steps(opts)
     stats = G.manager_of(graphed).stats
     assert stats["graphed"] == 12 and "eager: bucket keys exhausted" not in stats, dict(stats)
     # the weights after six optimizer steps
@@ -139,12 +145,9 @@ def test_lora_adapters_equal_eager():
     litespark_hf.apply(pg, cuda_graphs=True)
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for m in (pe, pg)]
     for batch in _batches(6, seed=2):
-        le, lg = _step(pe, batch, True), _step(pg, batch, True)
-        assert abs(le.item() - lg.item()) <= 1e-2 * abs(le.item())
+        _bf16_losses_agree(pe, pg, batch)
         _compare(pe, pg, BF16_TOL)
-        for o in opts:
-            o.step()
-            o.zero_grad(set_to_none=True)
+        _optimizer_steps(opts)
     assert G.manager_of(pg).stats["graphed"] == 6
     # the reference pass of DPO LoRA: adapters disabled, no grad -> eager, same as the eager model's
     batch = _batches(1, seed=5)[0]

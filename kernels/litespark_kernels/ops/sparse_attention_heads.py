@@ -54,7 +54,11 @@ def sparse_o(attn: torch.Tensor, o_proj, q_rows) -> torch.Tensor:
     return F.linear(attn, gather_weight(o_proj.weight, q_rows, 1), o_proj.bias)
 
 
-def head_output_norms(attn: torch.Tensor) -> torch.Tensor:
-    """Mean L2 norm of each head's output over all tokens: ``attn [batch, seq, heads, head_dim] -> [heads]`` fp32."""
-    norms = torch.linalg.vector_norm(attn.detach(), dim=-1, dtype=torch.float32)
-    return norms.reshape(-1, attn.shape[-2]).mean(0)
+def head_output_norms(attn: torch.Tensor, row_weights: torch.Tensor | None = None,
+                      count: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean L2 norm of each head's output over all tokens: ``attn [batch, seq, heads, head_dim] -> [heads]`` fp32.
+    ``row_weights`` / ``count``: over the tokens weighted 1 only (as `sparse_mlp.mean_abs_per_channel`)."""
+    norms = torch.linalg.vector_norm(attn.detach(), dim=-1, dtype=torch.float32).reshape(-1, attn.shape[-2])
+    if row_weights is None:
+        return norms.mean(0)
+    return (norms * row_weights[:norms.shape[0], None]).sum(0) / count

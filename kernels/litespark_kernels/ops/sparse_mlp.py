@@ -224,14 +224,6 @@ def sparse_gated_mlp_fused(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Te
     return gathered_linear(h, [w_down], [None], [index], dim=1, cast=cast_down), h.detach()
 
 
-def packed_activation(activation: str):
-    """The packed gated activation (``[..., 2k]`` = ``[gate | up]`` -> ``[..., k]``) of ``activation``."""
-    packed = _PACKED.get(activation)
-    if packed is None:
-        _gated_act(activation)  # the error naming the known activations
-    return packed
-
-
 def sparse_gated_mlp_reference(x, w_gate, w_up, w_down, index, activation: str = "silu") -> torch.Tensor:
     """Dense gated MLP with the omitted channels zeroed (the oracle of `sparse_gated_mlp`)."""
     h = _act_reference(activation, F.linear(x, w_gate)) * F.linear(x, w_up)
@@ -268,7 +260,14 @@ def sparse_mlp_reference(x, w_fc, b_fc, w_proj, b_proj, index) -> torch.Tensor:
     return F.linear(h, w_proj, b_proj)
 
 
-def mean_abs_per_channel(h: torch.Tensor) -> torch.Tensor:
-    """``mean(|h|)`` over all leading dims, in float32, without a float32 copy of ``h`` (importance metric)."""
+def mean_abs_per_channel(h: torch.Tensor, row_weights: torch.Tensor | None = None,
+                         count: torch.Tensor | None = None) -> torch.Tensor:
+    """``mean(|h|)`` over all leading dims, in float32, without a float32 copy of ``h`` (importance metric).
+
+    ``row_weights`` (0 or 1 per row of the flattened leading dims) and ``count`` (their sum, a tensor): the mean over
+    the rows weighted 1 only (a CUDA graph's bucket, whose filler rows hold anything)."""
     flat = h.detach().reshape(-1, h.shape[-1])
-    return torch.linalg.vector_norm(flat, ord=1, dim=0, dtype=torch.float32) / max(flat.shape[0], 1)
+    if row_weights is None:
+        return torch.linalg.vector_norm(flat, ord=1, dim=0, dtype=torch.float32) / max(flat.shape[0], 1)
+    flat = flat * row_weights[:flat.shape[0], None].to(flat.dtype)  # 0 or 1: exact in any dtype
+    return torch.linalg.vector_norm(flat, ord=1, dim=0, dtype=torch.float32) / count
