@@ -11,7 +11,9 @@ causality, times 3.5 for forward+backward (backward = 2.5 forwards); the packed 
 visible (query, key) pairs. Median times from ``triton.testing.do_bench``.
 
 On the six causal shapes ``litespark_choice`` is the op's per-call choice under ``attention_cudnn`` (cuDNN SDPA for
-a plain causal call, on the model's layout); packed, windowed and soft-capped calls always take the kernel.
+a plain causal call, on the model's layout); packed, windowed and soft-capped calls always take the kernel. On the
+packed shape ``litespark_segment_full`` is the kernel with the experimental ``LITESPARK_ATTN_SEGMENT_FULL`` option
+(blocks inside one document skip the segment mask).
 
 litespark gets q/k/v as transformers hands them ([B, H, S, D] transposes of [B, S, H, D] tensors) and writes its
 output as [B, S, H, D]; SDPA gets contiguous [B, H, S, D] tensors (its natural layout, as in baselines.md).
@@ -192,6 +194,16 @@ def run() -> list[dict]:
     base = dict(S=S, B=B, D=D, Hq=Hq, Hkv=Hkv, causal=True, docs=p["docs"])
     _try(rows, name, "litespark_triton", _litespark(causal=True, q_segment_ids=seg, kv_segment_ids=seg),
          _inputs(B, S, Hq, Hkv, D, True), fwd_flops, **base)
+    # The experimental segment-full blocks (LITESPARK_ATTN_SEGMENT_FULL): no segment mask inside a document.
+    from litespark_kernels.ops import _attention_triton as at
+
+    previous, at.SEGMENT_FULL_BLOCKS = at.SEGMENT_FULL_BLOCKS, True
+    try:
+        _try(rows, name, "litespark_segment_full",
+             _litespark(causal=True, q_segment_ids=seg, kv_segment_ids=seg),
+             _inputs(B, S, Hq, Hkv, D, True), fwd_flops, **base)
+    finally:
+        at.SEGMENT_FULL_BLOCKS = previous
     mask = visibility_mask(S, S, causal=True, q_segment_ids=seg, kv_segment_ids=seg, device="cuda")
     _try(rows, name, "sdpa_masked", _sdpa_masked(mask, Hq // Hkv), _inputs(B, S, Hq, Hkv, D, False), fwd_flops, **base)
     del mask

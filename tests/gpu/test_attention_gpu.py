@@ -113,6 +113,26 @@ def test_packed_padding_window(dtype, D):
     assert (out[seg < 0] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("window", [None, 512])
+def test_segment_full_blocks_packed(monkeypatch, dtype, D, window):
+    # The experimental LITESPARK_ATTN_SEGMENT_FULL path: documents long enough for interior blocks (no segment mask
+    # there), documents shorter than a block, padding; equal to the default path to the kernel's tolerance.
+    from litespark_kernels.ops import _attention_triton as at
+
+    S = 2048
+    docs = [[900, 37, 611, 500], [1200, 100, 3]]
+    rows = []
+    for lens in docs:
+        ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])
+        rows.append(torch.cat([ids, torch.full((S - ids.numel(),), -1)]))
+    seg = torch.stack(rows).to(torch.int32).cuda()
+    monkeypatch.setattr(at, "SEGMENT_FULL_BLOCKS", True)
+    out, *_ = _check(2, 16, 4, S, S, D, dtype, seg=(seg, seg), causal=True, sliding_window=window)
+    assert (out[seg < 0] == 0).all()
+
+
 def test_kv_longer_than_q_bf16():
     _check(2, 16, 4, 777, 2048, 128, torch.bfloat16, causal=True)
 

@@ -24,13 +24,16 @@ Work skipping: key blocks that no row of a query block may see are never visited
 the visited range directly; segment ids give a conservative one (``_segment_range_kernel``: the first and last
 key whose id lies within the query block's [min id, max id], which is exact for packed documents and still correct
 for any ids). Only blocks that straddle the causal diagonal, the window's edge or the sequence end apply the
-positional mask elementwise; the segment mask, when given, is applied to every visited block.
+positional mask elementwise; the segment mask, when given, is applied to every visited block, unless
+``SEGMENT_FULL_BLOCKS`` (experimental): then a block whose rows all belong to one document that covers the whole block
+of the other side (the range kernel's [flo, fhi), e.g. the interior of a packed document) is not masked either.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -100,11 +103,13 @@ def _config(kind: str, block_d: int, seqlen: int, device: torch.device | None = 
 @fast_launch
 @triton.jit
 def _segment_range_kernel(
-    row_seg, col_seg, lo_ptr, hi_ptr, n_rows, n_cols, stride_rb, stride_cb, n_blocks,
-    BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+    row_seg, col_seg, lo_ptr, hi_ptr, flo_ptr, fhi_ptr, n_rows, n_cols, stride_rb, stride_cb, n_blocks,
+    BLOCK: tl.constexpr, CHUNK: tl.constexpr, FULL: tl.constexpr,
 ):
     """For each block of BLOCK rows: [first, last + 1) over the columns whose segment id lies in the block's
-    [min, max] of non-negative row ids; (2**30, 0) when no column can match."""
+    [min, max] of non-negative row ids; (2**30, 0) when no column can match. With FULL, also [flo, fhi): columns
+    that every row of the block may see by segment, i.e. the block's rows all carry one id s >= 0 (rows past n_rows
+    count as padding) and every column in [first, last] carries s too (counted: a contiguous run); else (0, 0)."""
     blk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -113,38 +118,52 @@ def _segment_range_kernel(
     rmax = tl.max(r, axis=0)
     first = tl.zeros([], dtype=tl.int32) + (1 << 30)
     last = tl.zeros([], dtype=tl.int32) - 1
+    count = tl.zeros([], dtype=tl.int32)
     for c0 in range(0, n_cols, CHUNK):
         offs_c = c0 + tl.arange(0, CHUNK)
         c = tl.load(col_seg + b * stride_cb + offs_c, mask=offs_c < n_cols, other=-1)
         hit = (c >= rmin) & (c <= rmax)
         first = tl.minimum(first, tl.min(tl.where(hit, offs_c, 1 << 30), axis=0))
         last = tl.maximum(last, tl.max(tl.where(hit, offs_c, -1), axis=0))
+        if FULL:
+            count += tl.sum(hit.to(tl.int32), axis=0)
     tl.store(lo_ptr + b * n_blocks + blk, first)
     tl.store(hi_ptr + b * n_blocks + blk, last + 1)
+    if FULL:
+        uniform = (tl.min(r, axis=0) == rmax) & (rmax >= 0) & (count == last + 1 - first)
+        tl.store(flo_ptr + b * n_blocks + blk, tl.where(uniform, first, 0))
+        tl.store(fhi_ptr + b * n_blocks + blk, tl.where(uniform, last + 1, 0))
 
 
-def _segment_ranges(row_seg: torch.Tensor, col_seg: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """int32 [B, cdiv(rows, block)] lo and hi: columns outside [lo, hi) cannot match any row of the block."""
+def _segment_ranges(
+    row_seg: torch.Tensor, col_seg: torch.Tensor, block: int, full: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """int32 [B, cdiv(rows, block)] lo and hi: columns outside [lo, hi) cannot match any row of the block; with
+    ``full``, also flo and fhi: every row of the block matches every column in [flo, fhi) (else flo, fhi = lo, hi,
+    never read)."""
     B, n_rows = row_seg.shape
     n_cols = col_seg.shape[1]
     n_blocks = triton.cdiv(n_rows, block)
     lo = torch.empty(B, n_blocks, dtype=torch.int32, device=row_seg.device)
     hi = torch.empty_like(lo)
+    flo, fhi = (torch.empty_like(lo), torch.empty_like(lo)) if full else (lo, hi)
     chunk = 64 if interpreting() else 1024
     _segment_range_kernel[(n_blocks, B)](
-        row_seg, col_seg, lo, hi, n_rows, n_cols, row_seg.stride(0), col_seg.stride(0), n_blocks,
-        BLOCK=block, CHUNK=chunk, num_warps=4,
+        row_seg, col_seg, lo, hi, flo, fhi, n_rows, n_cols, row_seg.stride(0), col_seg.stride(0), n_blocks,
+        BLOCK=block, CHUNK=chunk, FULL=full, num_warps=4,
     )
-    return lo, hi
+    return lo, hi, flo, fhi
 
 
 @triton.jit
 def _kv_range_of_q_block(
-    m0, Sq, Skv, window, seg_lo_ptr, seg_hi_ptr,
+    m0, Sq, Skv, window, seg_lo_ptr, seg_hi_ptr, seg_flo_ptr, seg_fhi_ptr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr,
+    SEG_FULL: tl.constexpr,
 ):
     """Key range visited by query rows [m0, m0 + BLOCK_M): masked [lo, ulo), unmasked [ulo, uhi), masked [uhi, hi).
-    lo, ulo and uhi are multiples of BLOCK_N."""
+    lo, ulo and uhi are multiples of BLOCK_N. Unmasked means by position; with SEG_FULL also by segment ([ulo, uhi)
+    is cut to the keys every row's segment sees)."""
     offset = Skv - Sq  # query i sits at key position i + offset
     lo = tl.zeros([], dtype=tl.int32)
     hi = tl.zeros([], dtype=tl.int32) + Skv
@@ -166,6 +185,9 @@ def _kv_range_of_q_block(
     uhi = tl.minimum(hi, Skv)
     if CAUSAL:
         uhi = tl.minimum(uhi, m0 + offset + 1)
+    if SEG_FULL:
+        ulo = tl.maximum(ulo, ((tl.load(seg_flo_ptr) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
+        uhi = tl.minimum(uhi, tl.load(seg_fhi_ptr))
     uhi = tl.maximum(uhi, 0)
     uhi = (uhi // BLOCK_N) * BLOCK_N
     uhi = tl.maximum(uhi, ulo)
@@ -174,11 +196,12 @@ def _kv_range_of_q_block(
 
 @triton.jit
 def _q_range_of_kv_block(
-    n0, Sq, Skv, window, seg_lo_ptr, seg_hi_ptr,
+    n0, Sq, Skv, window, seg_lo_ptr, seg_hi_ptr, seg_flo_ptr, seg_fhi_ptr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr,
+    SEG_FULL: tl.constexpr,
 ):
     """Query range that sees keys [n0, n0 + BLOCK_N): masked [lo, ulo), unmasked [ulo, uhi), masked [uhi, hi).
-    lo, ulo and uhi are multiples of BLOCK_M."""
+    lo, ulo and uhi are multiples of BLOCK_M (unmasked: as in ``_kv_range_of_q_block``)."""
     offset = Skv - Sq
     lo = tl.zeros([], dtype=tl.int32)
     hi = tl.zeros([], dtype=tl.int32) + Sq
@@ -199,6 +222,9 @@ def _q_range_of_kv_block(
     uhi = tl.minimum(hi, Sq)
     if WINDOW:
         uhi = tl.minimum(uhi, n0 + window - offset)
+    if SEG_FULL:
+        ulo = tl.maximum(ulo, ((tl.load(seg_flo_ptr) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
+        uhi = tl.minimum(uhi, tl.load(seg_fhi_ptr))
     uhi = tl.maximum(uhi, 0)
     uhi = (uhi // BLOCK_M) * BLOCK_M
     uhi = tl.maximum(uhi, ulo)
@@ -267,7 +293,7 @@ def _fwd_inner(
     start, end, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, SEG_FULL: tl.constexpr,
 ):
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -276,7 +302,7 @@ def _fwd_inner(
         s = tl.dot(q, tl.trans(k))  # unscaled scores; the scale is folded into the exp2 argument below
         if SOFTCAP:
             s, _ = _tanh(s * tanh_scale)  # t = tanh(scale * s / cap); qk_scale is then cap * log2(e)
-        if HAS_SEG or MASK_MODE == 1:
+        if (HAS_SEG and not SEG_FULL) or MASK_MODE == 1:
             kv_seg = q_seg
             if HAS_SEG:
                 kv_seg = tl.load(kvseg_base + offs_n, mask=offs_n < Skv, other=-1)
@@ -285,8 +311,13 @@ def _fwd_inner(
             s = tl.where(vis, s, float("-inf"))
         elif MASK_MODE == 2:
             if (n0 < ulo) | (n0 >= uhi):
-                vis = _visible(offs_m[:, None], offs_n[None, :], q_seg, q_seg, Sq, Skv, window,
-                               True, CAUSAL, WINDOW, False)
+                if HAS_SEG:  # SEG_FULL: blocks in [ulo, uhi) are visible by segment too
+                    kv_seg = tl.load(kvseg_base + offs_n, mask=offs_n < Skv, other=-1)
+                    vis = _visible(offs_m[:, None], offs_n[None, :], q_seg[:, None], kv_seg[None, :], Sq, Skv,
+                                   window, True, CAUSAL, WINDOW, True)
+                else:
+                    vis = _visible(offs_m[:, None], offs_n[None, :], q_seg, q_seg, Sq, Skv, window,
+                                   True, CAUSAL, WINDOW, False)
                 s = tl.where(vis, s, float("-inf"))
         # Running max m_i in scaled (log2) units. alpha from an exact difference: with m_i = m_new it is exactly 1,
         # also for rows still at the -1e30 start value (a fused m_i * c - m_new * c would leave a rounding error of
@@ -306,7 +337,7 @@ def _fwd_inner(
 @fast_launch
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, QSEG, KVSEG, SEG_LO, SEG_HI,
+    Q, K, V, O, LSE, QSEG, KVSEG, SEG_LO, SEG_HI, SEG_FLO, SEG_FHI,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -315,7 +346,7 @@ def _attn_fwd_kernel(
     Hq, G, Sq, Skv, window, qk_scale, tanh_scale, n_m_blocks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, SPLIT: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, SEG_FULL: tl.constexpr,
 ):
     bh = tl.program_id(0)
     m_blk = n_m_blocks - 1 - tl.program_id(1)  # heaviest (last) query blocks first under causality
@@ -337,7 +368,8 @@ def _attn_fwd_kernel(
 
     lo, ulo, uhi, hi = _kv_range_of_q_block(
         m0, Sq, Skv, window, SEG_LO + b * n_m_blocks + m_blk, SEG_HI + b * n_m_blocks + m_blk,
-        BLOCK_M, BLOCK_N, CAUSAL, WINDOW, HAS_SEG,
+        SEG_FLO + b * n_m_blocks + m_blk, SEG_FHI + b * n_m_blocks + m_blk,
+        BLOCK_M, BLOCK_N, CAUSAL, WINDOW, HAS_SEG, SEG_FULL,
     )
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -346,23 +378,23 @@ def _attn_fwd_kernel(
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
             lo, tl.minimum(ulo, hi), ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
-            BLOCK_N, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG, SOFTCAP, SEG_FULL,
         )
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
             ulo, uhi, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
-            BLOCK_N, HEAD_DIM, BLOCK_D, 0, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 0, CAUSAL, WINDOW, HAS_SEG, SOFTCAP, SEG_FULL,
         )
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
             uhi, hi, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
-            BLOCK_N, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG, SOFTCAP, SEG_FULL,
         )
     else:
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
             lo, hi, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
-            BLOCK_N, HEAD_DIM, BLOCK_D, 2, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 2, CAUSAL, WINDOW, HAS_SEG, SOFTCAP, SEG_FULL,
         )
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -404,7 +436,7 @@ def _bwd_dkv_inner(
     stride_qm, stride_dom, start, end, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, SEG_FULL: tl.constexpr,
 ):
     for m0 in range(start, end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -419,7 +451,7 @@ def _bwd_dkv_inner(
         if SOFTCAP:
             s_t, r_t = _tanh(s_t * tanh_scale)
         p_t = tl.exp2(s_t * qk_scale - lse[None, :])
-        if HAS_SEG or MASK_MODE == 1:
+        if (HAS_SEG and not SEG_FULL) or MASK_MODE == 1:
             q_seg = offs_m
             if HAS_SEG:
                 q_seg = tl.load(qseg_base + offs_m, mask=offs_m < Sq, other=-1)
@@ -428,8 +460,13 @@ def _bwd_dkv_inner(
             p_t = tl.where(vis_t, p_t, 0.0)
         elif MASK_MODE == 2:
             if (m0 < ulo) | (m0 >= uhi):
-                vis_t = _visible(offs_m[None, :], offs_n[:, None], offs_m, offs_m, Sq, Skv, window,
-                                 True, CAUSAL, WINDOW, False)
+                if HAS_SEG:  # SEG_FULL, as in the forward
+                    q_seg = tl.load(qseg_base + offs_m, mask=offs_m < Sq, other=-1)
+                    vis_t = _visible(offs_m[None, :], offs_n[:, None], q_seg[None, :], kv_seg[:, None], Sq, Skv,
+                                     window, True, CAUSAL, WINDOW, True)
+                else:
+                    vis_t = _visible(offs_m[None, :], offs_n[:, None], offs_m, offs_m, Sq, Skv, window,
+                                     True, CAUSAL, WINDOW, False)
                 p_t = tl.where(vis_t, p_t, 0.0)
         pc_t = p_t
         if SOFTCAP:  # P * d(cap * t) / d(scale * s), with 1 - t^2 = r * (2 - r); r is dead from here on
@@ -450,7 +487,7 @@ def _bwd_dkv_inner(
 @fast_launch
 @triton.jit
 def _attn_bwd_dkv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, QSEG, KVSEG, SEG_LO, SEG_HI,
+    Q, K, V, DO, LSE, DELTA, DK, DV, QSEG, KVSEG, SEG_LO, SEG_HI, SEG_FLO, SEG_FHI,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -461,7 +498,7 @@ def _attn_bwd_dkv_kernel(
     Hq, Hkv, G, Sq, Skv, window, qk_scale, tanh_scale, sm_scale, n_n_blocks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, SPLIT: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, SEG_FULL: tl.constexpr,
 ):
     bhk = tl.program_id(0)
     n_blk = tl.program_id(1)  # under causality the first key blocks see the most queries: they start first
@@ -480,7 +517,8 @@ def _attn_bwd_dkv_kernel(
         kv_seg = tl.load(KVSEG + b64 * stride_ksb + offs_n, mask=offs_n < Skv, other=-1)
     lo, ulo, uhi, hi = _q_range_of_kv_block(
         n0, Sq, Skv, window, SEG_LO + b * n_n_blocks + n_blk, SEG_HI + b * n_n_blocks + n_blk,
-        BLOCK_M, BLOCK_N, CAUSAL, WINDOW, HAS_SEG,
+        SEG_FLO + b * n_n_blocks + n_blk, SEG_FHI + b * n_n_blocks + n_blk,
+        BLOCK_M, BLOCK_N, CAUSAL, WINDOW, HAS_SEG, SEG_FULL,
     )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -496,23 +534,23 @@ def _attn_bwd_dkv_kernel(
             dk, dv = _bwd_dkv_inner(
                 dk, dv, k, v, kv_seg, offs_n, offs_d, q_base, do_base, lse_base, delta_base, qseg_base,
                 stride_qm, stride_dom, lo, tl.minimum(ulo, hi), ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
-                BLOCK_M, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
+                BLOCK_M, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG, SOFTCAP, SEG_FULL,
             )
             dk, dv = _bwd_dkv_inner(
                 dk, dv, k, v, kv_seg, offs_n, offs_d, q_base, do_base, lse_base, delta_base, qseg_base,
                 stride_qm, stride_dom, ulo, uhi, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
-                BLOCK_M, HEAD_DIM, BLOCK_D, 0, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
+                BLOCK_M, HEAD_DIM, BLOCK_D, 0, CAUSAL, WINDOW, HAS_SEG, SOFTCAP, SEG_FULL,
             )
             dk, dv = _bwd_dkv_inner(
                 dk, dv, k, v, kv_seg, offs_n, offs_d, q_base, do_base, lse_base, delta_base, qseg_base,
                 stride_qm, stride_dom, uhi, hi, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
-                BLOCK_M, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
+                BLOCK_M, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG, SOFTCAP, SEG_FULL,
             )
         else:
             dk, dv = _bwd_dkv_inner(
                 dk, dv, k, v, kv_seg, offs_n, offs_d, q_base, do_base, lse_base, delta_base, qseg_base,
                 stride_qm, stride_dom, lo, hi, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
-                BLOCK_M, HEAD_DIM, BLOCK_D, 2, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
+                BLOCK_M, HEAD_DIM, BLOCK_D, 2, CAUSAL, WINDOW, HAS_SEG, SOFTCAP, SEG_FULL,
             )
     dk = dk * sm_scale
     st_mask = (offs_n[:, None] < Skv) & (offs_d[None, :] < HEAD_DIM)
@@ -528,7 +566,7 @@ def _bwd_dq_inner(
     start, end, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, SEG_FULL: tl.constexpr,
 ):
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -540,7 +578,7 @@ def _bwd_dq_inner(
         if SOFTCAP:
             s, r = _tanh(s * tanh_scale)
         p = tl.exp2(s * qk_scale - lse[:, None])
-        if HAS_SEG or MASK_MODE == 1:
+        if (HAS_SEG and not SEG_FULL) or MASK_MODE == 1:
             kv_seg = q_seg
             if HAS_SEG:
                 kv_seg = tl.load(kvseg_base + offs_n, mask=offs_n < Skv, other=-1)
@@ -549,8 +587,13 @@ def _bwd_dq_inner(
             p = tl.where(vis, p, 0.0)
         elif MASK_MODE == 2:
             if (n0 < ulo) | (n0 >= uhi):
-                vis = _visible(offs_m[:, None], offs_n[None, :], q_seg, q_seg, Sq, Skv, window,
-                               True, CAUSAL, WINDOW, False)
+                if HAS_SEG:  # SEG_FULL, as in the forward
+                    kv_seg = tl.load(kvseg_base + offs_n, mask=offs_n < Skv, other=-1)
+                    vis = _visible(offs_m[:, None], offs_n[None, :], q_seg[:, None], kv_seg[None, :], Sq, Skv,
+                                   window, True, CAUSAL, WINDOW, True)
+                else:
+                    vis = _visible(offs_m[:, None], offs_n[None, :], q_seg, q_seg, Sq, Skv, window,
+                                   True, CAUSAL, WINDOW, False)
                 p = tl.where(vis, p, 0.0)
         if SOFTCAP:
             p = p * (r * (2.0 - r))
@@ -563,7 +606,7 @@ def _bwd_dq_inner(
 @fast_launch
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, QSEG, KVSEG, SEG_LO, SEG_HI,
+    Q, K, V, DO, LSE, DELTA, DQ, QSEG, KVSEG, SEG_LO, SEG_HI, SEG_FLO, SEG_FHI,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -573,7 +616,7 @@ def _attn_bwd_dq_kernel(
     Hq, G, Sq, Skv, window, qk_scale, tanh_scale, sm_scale, n_m_blocks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, SPLIT: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, SEG_FULL: tl.constexpr,
 ):
     bh = tl.program_id(0)
     m_blk = n_m_blocks - 1 - tl.program_id(1)
@@ -600,30 +643,31 @@ def _attn_bwd_dq_kernel(
     kvseg_base = KVSEG + b64 * stride_ksb
     lo, ulo, uhi, hi = _kv_range_of_q_block(
         m0, Sq, Skv, window, SEG_LO + b * n_m_blocks + m_blk, SEG_HI + b * n_m_blocks + m_blk,
-        BLOCK_M, BLOCK_N, CAUSAL, WINDOW, HAS_SEG,
+        SEG_FLO + b * n_m_blocks + m_blk, SEG_FHI + b * n_m_blocks + m_blk,
+        BLOCK_M, BLOCK_N, CAUSAL, WINDOW, HAS_SEG, SEG_FULL,
     )
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if SPLIT:
         dq = _bwd_dq_inner(
             dq, q, do, lse, delta, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
             lo, tl.minimum(ulo, hi), ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
-            BLOCK_N, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG, SOFTCAP, SEG_FULL,
         )
         dq = _bwd_dq_inner(
             dq, q, do, lse, delta, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
             ulo, uhi, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
-            BLOCK_N, HEAD_DIM, BLOCK_D, 0, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 0, CAUSAL, WINDOW, HAS_SEG, SOFTCAP, SEG_FULL,
         )
         dq = _bwd_dq_inner(
             dq, q, do, lse, delta, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
             uhi, hi, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
-            BLOCK_N, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 1, CAUSAL, WINDOW, HAS_SEG, SOFTCAP, SEG_FULL,
         )
     else:
         dq = _bwd_dq_inner(
             dq, q, do, lse, delta, q_seg, offs_m, offs_d, k_base, v_base, kvseg_base, stride_kn, stride_vn,
             lo, hi, ulo, uhi, Sq, Skv, window, qk_scale, tanh_scale,
-            BLOCK_N, HEAD_DIM, BLOCK_D, 2, CAUSAL, WINDOW, HAS_SEG, SOFTCAP,
+            BLOCK_N, HEAD_DIM, BLOCK_D, 2, CAUSAL, WINDOW, HAS_SEG, SOFTCAP, SEG_FULL,
         )
     dq = dq * sm_scale
     tl.store(
@@ -641,9 +685,15 @@ def _unit_last_dim(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+# Experimental (LITESPARK_ATTN_SEGMENT_FULL=1, off by default until a GPU run has timed it): with segment ids, blocks
+# whose query rows all belong to one document that covers the whole key block skip the elementwise segment mask
+# (today every visited block is masked). Read at import; tests set the attribute.
+SEGMENT_FULL_BLOCKS = os.environ.get("LITESPARK_ATTN_SEGMENT_FULL", "0") == "1"
+
+
 def _flags(causal: bool, sliding_window: int | None, segs, softcap: float | None) -> dict:
     return dict(CAUSAL=bool(causal), WINDOW=sliding_window is not None, HAS_SEG=segs is not None,
-                SOFTCAP=softcap is not None)
+                SOFTCAP=softcap is not None, SEG_FULL=segs is not None and SEGMENT_FULL_BLOCKS)
 
 
 def _score_scales(scale: float, softcap: float | None) -> tuple[float, float]:
@@ -664,22 +714,22 @@ def attention_forward(q, k, v, scale, causal, segs, sliding_window, softcap=None
     n_m = triton.cdiv(Sq, BM)
     out = torch.empty(B, Sq, Hq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+    flags = _flags(causal, sliding_window, segs, softcap)
     if segs is not None:
         qseg, kvseg = segs
-        seg_lo, seg_hi = _segment_ranges(qseg, kvseg, BM)
+        seg_lo, seg_hi, seg_flo, seg_fhi = _segment_ranges(qseg, kvseg, BM, flags["SEG_FULL"])
     else:
-        qseg = kvseg = seg_lo = seg_hi = lse  # placeholders, never read
+        qseg = kvseg = seg_lo = seg_hi = seg_flo = seg_fhi = lse  # placeholders, never read
     window = 0 if sliding_window is None else int(sliding_window)
     _attn_fwd_kernel[(B * Hq, n_m)](
-        q, k, v, out, lse, qseg, kvseg, seg_lo, seg_hi,
+        q, k, v, out, lse, qseg, kvseg, seg_lo, seg_hi, seg_flo, seg_fhi,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         qseg.stride(0), kvseg.stride(0),
         Hq, Hq // Hkv, Sq, Skv, window, *_score_scales(scale, softcap), n_m,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split,
-        **_flags(causal, sliding_window, segs, softcap),
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split, **flags,
         num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -710,11 +760,11 @@ def attention_backward(do, q, k, v, out, lse, scale, causal, segs, sliding_windo
     n_n = triton.cdiv(Skv, BN)
     if segs is not None:
         qseg, kvseg = segs
-        seg_lo, seg_hi = _segment_ranges(kvseg, qseg, BN)
+        seg_lo, seg_hi, seg_flo, seg_fhi = _segment_ranges(kvseg, qseg, BN, flags["SEG_FULL"])
     else:
-        qseg = kvseg = seg_lo = seg_hi = lse
+        qseg = kvseg = seg_lo = seg_hi = seg_flo = seg_fhi = lse
     _attn_bwd_dkv_kernel[(B * Hkv, n_n)](
-        q, k, v, do, lse, delta, dk, dv, qseg, kvseg, seg_lo, seg_hi,
+        q, k, v, do, lse, delta, dk, dv, qseg, kvseg, seg_lo, seg_hi, seg_flo, seg_fhi,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -730,9 +780,9 @@ def attention_backward(do, q, k, v, out, lse, scale, causal, segs, sliding_windo
     BM, BN, warps, stages, split = _config("dq", block_d, max(Sq, Skv), q.device)
     n_m = triton.cdiv(Sq, BM)
     if segs is not None:
-        seg_lo, seg_hi = _segment_ranges(qseg, kvseg, BM)
+        seg_lo, seg_hi, seg_flo, seg_fhi = _segment_ranges(qseg, kvseg, BM, flags["SEG_FULL"])
     _attn_bwd_dq_kernel[(B * Hq, n_m)](
-        q, k, v, do, lse, delta, dq, qseg, kvseg, seg_lo, seg_hi,
+        q, k, v, do, lse, delta, dq, qseg, kvseg, seg_lo, seg_hi, seg_flo, seg_fhi,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
