@@ -252,6 +252,22 @@ def _visible(
 
 
 @triton.jit
+def _visible_outside(
+    offs_m, offs_n, q_seg, kvseg_base, Sq, Skv, window,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr,
+):
+    """Visibility of a [queries, keys] block outside the unmasked range of a one-loop (mode 2) forward or dQ loop:
+    by position, and with segment ids (which reach mode 2 only with SEG_FULL) by segment too."""
+    if HAS_SEG:
+        kv_seg = tl.load(kvseg_base + offs_n, mask=offs_n < Skv, other=-1)
+        vis = _visible(offs_m[:, None], offs_n[None, :], q_seg[:, None], kv_seg[None, :], Sq, Skv, window,
+                       True, CAUSAL, WINDOW, True)
+    else:
+        vis = _visible(offs_m[:, None], offs_n[None, :], q_seg, q_seg, Sq, Skv, window, True, CAUSAL, WINDOW, False)
+    return vis
+
+
+@triton.jit
 def _load_rows(ptrs, rows, n_rows, offs_d, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """Load a [rows, BLOCK_D] tile, zero past n_rows (when CHECK_ROWS) and past HEAD_DIM."""
     if CHECK_ROWS:
@@ -311,13 +327,7 @@ def _fwd_inner(
             s = tl.where(vis, s, float("-inf"))
         elif MASK_MODE == 2:
             if (n0 < ulo) | (n0 >= uhi):
-                if HAS_SEG:  # SEG_FULL: blocks in [ulo, uhi) are visible by segment too
-                    kv_seg = tl.load(kvseg_base + offs_n, mask=offs_n < Skv, other=-1)
-                    vis = _visible(offs_m[:, None], offs_n[None, :], q_seg[:, None], kv_seg[None, :], Sq, Skv,
-                                   window, True, CAUSAL, WINDOW, True)
-                else:
-                    vis = _visible(offs_m[:, None], offs_n[None, :], q_seg, q_seg, Sq, Skv, window,
-                                   True, CAUSAL, WINDOW, False)
+                vis = _visible_outside(offs_m, offs_n, q_seg, kvseg_base, Sq, Skv, window, CAUSAL, WINDOW, HAS_SEG)
                 s = tl.where(vis, s, float("-inf"))
         # Running max m_i in scaled (log2) units. alpha from an exact difference: with m_i = m_new it is exactly 1,
         # also for rows still at the -1e30 start value (a fused m_i * c - m_new * c would leave a rounding error of
@@ -587,13 +597,7 @@ def _bwd_dq_inner(
             p = tl.where(vis, p, 0.0)
         elif MASK_MODE == 2:
             if (n0 < ulo) | (n0 >= uhi):
-                if HAS_SEG:  # SEG_FULL, as in the forward
-                    kv_seg = tl.load(kvseg_base + offs_n, mask=offs_n < Skv, other=-1)
-                    vis = _visible(offs_m[:, None], offs_n[None, :], q_seg[:, None], kv_seg[None, :], Sq, Skv,
-                                   window, True, CAUSAL, WINDOW, True)
-                else:
-                    vis = _visible(offs_m[:, None], offs_n[None, :], q_seg, q_seg, Sq, Skv, window,
-                                   True, CAUSAL, WINDOW, False)
+                vis = _visible_outside(offs_m, offs_n, q_seg, kvseg_base, Sq, Skv, window, CAUSAL, WINDOW, HAS_SEG)
                 p = tl.where(vis, p, 0.0)
         if SOFTCAP:
             p = p * (r * (2.0 - r))
