@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from litespark_kernels.ops import _attention_triton as at
+from litespark_kernels.ops.attention import segment_ids_from_cu_seqlens
 from test_attention_kernel import _compare, _inputs
 
 
@@ -20,8 +21,9 @@ def segment_full(monkeypatch):
 
 
 def _packed(lengths, pad=0):
-    ids = [torch.full((n,), i) for i, n in enumerate(lengths)] + [torch.full((pad,), -1)]
-    return torch.cat(ids).to(torch.int32)
+    """int32 [sum(lengths) + pad]: document i over its length, then pad tokens of padding (-1)."""
+    cu = torch.tensor([0, *lengths]).cumsum(0)
+    return segment_ids_from_cu_seqlens(cu, int(cu[-1]) + pad)[0]
 
 
 def _check_ranges(row_seg, col_seg, block):

@@ -13,7 +13,13 @@ applies ``cap * tanh(s / cap)`` in the input dtype too, as transformers' eager G
 import pytest
 import torch
 
-from litespark_kernels.ops.attention import SUPPORTED_HEAD_DIMS, attention, attention_reference, visibility_mask
+from litespark_kernels.ops.attention import (
+    SUPPORTED_HEAD_DIMS,
+    attention,
+    attention_reference,
+    segment_ids_from_cu_seqlens,
+    visibility_mask,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -98,17 +104,17 @@ def test_odd_head_dims_left_padding(D):
     assert (out[seg < 0] == 0).all()
 
 
+def _packed_rows(docs, S):
+    """int32 [len(docs), S] on the GPU: each row's documents (lengths) packed, then padding (-1)."""
+    return torch.cat([segment_ids_from_cu_seqlens(torch.tensor([0, *lens]).cumsum(0), S) for lens in docs]).cuda()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [64, 128, 256])
 def test_packed_padding_window(dtype, D):
     # Row 0: three documents; row 1: two documents then right padding; plus a 512-token sliding window.
     S = 2048
-    docs = [[700, 900, 448], [1000, 600]]
-    rows = []
-    for lens in docs:
-        ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])
-        rows.append(torch.cat([ids, torch.full((S - ids.numel(),), -1)]))
-    seg = torch.stack(rows).to(torch.int32).cuda()
+    seg = _packed_rows([[700, 900, 448], [1000, 600]], S)
     out, *_ = _check(2, 32, 8, S, S, D, dtype, seg=(seg, seg), causal=True, sliding_window=512)
     assert (out[seg < 0] == 0).all()
 
@@ -122,12 +128,7 @@ def test_segment_full_blocks_packed(monkeypatch, dtype, D, window):
     from litespark_kernels.ops import _attention_triton as at
 
     S = 2048
-    docs = [[900, 37, 611, 500], [1200, 100, 3]]
-    rows = []
-    for lens in docs:
-        ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])
-        rows.append(torch.cat([ids, torch.full((S - ids.numel(),), -1)]))
-    seg = torch.stack(rows).to(torch.int32).cuda()
+    seg = _packed_rows([[900, 37, 611, 500], [1200, 100, 3]], S)
     monkeypatch.setattr(at, "SEGMENT_FULL_BLOCKS", True)
     out, *_ = _check(2, 16, 4, S, S, D, dtype, seg=(seg, seg), causal=True, sliding_window=window)
     assert (out[seg < 0] == 0).all()
